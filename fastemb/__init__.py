@@ -1,0 +1,22 @@
+"""fastemb: fast CPU embedding lookups, bag reductions, sparse gradients and lazy optimizers,
+on plain NumPy arrays.
+
+Start with ``fastemb.embedding`` / ``fastemb.embedding_bag`` (functional) or
+``fastemb.Embedding`` / ``fastemb.EmbeddingBag`` (modules). The kernels live in
+``fastemb/_core.pyx``; ``fastemb.show_config()`` tells how they were built.
+"""
+
+from ._config import __version__, get_num_threads, set_num_threads, show_config
+from .functional import embedding, embedding_bag
+from .modules import Embedding, EmbeddingBag
+
+__all__ = [
+    "Embedding",
+    "EmbeddingBag",
+    "__version__",
+    "embedding",
+    "embedding_bag",
+    "get_num_threads",
+    "set_num_threads",
+    "show_config",
+]

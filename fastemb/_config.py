@@ -1,0 +1,66 @@
+"""Thread count and build information."""
+
+import platform
+import sys
+
+import numpy as np
+
+from . import _core
+
+__version__ = "0.1.0"
+
+_requested_threads = None
+
+
+def set_num_threads(n):
+    """Set how many OpenMP threads fastemb's kernels use; ``None`` restores the default.
+
+    The default is what OpenMP would use: ``OMP_NUM_THREADS``, else the CPU count, and a
+    ``threadpoolctl.threadpool_limits`` in force lowers it. Results are bitwise identical for
+    any thread count. A build without OpenMP always runs one thread.
+
+    >>> import fastemb
+    >>> fastemb.set_num_threads(1)
+    >>> fastemb.get_num_threads()
+    1
+    >>> fastemb.set_num_threads(None)
+    """
+    global _requested_threads
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"num_threads must be an int or None, got {type(n).__name__}")
+        if n < 1:
+            raise ValueError(f"num_threads must be >= 1, got {n}")
+        n = int(n)
+    _requested_threads = n
+
+
+def get_num_threads():
+    """The number of threads the next kernel call will use.
+
+    >>> import fastemb
+    >>> fastemb.get_num_threads() >= 1
+    True
+    """
+    if not _core.has_openmp():
+        return 1
+    if _requested_threads is not None:
+        return _requested_threads
+    return _core.openmp_max_threads()
+
+
+def show_config(file=None):
+    """Print the version, whether OpenMP is compiled in, the thread count and compiler flags.
+
+    >>> import fastemb
+    >>> fastemb.show_config()  # doctest: +ELLIPSIS
+    fastemb ...
+    """
+    lines = [
+        f"fastemb {__version__}",
+        f"python {platform.python_version()}, numpy {np.__version__}",
+        f"openmp: {'yes' if _core.has_openmp() else 'no (kernels run serially)'}",
+        f"threads: {get_num_threads()}",
+        f"compiler flags: {_core.compile_flags()}",
+    ]
+    print("\n".join(lines), file=file if file is not None else sys.stdout)

@@ -1,0 +1,343 @@
+# cython: language_level=3
+"""fastemb._core: every compute kernel of fastemb, in typed Cython with OpenMP.
+
+Rules every kernel here follows:
+
+- It is called by the Python layer (``fastemb/functional.py`` and friends) after all validation;
+  the ``def`` wrapper only checks that the arrays fit together, with the GIL held, and then runs
+  the loop with the GIL released.
+- It is parallel over *output rows* with ``prange(schedule="static")``: each output row is
+  written by exactly one iteration (owner computes), in a fixed order, so the result is bitwise
+  identical for any thread count.
+- It is memory safe whatever it is handed: a row index outside ``[0, V)`` is skipped (treated like
+  padding) and bag bounds are clamped into ``[0, n]``. The Python layer rejects such input before
+  any kernel runs, so these guards never change a validated result.
+
+Notation: ``V`` rows and ``D`` columns in the table (weight), ``n`` looked-up indices, ``B`` bags.
+"""
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport INFINITY, NAN, fabs, isinf, pow, sqrt
+from libc.stdint cimport int32_t, int64_t
+from libc.string cimport memcpy, memset
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define FASTEMB_PREFETCH(address) __builtin_prefetch((const void *)(address), 0, 3)
+    #else
+    #define FASTEMB_PREFETCH(address) ((void)(address))
+    #endif
+
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define FASTEMB_HAVE_OPENMP 1
+    #else
+    static int omp_get_max_threads(void) { return 1; }
+    #define FASTEMB_HAVE_OPENMP 0
+    #endif
+
+    #ifndef FASTEMB_COMPILE_FLAGS
+    #define FASTEMB_COMPILE_FLAGS "unknown"
+    #endif
+    """
+    void FASTEMB_PREFETCH(const void *address) noexcept nogil
+    int omp_get_max_threads() noexcept nogil
+    const int FASTEMB_HAVE_OPENMP
+    const char *FASTEMB_COMPILE_FLAGS
+
+ctypedef fused index_t:
+    int32_t
+    int64_t
+
+# How many indices ahead a kernel prefetches the table row it will need (FBGEMM's default).
+cdef Py_ssize_t PREFETCH_DISTANCE = 16
+cdef Py_ssize_t CACHE_LINE_BYTES = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Build and runtime information
+# --------------------------------------------------------------------------------------------
+
+def has_openmp():
+    """True when this module was compiled with OpenMP (parallel kernels)."""
+    return bool(FASTEMB_HAVE_OPENMP)
+
+
+def openmp_max_threads():
+    """``omp_get_max_threads()``: OMP_NUM_THREADS, the CPU count, or a threadpoolctl limit."""
+    return omp_get_max_threads()
+
+
+def compile_flags():
+    """The C compiler flags this module was built with."""
+    return FASTEMB_COMPILE_FLAGS.decode()
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers shared by the kernels
+# --------------------------------------------------------------------------------------------
+
+cdef inline void prefetch_row(const floating *row, Py_ssize_t dim) noexcept nogil:
+    """Ask the CPU to start loading every cache line of one table row."""
+    cdef Py_ssize_t line_elements = CACHE_LINE_BYTES // sizeof(floating)
+    cdef Py_ssize_t j = 0
+    while j < dim:
+        FASTEMB_PREFETCH(row + j)
+        j += line_elements
+    FASTEMB_PREFETCH(row + dim - 1)  # a row that is not line-aligned spans one more line
+
+
+cdef inline void prefetch_ahead(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                                const index_t *indices, Py_ssize_t n,
+                                Py_ssize_t position) noexcept nogil:
+    """Prefetch the row that ``indices[position + PREFETCH_DISTANCE]`` names, if it exists."""
+    cdef Py_ssize_t ahead = position + PREFETCH_DISTANCE
+    cdef int64_t row
+    if ahead < n:
+        row = indices[ahead]
+        if 0 <= row < num_rows:
+            prefetch_row(table + row * dim, dim)
+
+
+cdef inline Py_ssize_t clamp(int64_t value, Py_ssize_t low, Py_ssize_t high) noexcept nogil:
+    if value < low:
+        return low
+    if value > high:
+        return high
+    return <Py_ssize_t>value
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helper
+# --------------------------------------------------------------------------------------------
+
+def first_out_of_range(const index_t[::1] indices, int64_t num_embeddings):
+    """Position of the first index outside ``[0, num_embeddings)``, or -1 if there is none."""
+    cdef Py_ssize_t i, n = indices.shape[0], found = -1
+    with nogil:
+        for i in range(n):
+            if indices[i] < 0 or indices[i] >= num_embeddings:
+                found = i
+                break
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Row gather (embedding forward)
+#   out[i, :] = W[indices[i], :]                                 for i in [0, n)
+# --------------------------------------------------------------------------------------------
+
+def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
+                floating[:, ::1] out, int num_threads):
+    """Copy ``weight[indices[i]]`` into ``out[i]`` for every i (a row of zeros if out of range).
+
+    ``out`` should come from ``np.empty``: each thread then touches its own output pages first.
+    """
+    cdef Py_ssize_t n = indices.shape[0], num_rows = weight.shape[0], dim = weight.shape[1]
+    cdef Py_ssize_t i
+    cdef int64_t row
+    if out.shape[0] != n or out.shape[1] != dim:
+        raise ValueError("gather_rows: out must have shape (len(indices), weight.shape[1])")
+    if n == 0 or dim == 0:
+        return
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=num_threads):
+            if num_rows > 0:
+                prefetch_ahead(&weight[0, 0], num_rows, dim, &indices[0], n, i)
+            row = indices[i]
+            if 0 <= row < num_rows:
+                memcpy(&out[i, 0], &weight[row, 0], dim * sizeof(floating))
+            else:
+                memset(&out[i, 0], 0, dim * sizeof(floating))
+
+
+# --------------------------------------------------------------------------------------------
+# Bag reductions (embedding_bag forward). Bag b holds positions [bounds[b], bounds[b+1]); the
+# entries that count are those whose row is not padding_idx ("kept" entries below).
+#   sum:            out[b] = sum_k W[x_k]            (w_k * W[x_k] with per-sample weights)
+#   mean:           out[b] = sum_k W[x_k] / count    (weighted: sum_k w_k W[x_k] / sum_k w_k)
+#                   and 0 when the divisor is 0 (empty or all-padding bag, zero weight sum)
+#   max:            out[b, d] = max_k W[x_k, d]; winners[b, d] = the row that gave it. A later
+#                   entry replaces the running max only if strictly greater (first wins ties,
+#                   NaN stays only if it came first), as torch does; empty bags give 0 and -1.
+# Sums accumulate left to right in the table dtype, starting from 0, and mean divides the
+# rounded sum: bit for bit what torch computes.
+# --------------------------------------------------------------------------------------------
+
+cdef void bag_sum(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                  const index_t *indices, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
+                  const floating *sample_weights, int64_t padding_idx, bint mean,
+                  floating *out_row) noexcept nogil:
+    cdef Py_ssize_t k, j, count = 0
+    cdef int64_t row
+    cdef const floating *source
+    cdef floating weight, weight_total = 0
+    memset(out_row, 0, dim * sizeof(floating))
+    for k in range(start, end):
+        prefetch_ahead(table, num_rows, dim, indices, n, k)
+        row = indices[k]
+        if row == padding_idx or row < 0 or row >= num_rows:
+            continue
+        source = table + row * dim
+        if sample_weights == NULL:
+            for j in range(dim):
+                out_row[j] += source[j]
+            count += 1
+        else:
+            weight = sample_weights[k]
+            for j in range(dim):
+                out_row[j] += weight * source[j]
+            weight_total += weight
+    if not mean:
+        return
+    if sample_weights == NULL:
+        weight_total = <floating>count
+    if weight_total == 0:
+        memset(out_row, 0, dim * sizeof(floating))
+    else:
+        for j in range(dim):
+            out_row[j] = out_row[j] / weight_total
+
+
+cdef void bag_max(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                  const index_t *indices, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
+                  int64_t padding_idx, floating *out_row, int64_t *winner_row) noexcept nogil:
+    cdef Py_ssize_t k, j
+    cdef int64_t row
+    cdef const floating *source
+    cdef bint empty = True
+    for k in range(start, end):
+        prefetch_ahead(table, num_rows, dim, indices, n, k)
+        row = indices[k]
+        if row == padding_idx or row < 0 or row >= num_rows:
+            continue
+        source = table + row * dim
+        if empty:
+            memcpy(out_row, source, dim * sizeof(floating))
+            for j in range(dim):
+                winner_row[j] = row
+            empty = False
+        else:
+            for j in range(dim):
+                if source[j] > out_row[j]:
+                    out_row[j] = source[j]
+                    winner_row[j] = row
+    if empty:
+        memset(out_row, 0, dim * sizeof(floating))
+        for j in range(dim):
+            winner_row[j] = -1
+
+
+BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
+               const int64_t[::1] bounds, str mode, const floating[::1] sample_weights,
+               int64_t padding_idx, floating[:, ::1] out, int64_t[:, ::1] winners,
+               int num_threads):
+    """Reduce each bag ``indices[bounds[b]:bounds[b+1]]`` of table rows into ``out[b]``.
+
+    ``mode`` is "sum", "mean" or "max"; ``sample_weights`` (same length as indices, or None)
+    weights sum and mean; ``padding_idx`` (-1 for none) marks entries to skip; ``winners``
+    (shape of out, int64) receives the winning rows in max mode and may be None otherwise.
+    """
+    cdef int mode_code = BAG_MODES[mode]
+    cdef Py_ssize_t n = indices.shape[0], num_rows = weight.shape[0], dim = weight.shape[1]
+    cdef Py_ssize_t num_bags = bounds.shape[0] - 1
+    cdef Py_ssize_t b, start, end
+    cdef const floating *table
+    cdef const index_t *index_data
+    cdef const floating *weights_data = NULL
+    cdef int64_t *winner_data = NULL
+    if num_bags < 0 or out.shape[0] != num_bags or out.shape[1] != dim:
+        raise ValueError("bag_reduce: out must have shape (len(bounds) - 1, weight.shape[1])")
+    if sample_weights is not None:
+        if sample_weights.shape[0] != n:
+            raise ValueError("bag_reduce: sample_weights must have one entry per index")
+        if n > 0:
+            weights_data = &sample_weights[0]
+    if mode_code == 2:
+        if winners is None or winners.shape[0] != num_bags or winners.shape[1] != dim:
+            raise ValueError("bag_reduce: max mode needs winners with the shape of out")
+    if num_bags == 0 or dim == 0:
+        return
+    # With no indices or an empty table every bag is empty; the kernels then read neither.
+    table = &weight[0, 0] if num_rows > 0 else NULL
+    index_data = &indices[0] if n > 0 else NULL
+    with nogil:
+        for b in prange(num_bags, schedule="static", num_threads=num_threads):
+            start = clamp(bounds[b], 0, n)
+            end = clamp(bounds[b + 1], start, n)
+            if table == NULL:
+                end = start
+            if mode_code == 2:
+                bag_max(table, num_rows, dim, index_data, n, start, end, padding_idx,
+                        &out[b, 0], &winners[b, 0])
+            else:
+                bag_sum(table, num_rows, dim, index_data, n, start, end, weights_data,
+                        padding_idx, mode_code == 1, &out[b, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# max_norm renorm, in place, of the distinct looked-up rows:
+#   norm = ||W[r]||_p ; if norm > max_norm: W[r] *= dtype(max_norm / (norm + 1e-7))
+# The norm is computed in double. p = inf is max|x|, -inf is min|x|, 0 counts non-zeros.
+# --------------------------------------------------------------------------------------------
+
+cdef double row_norm(const floating *row, Py_ssize_t dim, double p) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double magnitude, total = 0
+    if dim == 0:
+        return 0
+    if isinf(p):
+        total = INFINITY if p < 0 else 0
+        for j in range(dim):
+            magnitude = fabs(row[j])
+            if magnitude != magnitude:
+                return NAN
+            if (p > 0 and magnitude > total) or (p < 0 and magnitude < total):
+                total = magnitude
+        return total
+    for j in range(dim):
+        magnitude = fabs(row[j])
+        if p == 2:
+            total += magnitude * magnitude
+        elif p == 1:
+            total += magnitude
+        elif p == 0:
+            total += magnitude != 0
+        else:
+            total += pow(magnitude, p)
+    if p == 2:
+        return sqrt(total)
+    if p == 1 or p == 0:
+        return total
+    return pow(total, 1.0 / p)
+
+
+def renorm_rows(floating[:, ::1] weight, const int64_t[::1] rows, double max_norm,
+                double norm_type, int num_threads):
+    """Scale each listed row whose ``norm_type``-norm exceeds ``max_norm`` down to it, in place.
+
+    ``rows`` must be distinct (one iteration per row owns it); rows out of range are skipped.
+    """
+    cdef Py_ssize_t num_rows = weight.shape[0], dim = weight.shape[1], k, j
+    cdef int64_t row
+    cdef double norm
+    cdef floating scale
+    cdef floating *data
+    if dim == 0 or num_rows == 0:
+        return
+    with nogil:
+        for k in prange(rows.shape[0], schedule="static", num_threads=num_threads):
+            row = rows[k]
+            if row < 0 or row >= num_rows:
+                continue
+            data = &weight[row, 0]
+            norm = row_norm(data, dim, norm_type)
+            if norm > max_norm:
+                scale = <floating>(max_norm / (norm + 1e-7))
+                for j in range(dim):
+                    data[j] = data[j] * scale

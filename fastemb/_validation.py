@@ -1,0 +1,157 @@
+"""Input checks and coercions shared by the functional API, the modules and the optimizers.
+
+Everything here runs before any kernel and before any array is modified. Each check raises with
+a message that names the argument, the offending value and, for arrays, its position.
+"""
+
+import numbers
+
+import numpy as np
+
+from . import _core
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+NATIVE_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _position(flat_position, shape):
+    """Format a flat position as the index a user would type: ``[3]`` or ``[1, 2]``."""
+    if len(shape) <= 1:
+        return f"[{flat_position}]"
+    return "[" + ", ".join(str(i) for i in np.unravel_index(flat_position, shape)) + "]"
+
+
+def as_index_array(values, name="input"):
+    """Return ``values`` as a C-contiguous int32 or int64 array (int32/int64 are not copied
+    when already contiguous; other integer dtypes become int64).
+
+    Raises TypeError for non-integer dtypes and IndexError for values that do not fit int64.
+    """
+    array = values if isinstance(values, np.ndarray) else np.asarray(values)
+    if not isinstance(values, np.ndarray) and array.size == 0:
+        array = array.astype(np.int64)  # np.asarray([]) is float64; an empty list is fine
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+    if array.dtype.kind == "u" and array.dtype.itemsize == 8 and array.size:
+        too_big = np.flatnonzero(array.reshape(-1) > INT64_MAX)
+        if too_big.size:
+            at = int(too_big[0])
+            raise IndexError(
+                f"{name}{_position(at, array.shape)} = {array.reshape(-1)[at]} does not fit in int64"
+            )
+    if array.dtype not in NATIVE_INDEX_DTYPES:
+        array = array.astype(np.int64)
+    return np.ascontiguousarray(array)
+
+
+def check_index_range(flat_indices, shape, num_embeddings, name="input"):
+    """Raise IndexError naming the first index outside ``[0, num_embeddings)``."""
+    at = _core.first_out_of_range(flat_indices, num_embeddings)
+    if at >= 0:
+        raise IndexError(
+            f"{name}{_position(at, shape)} = {flat_indices[at]} is out of range for "
+            f"num_embeddings={num_embeddings}"
+        )
+
+
+def as_weight(weight, name="weight"):
+    """Check that ``weight`` is a 2-D float32 or float64 array; array-likes are converted."""
+    if not isinstance(weight, np.ndarray):
+        weight = np.asarray(weight)
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {weight.dtype}")
+    if weight.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (num_embeddings, embedding_dim), got shape {weight.shape}")
+    return weight
+
+
+def check_writable_table(weight, name="weight", purpose="max_norm"):
+    """Operations that update the table in place need it C-contiguous and writable."""
+    if not weight.flags.c_contiguous:
+        raise ValueError(f"{purpose} updates {name} in place, so it must be C-contiguous")
+    if not weight.flags.writeable:
+        raise ValueError(f"{purpose} updates {name} in place, but it is read-only")
+
+
+def normalize_padding_idx(padding_idx, num_embeddings):
+    """Return padding_idx in ``[0, V)`` (negative means ``V + padding_idx``), or None."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
+        raise TypeError(f"padding_idx must be an int or None, got {padding_idx!r}")
+    padding_idx = int(padding_idx)
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(
+            f"padding_idx = {padding_idx} must lie in [-{num_embeddings}, {num_embeddings - 1}] "
+            f"for num_embeddings={num_embeddings}"
+        )
+    return padding_idx % num_embeddings
+
+
+def as_real(value, name):
+    """A Python float from a real number (bools and non-numbers are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def bag_bounds(offsets, num_indices, include_last_offset):
+    """Validate torch-style offsets fully and return CSR bounds (int64, B + 1 entries).
+
+    Bag b is ``input[bounds[b]:bounds[b+1]]``. Without include_last_offset the last bag runs to
+    the end of the input; with it, offsets must end exactly at ``len(input)``.
+    """
+    offsets = as_index_array(offsets, "offsets")
+    if offsets.ndim != 1:
+        raise ValueError(f"offsets must be 1-D, got shape {offsets.shape}")
+    offsets = offsets.astype(np.int64, copy=False)
+    if include_last_offset:
+        if offsets.size == 0:
+            raise ValueError("offsets must have at least one entry when include_last_offset=True")
+        if offsets[-1] != num_indices:
+            raise ValueError(
+                f"offsets[{offsets.size - 1}] = {offsets[-1]} must equal len(input) = "
+                f"{num_indices} when include_last_offset=True"
+            )
+        bounds = offsets
+    else:
+        bounds = np.append(offsets, np.int64(num_indices))
+    if offsets.size == 0:
+        return bounds
+    if offsets[0] != 0:
+        raise ValueError(f"offsets[0] = {offsets[0]} must be 0")
+    decreasing = np.flatnonzero(np.diff(offsets) < 0)
+    if decreasing.size:
+        at = int(decreasing[0]) + 1
+        raise ValueError(
+            f"offsets must be non-decreasing, but offsets[{at}] = {offsets[at]} < "
+            f"offsets[{at - 1}] = {offsets[at - 1]}"
+        )
+    if offsets[-1] > num_indices:
+        raise ValueError(
+            f"offsets[{offsets.size - 1}] = {offsets[-1]} is past the end of input "
+            f"(len(input) = {num_indices})"
+        )
+    return bounds
+
+
+def as_sample_weights(per_sample_weights, input_shape, dtype):
+    """Per-sample weights: same shape as input and the table's dtype, returned flat.
+
+    An ndarray of another dtype is rejected (no silent rounding); a list is converted.
+    """
+    if isinstance(per_sample_weights, np.ndarray):
+        weights = per_sample_weights
+        if weights.dtype != dtype:
+            raise TypeError(
+                f"per_sample_weights must have the weight's dtype {dtype}, got {weights.dtype}"
+            )
+    else:
+        weights = np.asarray(per_sample_weights, dtype=dtype)
+    if weights.shape != tuple(input_shape):
+        raise ValueError(
+            f"per_sample_weights must have the shape of input {tuple(input_shape)}, "
+            f"got {weights.shape}"
+        )
+    return np.ascontiguousarray(weights).reshape(-1)

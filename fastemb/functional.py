@@ -1,0 +1,176 @@
+"""The functional API: stateless lookups on NumPy arrays (``fastemb.embedding``,
+``fastemb.embedding_bag``).
+
+Each function validates and coerces every argument first (``_validation``), then applies
+``max_norm`` if asked, then runs one kernel of ``fastemb._core``.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _core
+from ._config import get_num_threads
+from ._validation import (
+    as_index_array,
+    as_real,
+    as_sample_weights,
+    as_weight,
+    bag_bounds,
+    check_index_range,
+    check_writable_table,
+    normalize_padding_idx,
+)
+
+BAG_MODES = ("sum", "mean", "max")
+NO_PADDING = -1  # what the kernels take for "no padding_idx"
+
+
+def distinct_rows(flat_indices):
+    """The sorted distinct rows of a flat index array, as int64."""
+    return np.unique(flat_indices).astype(np.int64, copy=False)
+
+
+def _max_norm_arguments(weight, max_norm, norm_type):
+    """Validate max_norm/norm_type; returns (max_norm, norm_type) as floats, or None."""
+    if max_norm is None:
+        return None
+    max_norm = as_real(max_norm, "max_norm")
+    norm_type = as_real(norm_type, "norm_type")
+    check_writable_table(weight, purpose="max_norm")
+    return max_norm, norm_type
+
+
+def _renorm(weight, flat_indices, max_norm_arguments):
+    """Apply max_norm in place to the distinct rows in flat_indices (already validated)."""
+    if max_norm_arguments is not None and flat_indices.size:
+        max_norm, norm_type = max_norm_arguments
+        _core.renorm_rows(weight, distinct_rows(flat_indices), max_norm, norm_type,
+                          get_num_threads())
+
+
+def _lookup_table(weight, flat_indices):
+    """The table the kernels read, and the indices into it.
+
+    A C-contiguous weight is used as it is. Any other layout (Fortran order, a strided view)
+    gives a C-contiguous copy of just the looked-up rows, with the indices renumbered into it:
+    it costs O(lookups), never O(table). Returns (table, indices, rows) where ``rows`` maps
+    table rows back to weight rows (None when no copy was made).
+    """
+    if weight.flags.c_contiguous:
+        return weight, flat_indices, None
+    rows, local_indices = np.unique(flat_indices, return_inverse=True)
+    return np.ascontiguousarray(weight[rows]), local_indices.astype(np.int64), rows
+
+
+def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0):
+    """Look up rows of ``weight``: ``out[...] = weight[input[...]]`` (torch's F.embedding).
+
+    ``input`` holds integer indices of any shape; the result has shape ``input.shape + (D,)``
+    and the weight's dtype. ``padding_idx`` does not change the forward (the stored row is
+    returned). With ``max_norm``, every distinct looked-up row whose ``norm_type``-norm exceeds
+    it is first rescaled in place to that norm (after all indices were validated).
+
+    >>> import numpy as np, fastemb
+    >>> weight = np.arange(12, dtype=np.float32).reshape(4, 3)
+    >>> fastemb.embedding([[0, 2], [3, 3]], weight)[1]
+    array([[ 9., 10., 11.],
+           [ 9., 10., 11.]], dtype=float32)
+    """
+    weight = as_weight(weight)
+    indices = as_index_array(input)
+    num_embeddings, dim = weight.shape
+    normalize_padding_idx(padding_idx, num_embeddings)  # validated; the forward ignores it
+    renorm = _max_norm_arguments(weight, max_norm, norm_type)
+    flat = indices.reshape(-1)
+    check_index_range(flat, indices.shape, num_embeddings)
+    _renorm(weight, flat, renorm)
+    table, table_indices, _ = _lookup_table(weight, flat)
+    out = np.empty((flat.size, dim), dtype=weight.dtype)
+    _core.gather_rows(table, table_indices, out, get_num_threads())
+    return out.reshape(indices.shape + (dim,))
+
+
+@dataclass
+class BagForward:
+    """What an embedding_bag forward computed, and what its backward needs."""
+
+    output: np.ndarray           # (B, D)
+    indices: np.ndarray          # flat int32/int64 indices, validated
+    input_shape: tuple
+    bounds: np.ndarray           # int64 (B + 1,): bag b is indices[bounds[b]:bounds[b+1]]
+    mode: str
+    sample_weights: np.ndarray   # flat, or None
+    padding_idx: int             # in [0, V), or NO_PADDING
+    winners: np.ndarray          # max mode: (B, D) int64 winning rows (-1 for empty bags)
+
+
+def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=None,
+                include_last_offset=False, padding_idx=None, max_norm=None, norm_type=2.0):
+    """Validate, renorm, and reduce; returns a BagForward (see ``embedding_bag``)."""
+    weight = as_weight(weight)
+    num_embeddings, dim = weight.shape
+    if mode not in BAG_MODES:
+        raise ValueError(f"mode must be one of {', '.join(BAG_MODES)}; got {mode!r}")
+    indices = as_index_array(input)
+    if indices.ndim == 2:
+        if offsets is not None:
+            raise ValueError(
+                "offsets must be None when input is 2-D (each row of input is one bag)"
+            )
+        num_bags, bag_size = indices.shape
+        bounds = np.arange(num_bags + 1, dtype=np.int64) * bag_size
+    elif indices.ndim == 1:
+        if offsets is None:
+            raise ValueError("offsets is required when input is 1-D")
+        bounds = bag_bounds(offsets, indices.size, include_last_offset)
+    else:
+        raise ValueError(f"input must be 1-D (with offsets) or 2-D, got shape {indices.shape}")
+    sample_weights = None
+    if per_sample_weights is not None:
+        if mode == "max":
+            raise ValueError("per_sample_weights is supported with mode 'sum' and 'mean', not 'max'")
+        sample_weights = as_sample_weights(per_sample_weights, indices.shape, weight.dtype)
+    padding = normalize_padding_idx(padding_idx, num_embeddings)
+    renorm = _max_norm_arguments(weight, max_norm, norm_type)
+    flat = indices.reshape(-1)
+    check_index_range(flat, indices.shape, num_embeddings)
+    _renorm(weight, flat, renorm)
+
+    padding = NO_PADDING if padding is None else padding
+    table, table_indices, rows = _lookup_table(weight, flat)
+    table_padding = padding
+    if rows is not None and padding != NO_PADDING:
+        at = np.searchsorted(rows, padding)
+        table_padding = int(at) if at < rows.size and rows[at] == padding else NO_PADDING
+    num_bags = bounds.size - 1
+    out = np.empty((num_bags, dim), dtype=weight.dtype)
+    winners = np.empty((num_bags, dim), dtype=np.int64) if mode == "max" else None
+    _core.bag_reduce(table, table_indices, bounds, mode, sample_weights, table_padding, out,
+                     winners, get_num_threads())
+    if rows is not None and winners is not None:
+        winners = np.where(winners >= 0, rows[np.maximum(winners, 0)], -1)
+    return BagForward(out, flat, indices.shape, bounds, mode, sample_weights, padding, winners)
+
+
+def embedding_bag(input, weight, offsets=None, mode="mean", per_sample_weights=None,
+                  include_last_offset=False, padding_idx=None, max_norm=None, norm_type=2.0):
+    """Sum, average or take the max of bags of rows of ``weight`` (torch's F.embedding_bag).
+
+    Bags come from a 1-D ``input`` split at ``offsets`` (bag b is
+    ``input[offsets[b]:offsets[b+1]]``, the last bag runs to the end; with
+    ``include_last_offset=True`` offsets has B+1 entries ending at ``len(input)``), or from a
+    2-D ``input`` whose rows are the bags. ``mode`` is "sum", "mean" or "max". Entries equal to
+    ``padding_idx`` are skipped (and not counted by mean). ``per_sample_weights`` (shape of
+    input, weight dtype) weights sum, and gives the weighted mean with "mean". Empty bags give
+    zeros. Returns ``(B, D)`` in the weight's dtype.
+
+    >>> import numpy as np, fastemb
+    >>> weight = np.array([[1, -2], [3, 4], [-5, 6]], dtype=np.float32)
+    >>> fastemb.embedding_bag([0, 1, 2, 1], weight, offsets=[0, 2, 2], mode="sum")
+    array([[ 4.,  2.],
+           [ 0.,  0.],
+           [-2., 10.]], dtype=float32)
+    """
+    return bag_forward(input, weight, offsets, mode, per_sample_weights, include_last_offset,
+                       padding_idx, max_norm, norm_type).output

@@ -1,0 +1,184 @@
+"""``Embedding`` and ``EmbeddingBag``: a weight table plus the options of torch's modules.
+
+A module's forward remembers what its backward needs; ``module.weight`` is a plain NumPy
+array that you may read, write or share.
+"""
+
+import numbers
+
+import numpy as np
+
+from ._validation import FLOAT_DTYPES, as_real, as_weight, normalize_padding_idx
+from .functional import BAG_MODES, bag_forward, embedding
+
+
+def _check_size(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+class _TableModule:
+    """What Embedding and EmbeddingBag share: the table, padding, max_norm and gradient."""
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
+                 scale_grad_by_freq, dtype, seed, _weight=None, _freeze=False):
+        if _weight is None:
+            num_embeddings = _check_size(num_embeddings, "num_embeddings")
+            embedding_dim = _check_size(embedding_dim, "embedding_dim")
+            dtype = np.dtype(dtype)
+            if dtype not in FLOAT_DTYPES:
+                raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        else:
+            num_embeddings, embedding_dim = _weight.shape
+        self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
+        self.max_norm = None if max_norm is None else as_real(max_norm, "max_norm")
+        self.norm_type = as_real(norm_type, "norm_type")
+        self.scale_grad_by_freq = bool(scale_grad_by_freq)
+        if _weight is None:
+            rng = np.random.default_rng(seed)
+            _weight = rng.standard_normal((num_embeddings, embedding_dim), dtype=dtype)
+            if self.padding_idx is not None:
+                _weight[self.padding_idx] = 0
+        self.weight = _weight
+        self.frozen = bool(_freeze)
+        self.grad = None
+
+    @property
+    def num_embeddings(self):
+        return self.weight.shape[0]
+
+    @property
+    def embedding_dim(self):
+        return self.weight.shape[1]
+
+    def zero_grad(self):
+        """Drop the accumulated gradient (``module.grad`` becomes None)."""
+        self.grad = None
+
+    def _options_repr(self):
+        options = [f"{self.num_embeddings}", f"{self.embedding_dim}"]
+        for name in ("padding_idx", "max_norm"):
+            if getattr(self, name) is not None:
+                options.append(f"{name}={getattr(self, name)}")
+        if self.max_norm is not None and self.norm_type != 2.0:
+            options.append(f"norm_type={self.norm_type}")
+        if self.scale_grad_by_freq:
+            options.append("scale_grad_by_freq=True")
+        if self.weight.dtype != np.float32:
+            options.append(f"dtype={self.weight.dtype}")
+        if self.frozen:
+            options.append("frozen=True")
+        return options
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(self._options_repr())})"
+
+
+class Embedding(_TableModule):
+    """A lookup table: ``module(input)`` returns ``weight[input]`` with shape ``input.shape + (D,)``.
+
+    The weight is initialised N(0, 1) from ``np.random.default_rng(seed)``, with the
+    ``padding_idx`` row zeroed. Options follow torch's ``nn.Embedding``.
+
+    >>> import numpy as np, fastemb
+    >>> table = fastemb.Embedding(10, 3, seed=0)
+    >>> table(np.array([[1, 2], [4, 9]])).shape
+    (2, 2, 3)
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None,
+                 norm_type=2.0, scale_grad_by_freq=False, dtype=np.float32, seed=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
+                         scale_grad_by_freq, dtype, seed)
+        self._saved_input = None
+
+    @classmethod
+    def from_pretrained(cls, embeddings, freeze=True, padding_idx=None, max_norm=None,
+                        norm_type=2.0, scale_grad_by_freq=False):
+        """An Embedding that uses ``embeddings`` (2-D float32/float64) as its weight, without
+        copying it; frozen (no gradient) unless ``freeze=False``. The padding row is kept.
+
+        >>> import numpy as np, fastemb
+        >>> vectors = np.eye(3, dtype=np.float32)
+        >>> fastemb.Embedding.from_pretrained(vectors)([2]).tolist()
+        [[0.0, 0.0, 1.0]]
+        """
+        module = cls.__new__(cls)
+        _TableModule.__init__(module, None, None, padding_idx, max_norm, norm_type,
+                              scale_grad_by_freq, None, None, _weight=as_weight(embeddings,
+                              "embeddings"), _freeze=freeze)
+        module._saved_input = None
+        return module
+
+    def __call__(self, input):
+        """Look up ``input`` (integer array of any shape); see ``fastemb.embedding``."""
+        out = embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type)
+        self._saved_input = input
+        return out
+
+
+class EmbeddingBag(_TableModule):
+    """Bags of rows reduced by sum, mean or max: ``module(input, offsets, per_sample_weights)``.
+
+    Options follow torch's ``nn.EmbeddingBag``; ``per_sample_weights`` also works with "mean"
+    (weighted mean). See ``fastemb.embedding_bag`` for the input forms.
+
+    >>> import numpy as np, fastemb
+    >>> bags = fastemb.EmbeddingBag(100, 8, mode="sum", seed=0)
+    >>> bags(np.array([4, 7, 7, 1, 0]), offsets=np.array([0, 3])).shape
+    (2, 8)
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, mode="mean", padding_idx=None,
+                 max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                 include_last_offset=False, dtype=np.float32, seed=None):
+        self._set_bag_options(mode, include_last_offset, scale_grad_by_freq)
+        super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
+                         scale_grad_by_freq, dtype, seed)
+        self._saved_forward = None
+
+    def _set_bag_options(self, mode, include_last_offset, scale_grad_by_freq):
+        if mode not in BAG_MODES:
+            raise ValueError(f"mode must be one of {', '.join(BAG_MODES)}; got {mode!r}")
+        if mode == "max" and scale_grad_by_freq:
+            raise ValueError("mode 'max' does not support scale_grad_by_freq")
+        self.mode = mode
+        self.include_last_offset = bool(include_last_offset)
+
+    @classmethod
+    def from_pretrained(cls, embeddings, freeze=True, mode="mean", padding_idx=None,
+                        max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                        include_last_offset=False):
+        """An EmbeddingBag that uses ``embeddings`` as its weight, without copying it; frozen
+        unless ``freeze=False``.
+
+        >>> import numpy as np, fastemb
+        >>> vectors = np.array([[1, 2], [3, 4]], dtype=np.float32)
+        >>> fastemb.EmbeddingBag.from_pretrained(vectors, mode="sum")([[0, 1]]).tolist()
+        [[4.0, 6.0]]
+        """
+        module = cls.__new__(cls)
+        module._set_bag_options(mode, include_last_offset, scale_grad_by_freq)
+        _TableModule.__init__(module, None, None, padding_idx, max_norm, norm_type,
+                              scale_grad_by_freq, None, None, _weight=as_weight(embeddings,
+                              "embeddings"), _freeze=freeze)
+        module._saved_forward = None
+        return module
+
+    def __call__(self, input, offsets=None, per_sample_weights=None):
+        """Reduce the bags of ``input``; see ``fastemb.embedding_bag``."""
+        forward = bag_forward(input, self.weight, offsets, self.mode, per_sample_weights,
+                              self.include_last_offset, self.padding_idx, self.max_norm,
+                              self.norm_type)
+        self._saved_forward = forward
+        return forward.output
+
+    def _options_repr(self):
+        options = super()._options_repr()
+        options.insert(2, f"mode={self.mode!r}")
+        if self.include_last_offset:
+            options.append("include_last_offset=True")
+        return options

@@ -1,0 +1,115 @@
+"""Build fastemb's one compiled module, ``fastemb._core``, with OpenMP when the compiler has it.
+
+Environment variables (all optional):
+
+- ``FASTEMB_NO_OPENMP=1``: build without OpenMP (every kernel then runs serially).
+- ``FASTEMB_DEBUG=1``: Cython bounds checks and ``-O0 -g``, for hunting memory errors.
+- ``FASTEMB_EXTRA_CFLAGS="-march=native ..."``: extra compiler flags, appended last.
+
+OpenMP is detected the way scikit-learn's setuptools build did it: a tiny OpenMP program is
+compiled, linked and *run* with the compiler setuptools will use; only if it prints one line per
+thread is OpenMP enabled. Otherwise the build goes on, serial, with a visible warning.
+"""
+
+import os
+import shlex
+import subprocess
+import tempfile
+import textwrap
+import warnings
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+OPENMP_FLAG = "-fopenmp"
+# -ffp-contract=off: a*b+c is never fused, so results do not depend on the target CPU's FMA.
+BASE_FLAGS = ["-ffp-contract=off"]
+OPTIMISE_FLAGS = ["-O3"]
+DEBUG_FLAGS = ["-O0", "-g"]
+
+OPENMP_TEST_PROGRAM = textwrap.dedent(
+    """\
+    #include <omp.h>
+    #include <stdio.h>
+    int main(void) {
+        #pragma omp parallel
+        printf("nthreads=%d\\n", omp_get_num_threads());
+        return 0;
+    }
+    """
+)
+
+
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def compiler_runs_openmp(compiler):
+    """Compile, link and run a small OpenMP program; True if every thread reported in."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "test_openmp.c")
+        with open(source, "w") as handle:
+            handle.write(OPENMP_TEST_PROGRAM)
+        try:
+            objects = compiler.compile([source], output_dir=tmp, extra_postargs=[OPENMP_FLAG])
+            executable = os.path.join(tmp, "test_openmp")
+            compiler.link_executable(objects, executable, extra_postargs=[OPENMP_FLAG])
+            output = subprocess.run(
+                [executable], capture_output=True, text=True, check=True, timeout=60
+            ).stdout.splitlines()
+        except Exception:  # any compile, link or run failure means "no usable OpenMP"
+            return False
+    if not output or not output[0].startswith("nthreads="):
+        return False
+    return len(output) == int(output[0].split("=")[1])
+
+
+class BuildExtWithOpenMP(build_ext):
+    """build_ext that probes OpenMP and records the flags it used inside the module."""
+
+    def build_extensions(self):
+        if env_flag("FASTEMB_NO_OPENMP"):
+            use_openmp = False
+            print("fastemb: FASTEMB_NO_OPENMP is set, building without OpenMP (serial kernels)")
+        else:
+            use_openmp = compiler_runs_openmp(self.compiler)
+            if not use_openmp:
+                warnings.warn(
+                    "fastemb: the C compiler cannot build and run OpenMP programs; building "
+                    "WITHOUT OpenMP. Every kernel will run on one thread. Install an OpenMP "
+                    "runtime (e.g. libgomp with gcc) and rebuild for parallel kernels.",
+                    stacklevel=1,
+                )
+        compile_flags = BASE_FLAGS + (DEBUG_FLAGS if env_flag("FASTEMB_DEBUG") else OPTIMISE_FLAGS)
+        link_flags = []
+        if use_openmp:
+            compile_flags.append(OPENMP_FLAG)
+            link_flags.append(OPENMP_FLAG)
+        compile_flags += shlex.split(os.environ.get("FASTEMB_EXTRA_CFLAGS", ""))
+        recorded = " ".join(compile_flags).replace("\\", "\\\\").replace('"', '\\"')
+        for ext in self.extensions:
+            ext.extra_compile_args = compile_flags
+            ext.extra_link_args = link_flags
+            ext.define_macros.append(("FASTEMB_COMPILE_FLAGS", f'"{recorded}"'))
+        super().build_extensions()
+
+
+debug_build = env_flag("FASTEMB_DEBUG")
+extensions = cythonize(
+    [Extension("fastemb._core", ["fastemb/_core.pyx"])],
+    compiler_directives={
+        "language_level": 3,
+        "boundscheck": debug_build,
+        "wraparound": False,
+        "initializedcheck": debug_build,
+        "cdivision": True,
+        "nonecheck": False,
+        "embedsignature": True,
+    },
+    # A debug build must not reuse C generated without bounds checks, and vice versa.
+    force=True,
+    quiet=True,
+)
+
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExtWithOpenMP})
