@@ -7,15 +7,20 @@ Start with ``fastemb.embedding`` / ``fastemb.embedding_bag`` (functional) or
 """
 
 from ._config import __version__, get_num_threads, set_num_threads, show_config
+from .backward import embedding_backward, embedding_bag_backward
 from .functional import embedding, embedding_bag
 from .modules import Embedding, EmbeddingBag
+from .sparse import SparseGrad
 
 __all__ = [
     "Embedding",
     "EmbeddingBag",
+    "SparseGrad",
     "__version__",
     "embedding",
+    "embedding_backward",
     "embedding_bag",
+    "embedding_bag_backward",
     "get_num_threads",
     "set_num_threads",
     "show_config",

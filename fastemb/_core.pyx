@@ -341,3 +341,282 @@ def renorm_rows(floating[:, ::1] weight, const int64_t[::1] rows, double max_nor
                 scale = <floating>(max_norm / (norm + 1e-7))
                 for j in range(dim):
                     data[j] = data[j] * scale
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping positions by row: a stable, parallel LSD radix sort of (row, position) pairs.
+#   rows[u]                   the u-th distinct row, ascending (padding and out-of-range skipped)
+#   order[starts[u]:starts[u+1]]  the positions holding rows[u], ascending
+# Each pass: per-chunk digit histograms, a serial prefix over (digit, chunk), then each chunk
+# scatters its elements in order. A stable sort has one answer, so the result does not depend
+# on how many chunks (threads) were used. Memory is O(n), never O(V).
+# --------------------------------------------------------------------------------------------
+
+cdef inline Py_ssize_t chunk_start(Py_ssize_t chunk, Py_ssize_t num_chunks,
+                                   Py_ssize_t n) noexcept nogil:
+    return <Py_ssize_t>((<double>chunk * n) / num_chunks) if chunk < num_chunks else n
+
+
+cdef void radix_pass(const int64_t[::1] keys_in, const int64_t[::1] values_in,
+                     int64_t[::1] keys_out, int64_t[::1] values_out, int64_t[:, ::1] histogram,
+                     int shift, int64_t mask, int num_threads) noexcept nogil:
+    cdef Py_ssize_t num_chunks = histogram.shape[0], num_bins = histogram.shape[1]
+    cdef Py_ssize_t n = keys_in.shape[0], chunk, i, digit, slot
+    cdef int64_t running = 0, count
+    for chunk in prange(num_chunks, schedule="static", num_threads=num_threads):
+        memset(&histogram[chunk, 0], 0, num_bins * sizeof(int64_t))
+        for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
+            histogram[chunk, (keys_in[i] >> shift) & mask] += 1
+    for digit in range(num_bins):
+        for chunk in range(num_chunks):
+            count = histogram[chunk, digit]
+            histogram[chunk, digit] = running
+            running = running + count
+    for chunk in prange(num_chunks, schedule="static", num_threads=num_threads):
+        for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
+            digit = (keys_in[i] >> shift) & mask
+            slot = histogram[chunk, digit]
+            histogram[chunk, digit] = slot + 1
+            keys_out[slot] = keys_in[i]
+            values_out[slot] = values_in[i]
+
+
+def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_idx,
+                 int num_threads):
+    """Group the positions of ``indices`` by row; returns ``(rows, starts, order)`` (int64).
+
+    Positions whose row is ``padding_idx`` or outside ``[0, num_rows)`` are left out.
+    """
+    import numpy as np
+    cdef Py_ssize_t n = indices.shape[0], num_chunks = max(1, min(num_threads, n))
+    cdef Py_ssize_t chunk, i, kept, u, num_groups
+    cdef int64_t row
+    cdef int64_t[::1] kept_per_chunk = np.zeros(num_chunks + 1, dtype=np.int64)
+    with nogil:
+        for chunk in prange(num_chunks, schedule="static", num_threads=num_threads):
+            kept = 0
+            for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
+                row = indices[i]
+                kept = kept + (row != padding_idx and 0 <= row < num_rows)
+            kept_per_chunk[chunk + 1] = kept
+        for chunk in range(num_chunks):
+            kept_per_chunk[chunk + 1] += kept_per_chunk[chunk]
+    cdef Py_ssize_t m = kept_per_chunk[num_chunks]
+    keys_array, positions_array = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
+    cdef int64_t[::1] keys = keys_array, positions = positions_array
+    with nogil:
+        for chunk in prange(num_chunks, schedule="static", num_threads=num_threads):
+            kept = kept_per_chunk[chunk]
+            for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
+                row = indices[i]
+                if row != padding_idx and 0 <= row < num_rows:
+                    keys[kept] = row
+                    positions[kept] = i
+                    kept = kept + 1
+
+    cdef int key_bits = int(num_rows - 1).bit_length() if num_rows > 1 else 0
+    cdef int num_passes = (key_bits + 10) // 11
+    cdef int digit_bits = (key_bits + num_passes - 1) // num_passes if num_passes else 0
+    cdef int pass_number
+    cdef int64_t[:, ::1] histogram = np.empty((num_chunks, 1 << digit_bits), dtype=np.int64)
+    spare_keys, spare_positions = np.empty_like(keys_array), np.empty_like(positions_array)
+    cdef int64_t[::1] keys_out = spare_keys, positions_out = spare_positions
+    for pass_number in range(num_passes):
+        with nogil:
+            radix_pass(keys, positions, keys_out, positions_out, histogram,
+                       pass_number * digit_bits, (1 << digit_bits) - 1, num_threads)
+        keys, keys_out = keys_out, keys
+        positions, positions_out = positions_out, positions
+
+    num_groups = 0
+    with nogil:
+        for i in range(m):
+            num_groups = num_groups + (i == 0 or keys[i] != keys[i - 1])
+    rows_array = np.empty(num_groups, dtype=np.int64)
+    starts_array = np.empty(num_groups + 1, dtype=np.int64)
+    cdef int64_t[::1] rows = rows_array, starts = starts_array
+    with nogil:
+        u = 0
+        for i in range(m):
+            if i == 0 or keys[i] != keys[i - 1]:
+                rows[u] = keys[i]
+                starts[u] = i
+                u = u + 1
+        starts[num_groups] = m
+    return rows_array, starts_array, np.asarray(positions)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-position facts an embedding_bag backward needs. For each position p of bag b:
+#   bag_of[p] = b
+#   sum with weights:    coefficient[p] = w_p
+#   mean:                coefficient[p] = dtype(1.0 / count_b)  (count_b = kept entries of bag b)
+#   weighted mean:       coefficient[p] = w_p / total_b         (0 when total_b = sum w = 0)
+# totals[b] is count_b (mean) or the sequential sum of the kept weights of bag b.
+# --------------------------------------------------------------------------------------------
+
+def bags_of_positions(const int64_t[::1] bounds, int64_t[::1] bag_of, int num_threads):
+    """Fill ``bag_of[p]`` with the bag that position p belongs to."""
+    cdef Py_ssize_t n = bag_of.shape[0], num_bags = bounds.shape[0] - 1, b, k
+    with nogil:
+        for b in prange(num_bags, schedule="static", num_threads=num_threads):
+            for k in range(clamp(bounds[b], 0, n), clamp(bounds[b + 1], 0, n)):
+                bag_of[k] = b
+
+
+def bag_gradient_factors(floating[::1] coefficients, floating[::1] totals,
+                         const index_t[::1] indices, const int64_t[::1] bounds, str mode,
+                         const floating[::1] sample_weights, int64_t padding_idx,
+                         int num_threads):
+    """Fill ``coefficients`` (each position's gradient factor) and ``totals`` (each bag's
+    divisor) for mode "mean" or for per-sample weights (see the formulas above)."""
+    cdef bint mean = mode == "mean", weighted = sample_weights is not None
+    cdef Py_ssize_t n = indices.shape[0], num_bags = bounds.shape[0] - 1
+    cdef Py_ssize_t b, k, start, end
+    cdef floating total
+    if not (mean or weighted):
+        raise ValueError("bag_gradient_factors: only mean or weighted bags have factors")
+    if coefficients.shape[0] != n or totals.shape[0] != num_bags or (
+            weighted and sample_weights.shape[0] != n):
+        raise ValueError("bag_gradient_factors: coefficients and sample_weights need one entry "
+                         "per index, totals one per bag")
+    with nogil:
+        for b in prange(num_bags, schedule="static", num_threads=num_threads):
+            start = clamp(bounds[b], 0, n)
+            end = clamp(bounds[b + 1], start, n)
+            total = 0
+            for k in range(start, end):
+                if indices[k] != padding_idx:
+                    total = total + (sample_weights[k] if weighted else 1)
+            totals[b] = total
+            for k in range(start, end):
+                if not mean:
+                    coefficients[k] = sample_weights[k]
+                elif weighted:
+                    coefficients[k] = sample_weights[k] / total if total != 0 else 0
+                else:
+                    coefficients[k] = <floating>(1.0 / total)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse weight gradient, one row per unique looked-up row (owner computes, no atomics):
+#   values[u] = sum over positions p of rows[u], in ascending p, of  c_p * G[source[p]]
+# where source[p] is the grad_output row position p feeds (p itself for Embedding, its bag for
+# EmbeddingBag) and c_p = coefficient[p] (1 if none), divided by the row's frequency
+# (starts[u+1] - starts[u]) with scale_grad_by_freq. In max mode each bag gives each row at
+# most once, and only the columns the row won: values[u, d] += G[b, d] if winners[b, d] == rows[u].
+# --------------------------------------------------------------------------------------------
+
+cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
+                             const int64_t *order, Py_ssize_t start, Py_ssize_t end,
+                             const int64_t *source, const floating *coefficients,
+                             bint scale_by_frequency, const int64_t *winners,
+                             floating *out_row) noexcept nogil:
+    cdef Py_ssize_t k, j
+    cdef int64_t position, grad_row, previous = -1
+    cdef const floating *grad_source
+    cdef double frequency = end - start
+    cdef floating factor
+    cdef bint plain = coefficients == NULL and not scale_by_frequency
+    memset(out_row, 0, dim * sizeof(floating))
+    for k in range(start, end):
+        position = order[k]
+        grad_row = source[position] if source != NULL else position
+        grad_source = grad + grad_row * dim
+        if winners != NULL:
+            if grad_row == previous:
+                continue
+            previous = grad_row
+            for j in range(dim):
+                if winners[grad_row * dim + j] == row:
+                    out_row[j] += grad_source[j]
+        elif plain:
+            for j in range(dim):
+                out_row[j] += grad_source[j]
+        else:
+            if coefficients == NULL:
+                factor = <floating>(1.0 / frequency)
+            elif scale_by_frequency:
+                factor = <floating>(coefficients[position] / frequency)
+            else:
+                factor = coefficients[position]
+            for j in range(dim):
+                out_row[j] += factor * grad_source[j]
+
+
+def accumulate_rows(const floating[:, ::1] grad, const int64_t[::1] rows,
+                    const int64_t[::1] starts, const int64_t[::1] order,
+                    const int64_t[::1] source, const floating[::1] coefficients,
+                    bint scale_by_frequency, const int64_t[:, ::1] winners,
+                    floating[:, ::1] values, int num_threads):
+    """Sum each unique row's gradient contributions into ``values[u]`` (see the formula above).
+
+    ``source``, ``coefficients`` and ``winners`` may be None (identity, all ones, not max mode).
+    """
+    cdef Py_ssize_t num_groups = rows.shape[0], dim = grad.shape[1], u
+    cdef Py_ssize_t num_positions = order.shape[0], grad_rows = grad.shape[0]
+    cdef const int64_t *source_data = NULL
+    cdef const floating *coefficient_data = NULL
+    cdef const int64_t *winner_data = NULL
+    if starts.shape[0] != num_groups + 1 or values.shape[0] != num_groups or values.shape[1] != dim:
+        raise ValueError("accumulate_rows: starts must be (U + 1,) and values (U, D)")
+    if num_groups and (starts[0] < 0 or starts[num_groups] > num_positions):
+        raise ValueError("accumulate_rows: starts run outside order")
+    if source is not None and source.shape[0]:
+        source_data = &source[0]
+    if coefficients is not None and coefficients.shape[0]:
+        coefficient_data = &coefficients[0]
+    if winners is not None:
+        if winners.shape[1] != dim or winners.shape[0] != grad_rows:
+            raise ValueError("accumulate_rows: winners must have grad's shape")
+        if grad_rows:
+            winner_data = &winners[0, 0]
+    if num_groups == 0 or dim == 0 or grad_rows == 0:
+        return
+    with nogil:
+        for u in prange(num_groups, schedule="static", num_threads=num_threads):
+            accumulate_one_row(&grad[0, 0], dim, rows[u], &order[0], starts[u], starts[u + 1],
+                               source_data, coefficient_data, scale_by_frequency, winner_data,
+                               &values[u, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient of the per-sample weights, one iteration per position p of bag b (row r = x_p):
+#   sum:            dL/dw_p = <G[b], W[r]>
+#   weighted mean:  dL/dw_p = <G[b], W[r] - out[b]> / total_b     (0 when total_b = 0)
+# and 0 at padding positions. The dot product accumulates in double.
+# --------------------------------------------------------------------------------------------
+
+def sample_weights_grad(const floating[:, ::1] weight, const index_t[::1] indices,
+                        const int64_t[::1] bag_of, const floating[:, ::1] grad,
+                        const floating[:, ::1] output, const floating[::1] totals,
+                        int64_t padding_idx, floating[::1] out, int num_threads):
+    """Fill ``out[p]`` with the gradient of the loss with respect to per-sample weight p.
+
+    ``output`` and ``totals`` (the forward output and each bag's weight sum) are given for the
+    weighted mean and are None for sum.
+    """
+    cdef Py_ssize_t n = indices.shape[0], dim = weight.shape[1], num_rows = weight.shape[0]
+    cdef Py_ssize_t num_bags = grad.shape[0], p, j
+    cdef int64_t row, b
+    cdef double dot
+    cdef bint mean = output is not None
+    if bag_of.shape[0] != n or out.shape[0] != n or grad.shape[1] != dim:
+        raise ValueError("sample_weights_grad: bag_of and out need one entry per index")
+    if mean and (totals is None or output.shape[0] != num_bags or output.shape[1] != dim
+                 or totals.shape[0] != num_bags):
+        raise ValueError("sample_weights_grad: output and totals must match grad")
+    with nogil:
+        for p in prange(n, schedule="static", num_threads=num_threads):
+            row = indices[p]
+            b = bag_of[p]
+            dot = 0
+            if row != padding_idx and 0 <= row < num_rows and 0 <= b < num_bags:
+                for j in range(dim):
+                    if mean:
+                        dot = dot + <double>grad[b, j] * (weight[row, j] - output[b, j])
+                    else:
+                        dot = dot + <double>grad[b, j] * weight[row, j]
+                if mean:
+                    dot = dot / totals[b] if totals[b] != 0 else 0
+            out[p] = <floating>dot

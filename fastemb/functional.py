@@ -26,11 +26,6 @@ BAG_MODES = ("sum", "mean", "max")
 NO_PADDING = -1  # what the kernels take for "no padding_idx"
 
 
-def distinct_rows(flat_indices):
-    """The sorted distinct rows of a flat index array, as int64."""
-    return np.unique(flat_indices).astype(np.int64, copy=False)
-
-
 def _max_norm_arguments(weight, max_norm, norm_type):
     """Validate max_norm/norm_type; returns (max_norm, norm_type) as floats, or None."""
     if max_norm is None:
@@ -45,8 +40,9 @@ def _renorm(weight, flat_indices, max_norm_arguments):
     """Apply max_norm in place to the distinct rows in flat_indices (already validated)."""
     if max_norm_arguments is not None and flat_indices.size:
         max_norm, norm_type = max_norm_arguments
-        _core.renorm_rows(weight, distinct_rows(flat_indices), max_norm, norm_type,
-                          get_num_threads())
+        threads = get_num_threads()
+        rows = _core.group_by_row(flat_indices, weight.shape[0], NO_PADDING, threads)[0]
+        _core.renorm_rows(weight, rows, max_norm, norm_type, threads)
 
 
 def _lookup_table(weight, flat_indices):
@@ -63,6 +59,22 @@ def _lookup_table(weight, flat_indices):
     return np.ascontiguousarray(weight[rows]), local_indices.astype(np.int64), rows
 
 
+def lookup_forward(input, weight, padding_idx=None, max_norm=None, norm_type=2.0):
+    """Validate, renorm, gather; returns (output, flat validated indices)."""
+    weight = as_weight(weight)
+    indices = as_index_array(input)
+    num_embeddings, dim = weight.shape
+    normalize_padding_idx(padding_idx, num_embeddings)  # validated; the forward ignores it
+    renorm = _max_norm_arguments(weight, max_norm, norm_type)
+    flat = indices.reshape(-1)
+    check_index_range(flat, indices.shape, num_embeddings)
+    _renorm(weight, flat, renorm)
+    table, table_indices, _ = _lookup_table(weight, flat)
+    out = np.empty((flat.size, dim), dtype=weight.dtype)
+    _core.gather_rows(table, table_indices, out, get_num_threads())
+    return out.reshape(indices.shape + (dim,)), flat
+
+
 def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0):
     """Look up rows of ``weight``: ``out[...] = weight[input[...]]`` (torch's F.embedding).
 
@@ -77,18 +89,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0):
     array([[ 9., 10., 11.],
            [ 9., 10., 11.]], dtype=float32)
     """
-    weight = as_weight(weight)
-    indices = as_index_array(input)
-    num_embeddings, dim = weight.shape
-    normalize_padding_idx(padding_idx, num_embeddings)  # validated; the forward ignores it
-    renorm = _max_norm_arguments(weight, max_norm, norm_type)
-    flat = indices.reshape(-1)
-    check_index_range(flat, indices.shape, num_embeddings)
-    _renorm(weight, flat, renorm)
-    table, table_indices, _ = _lookup_table(weight, flat)
-    out = np.empty((flat.size, dim), dtype=weight.dtype)
-    _core.gather_rows(table, table_indices, out, get_num_threads())
-    return out.reshape(indices.shape + (dim,))
+    return lookup_forward(input, weight, padding_idx, max_norm, norm_type)[0]
 
 
 @dataclass

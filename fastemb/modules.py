@@ -9,7 +9,8 @@ import numbers
 import numpy as np
 
 from ._validation import FLOAT_DTYPES, as_real, as_weight, normalize_padding_idx
-from .functional import BAG_MODES, bag_forward, embedding
+from .backward import bag_grads, lookup_grad
+from .functional import BAG_MODES, NO_PADDING, bag_forward, lookup_forward
 
 
 def _check_size(value, name):
@@ -45,6 +46,7 @@ class _TableModule:
         self.weight = _weight
         self.frozen = bool(_freeze)
         self.grad = None
+        self._saved = None  # what the most recent forward left for its backward
 
     @property
     def num_embeddings(self):
@@ -57,6 +59,24 @@ class _TableModule:
     def zero_grad(self):
         """Drop the accumulated gradient (``module.grad`` becomes None)."""
         self.grad = None
+
+    def _take_saved_forward(self):
+        """The saved forward, once: a second backward for one forward is an error."""
+        if self.frozen:
+            raise RuntimeError(
+                f"{type(self).__name__} is frozen (from_pretrained(freeze=True)); it has no "
+                "gradient. Set module.frozen = False to train it."
+            )
+        if self._saved is None:
+            raise RuntimeError(
+                "backward needs a forward first: call the module, then backward once per call"
+            )
+        saved, self._saved = self._saved, None
+        return saved
+
+    def _accumulate(self, grad):
+        self.grad = grad if self.grad is None else self.grad + grad
+        return grad
 
     def _options_repr(self):
         options = [f"{self.num_embeddings}", f"{self.embedding_dim}"]
@@ -93,7 +113,6 @@ class Embedding(_TableModule):
                  norm_type=2.0, scale_grad_by_freq=False, dtype=np.float32, seed=None):
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                          scale_grad_by_freq, dtype, seed)
-        self._saved_input = None
 
     @classmethod
     def from_pretrained(cls, embeddings, freeze=True, padding_idx=None, max_norm=None,
@@ -110,14 +129,30 @@ class Embedding(_TableModule):
         _TableModule.__init__(module, None, None, padding_idx, max_norm, norm_type,
                               scale_grad_by_freq, None, None, _weight=as_weight(embeddings,
                               "embeddings"), _freeze=freeze)
-        module._saved_input = None
         return module
 
     def __call__(self, input):
         """Look up ``input`` (integer array of any shape); see ``fastemb.embedding``."""
-        out = embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type)
-        self._saved_input = input
+        out, flat = lookup_forward(input, self.weight, self.padding_idx, self.max_norm,
+                                   self.norm_type)
+        self._saved = (flat, out.shape)
         return out
+
+    def backward(self, grad_output):
+        """Add the weight gradient of the last forward, given ``grad_output`` (the shape of
+        that forward's output), into ``self.grad``; returns this call's SparseGrad.
+
+        >>> import numpy as np, fastemb
+        >>> table = fastemb.Embedding(5, 2, seed=0)
+        >>> out = table(np.array([[4, 1], [1, 1]]))
+        >>> table.backward(np.ones_like(out)).rows.tolist(), table.grad.values[:, 0].tolist()
+        ([1, 4], [3.0, 1.0])
+        """
+        flat, output_shape = self._take_saved_forward()
+        padding = NO_PADDING if self.padding_idx is None else self.padding_idx
+        return self._accumulate(lookup_grad(flat, output_shape, grad_output, self.weight.dtype,
+                                            self.num_embeddings, padding,
+                                            self.scale_grad_by_freq))
 
 
 class EmbeddingBag(_TableModule):
@@ -138,7 +173,6 @@ class EmbeddingBag(_TableModule):
         self._set_bag_options(mode, include_last_offset, scale_grad_by_freq)
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                          scale_grad_by_freq, dtype, seed)
-        self._saved_forward = None
 
     def _set_bag_options(self, mode, include_last_offset, scale_grad_by_freq):
         if mode not in BAG_MODES:
@@ -165,7 +199,6 @@ class EmbeddingBag(_TableModule):
         _TableModule.__init__(module, None, None, padding_idx, max_norm, norm_type,
                               scale_grad_by_freq, None, None, _weight=as_weight(embeddings,
                               "embeddings"), _freeze=freeze)
-        module._saved_forward = None
         return module
 
     def __call__(self, input, offsets=None, per_sample_weights=None):
@@ -173,8 +206,25 @@ class EmbeddingBag(_TableModule):
         forward = bag_forward(input, self.weight, offsets, self.mode, per_sample_weights,
                               self.include_last_offset, self.padding_idx, self.max_norm,
                               self.norm_type)
-        self._saved_forward = forward
+        self._saved = forward
+        self.per_sample_weights_grad = None
         return forward.output
+
+    def backward(self, grad_output):
+        """Add the weight gradient of the last forward, given ``grad_output`` of shape
+        ``(B, D)``, into ``self.grad``; returns this call's SparseGrad. With per-sample weights
+        it also sets ``self.per_sample_weights_grad`` (the shape of the input).
+
+        >>> import numpy as np, fastemb
+        >>> bags = fastemb.EmbeddingBag(5, 2, mode="sum", seed=0)
+        >>> out = bags(np.array([[4, 1], [1, 1]]))
+        >>> bags.backward(np.ones_like(out)).values[:, 0].tolist()
+        [3.0, 1.0]
+        """
+        forward = self._take_saved_forward()
+        grad, self.per_sample_weights_grad = bag_grads(forward, self.weight, grad_output,
+                                                       self.scale_grad_by_freq)
+        return self._accumulate(grad)
 
     def _options_repr(self):
         options = super()._options_repr()

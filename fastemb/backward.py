@@ -1,0 +1,118 @@
+"""Backward passes: the sparse weight gradient (``SparseGrad``) of a lookup or a bag reduction.
+
+The work is (1) group the looked-up positions by row with a parallel radix sort
+(``_core.group_by_row``), (2) sum each unique row's contributions in a fixed order, one owner
+per row (``_core.accumulate_rows``). Step (2) is deferred into a ``GradientPlan`` until the
+values are read, so an optimizer can fuse it with its update.
+"""
+
+import numpy as np
+
+from . import _core
+from ._config import get_num_threads
+from ._validation import FLOAT_DTYPES, as_index_array, check_index_range, normalize_padding_idx
+from .functional import NO_PADDING, BagForward, bag_forward
+from .sparse import GradientPlan, SparseGrad
+
+
+def _as_grad_output(grad_output, shape, dtype):
+    """grad_output as a C-contiguous array of exactly ``shape`` and ``dtype``."""
+    grad_output = np.asarray(grad_output)
+    if grad_output.dtype != dtype:
+        raise ValueError(f"grad_output must have dtype {dtype}, got {grad_output.dtype}")
+    if grad_output.shape != tuple(shape):
+        raise ValueError(f"grad_output must have shape {tuple(shape)}, got {grad_output.shape}")
+    return np.ascontiguousarray(grad_output)
+
+
+def lookup_grad(flat_indices, output_shape, grad_output, dtype, num_embeddings, padding_idx,
+                scale_grad_by_freq):
+    """SparseGrad of ``out[p] = W[x_p]``: row r gets the sum of ``grad_output[p]`` over x_p = r."""
+    grad = _as_grad_output(grad_output, output_shape, dtype)
+    grad_rows = grad.reshape(flat_indices.size, output_shape[-1])
+    rows, starts, order = _core.group_by_row(flat_indices, num_embeddings, padding_idx,
+                                             get_num_threads())
+    plan = GradientPlan(grad_rows, starts, order, scale_by_frequency=scale_grad_by_freq)
+    return SparseGrad._planned(rows, num_embeddings, plan)
+
+
+def bag_grads(forward: BagForward, weight, grad_output, scale_grad_by_freq):
+    """(SparseGrad, per-sample-weights gradient or None) of an embedding_bag forward."""
+    num_embeddings, dim = weight.shape
+    grad = _as_grad_output(grad_output, forward.output.shape, weight.dtype)
+    indices, sample_weights = forward.indices, forward.sample_weights
+    threads = get_num_threads()
+    rows, starts, order = _core.group_by_row(indices, num_embeddings, forward.padding_idx,
+                                             threads)
+    bag_of = np.empty(indices.size, dtype=np.int64)
+    _core.bags_of_positions(forward.bounds, bag_of, threads)
+    coefficients = totals = None
+    if forward.mode == "mean" or sample_weights is not None:
+        coefficients = np.empty(indices.size, dtype=weight.dtype)
+        totals = np.empty(forward.output.shape[0], dtype=weight.dtype)
+        _core.bag_gradient_factors(coefficients, totals, indices, forward.bounds, forward.mode,
+                                   sample_weights, forward.padding_idx, threads)
+    plan = GradientPlan(grad, starts, order, source=bag_of, coefficients=coefficients,
+                        scale_by_frequency=scale_grad_by_freq, winners=forward.winners)
+    weight_grad = SparseGrad._planned(rows, num_embeddings, plan)
+    if sample_weights is None:
+        return weight_grad, None
+    sample_grad = np.empty(indices.size, dtype=weight.dtype)
+    mean = forward.mode == "mean"
+    _core.sample_weights_grad(np.ascontiguousarray(weight), indices, bag_of, grad,
+                              forward.output if mean else None, totals if mean else None,
+                              forward.padding_idx, sample_grad, threads)
+    return weight_grad, sample_grad.reshape(forward.input_shape)
+
+
+def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
+                       scale_grad_by_freq=False):
+    """The weight gradient of ``embedding(input, weight)`` given ``grad_output``
+    (shape ``input.shape + (D,)``), as a coalesced SparseGrad.
+
+    Padding rows get no gradient; ``scale_grad_by_freq`` divides each row's gradient by how
+    often it occurs in ``input``.
+
+    >>> import numpy as np, fastemb
+    >>> g = fastemb.embedding_backward(np.ones((3, 2), np.float32), [0, 2, 0], num_embeddings=4)
+    >>> g.rows.tolist(), g.values.tolist()
+    ([0, 2], [[2.0, 2.0], [1.0, 1.0]])
+    """
+    indices = as_index_array(input)
+    flat = indices.reshape(-1)
+    check_index_range(flat, indices.shape, num_embeddings)
+    padding = normalize_padding_idx(padding_idx, num_embeddings)
+    grad_output = np.asarray(grad_output)
+    if grad_output.dtype not in FLOAT_DTYPES or grad_output.ndim != indices.ndim + 1:
+        raise ValueError(
+            f"grad_output must be float32/float64 with shape input.shape + (D,) = "
+            f"{indices.shape} + (D,), got {grad_output.dtype} {grad_output.shape}"
+        )
+    return lookup_grad(flat, indices.shape + grad_output.shape[-1:], grad_output,
+                       grad_output.dtype, num_embeddings,
+                       NO_PADDING if padding is None else padding, scale_grad_by_freq)
+
+
+def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean",
+                           per_sample_weights=None, include_last_offset=False, padding_idx=None,
+                           scale_grad_by_freq=False):
+    """The weight gradient of ``embedding_bag(...)`` given ``grad_output`` of shape ``(B, D)``.
+
+    Takes the same arguments as the forward (it reruns the forward, without max_norm, to know
+    the max winners and weighted means). Returns a SparseGrad, or
+    ``(SparseGrad, per_sample_weights_grad)`` when ``per_sample_weights`` is given.
+
+    >>> import numpy as np, fastemb
+    >>> weight = np.zeros((5, 2), np.float32)
+    >>> g = fastemb.embedding_bag_backward(np.ones((2, 2), np.float32), [1, 3, 3, 4], weight,
+    ...                                    offsets=[0, 2], mode="mean")
+    >>> g.rows.tolist(), g.values[:, 0].tolist()
+    ([1, 3, 4], [0.5, 1.0, 0.5])
+    """
+    if mode == "max" and scale_grad_by_freq:
+        raise ValueError("mode 'max' does not support scale_grad_by_freq")
+    forward = bag_forward(input, weight, offsets, mode, per_sample_weights, include_last_offset,
+                          padding_idx)
+    weight_grad, sample_grad = bag_grads(forward, np.asarray(weight), grad_output,
+                                         scale_grad_by_freq)
+    return weight_grad if sample_grad is None else (weight_grad, sample_grad)
