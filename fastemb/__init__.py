@@ -6,6 +6,7 @@ Start with ``fastemb.embedding`` / ``fastemb.embedding_bag`` (functional) or
 ``fastemb/_core.pyx``; ``fastemb.show_config()`` tells how they were built.
 """
 
+from . import optim
 from ._config import __version__, get_num_threads, set_num_threads, show_config
 from .backward import embedding_backward, embedding_bag_backward
 from .functional import embedding, embedding_bag
@@ -22,6 +23,7 @@ __all__ = [
     "embedding_bag",
     "embedding_bag_backward",
     "get_num_threads",
+    "optim",
     "set_num_threads",
     "show_config",
 ]

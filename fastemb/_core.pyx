@@ -17,10 +17,12 @@ Notation: ``V`` rows and ``D`` columns in the table (weight), ``n`` looked-up in
 """
 
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.math cimport INFINITY, NAN, fabs, isinf, pow, sqrt
 from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memcpy, memset
+
+import numpy as np
 
 cdef extern from *:
     """
@@ -387,7 +389,6 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
 
     Positions whose row is ``padding_idx`` or outside ``[0, num_rows)`` are left out.
     """
-    import numpy as np
     cdef Py_ssize_t n = indices.shape[0], num_chunks = max(1, min(num_threads, n))
     cdef Py_ssize_t chunk, i, kept, u, num_groups
     cdef int64_t row
@@ -620,3 +621,116 @@ def sample_weights_grad(const floating[:, ::1] weight, const index_t[::1] indice
                 if mean:
                     dot = dot / totals[b] if totals[b] != 0 else 0
             out[p] = <floating>dot
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse optimizer steps, fused with the gradient accumulation: one prange iteration per
+# unique row u sums that row's gradient g (accumulate_one_row, into a per-thread buffer) and
+# updates the row's weight w and state in the same pass, reading and writing each once.
+# With maximize, g is negated first. Scalars arrive in the table dtype (torch's rounding):
+#   SGD:              w = w + (-lr) * g
+#   Adagrad:          s = s + g*g;  w = w + (-clr) * (g / (sqrt(s) + eps))
+#   row-wise Adagrad: a = a + dtype(mean(g*g));  w = w - lr * (g / (sqrt(a) + eps))   (a: 1 per row)
+#   lazy Adam:        m = m + (g - m) * (1 - b1);  v = v + (g*g - v) * (1 - b2)
+#                     w = w + (-step_size) * (m / (sqrt(v) + eps))
+#                     step_size = lr * sqrt(1 - b2^t) / (1 - b1^t), folded in Python
+# --------------------------------------------------------------------------------------------
+
+OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}
+
+
+cdef void update_row(int method, floating *w, floating *state_a, floating *state_b,
+                     floating *g, Py_ssize_t dim, floating lr, floating one_minus_beta1,
+                     floating one_minus_beta2, floating eps) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating m, v, denominator
+    cdef double mean_square = 0
+    if method == 0:
+        for j in range(dim):
+            w[j] = w[j] + lr * g[j]
+    elif method == 1:
+        for j in range(dim):
+            state_a[j] = state_a[j] + g[j] * g[j]
+            w[j] = w[j] + lr * (g[j] / (<floating>sqrt(state_a[j]) + eps))
+    elif method == 2:
+        for j in range(dim):
+            mean_square = mean_square + <double>g[j] * g[j]
+        state_a[0] = state_a[0] + <floating>(mean_square / dim)
+        denominator = <floating>sqrt(state_a[0]) + eps
+        for j in range(dim):
+            w[j] = w[j] - lr * (g[j] / denominator)
+    else:
+        for j in range(dim):
+            m = state_a[j] + (g[j] - state_a[j]) * one_minus_beta1
+            v = state_b[j] + (g[j] * g[j] - state_b[j]) * one_minus_beta2
+            state_a[j] = m
+            state_b[j] = v
+            w[j] = w[j] + lr * (m / (<floating>sqrt(v) + eps))
+
+
+def sparse_step(str method, floating[:, ::1] weight, floating[:, ::1] state_a,
+                floating[:, ::1] state_b, const int64_t[::1] rows, plan, double lr,
+                double one_minus_beta1, double one_minus_beta2, double eps, bint maximize,
+                int num_threads):
+    """Apply one optimizer step to the rows of a gradient given by ``plan`` (a GradientPlan).
+
+    ``lr`` is the signed factor of the formula above (-lr, -clr, lr or -step_size); state_a /
+    state_b are the per-row state (None where the method has none; row-wise Adagrad's
+    accumulator is (V, 1)).
+    """
+    cdef int method_code = OPTIMIZERS[method]
+    cdef Py_ssize_t num_groups = rows.shape[0], dim = weight.shape[1]
+    cdef Py_ssize_t num_rows = weight.shape[0], u, j
+    cdef const floating[:, ::1] grad = plan.grad
+    cdef const int64_t[::1] starts = plan.starts, order = plan.order
+    cdef const int64_t[::1] source = plan.source
+    cdef const floating[::1] coefficients = plan.coefficients
+    cdef const int64_t[:, ::1] winners = plan.winners
+    cdef bint scale_by_frequency = plan.scale_by_frequency
+    cdef const int64_t *source_data = NULL
+    cdef const floating *coefficient_data = NULL
+    cdef const int64_t *winner_data = NULL
+    cdef floating *state_a_row
+    cdef floating *state_b_row
+    cdef floating *g
+    cdef int64_t row
+    cdef Py_ssize_t state_a_width = 0 if state_a is None else state_a.shape[1]
+    # one gradient-row buffer per thread (threadid() < num_threads)
+    cdef floating[:, ::1] buffers = np.empty((max(num_threads, 1), max(dim, 1)),
+                                             dtype=np.asarray(weight).dtype)
+    if grad.shape[1] != dim or starts.shape[0] != num_groups + 1:
+        raise ValueError("sparse_step: the gradient does not match the table")
+    if (state_a is not None and state_a.shape[0] != num_rows) or (
+            state_b is not None and state_b.shape[0] != num_rows):
+        raise ValueError("sparse_step: optimizer state does not match the table")
+    if (method_code == 1 or method_code == 3) and (state_a is None or state_a_width != dim):
+        raise ValueError("sparse_step: this method needs (V, D) state")
+    if method_code == 3 and (state_b is None or state_b.shape[1] != dim):
+        raise ValueError("sparse_step: Adam needs two (V, D) states")
+    if method_code == 2 and (state_a is None or state_a_width != 1):
+        raise ValueError("sparse_step: row-wise Adagrad needs (V, 1) state")
+    if source is not None and source.shape[0]:
+        source_data = &source[0]
+    if coefficients is not None and coefficients.shape[0]:
+        coefficient_data = &coefficients[0]
+    if winners is not None and winners.shape[0]:
+        winner_data = &winners[0, 0]
+    if num_groups == 0 or dim == 0 or grad.shape[0] == 0:
+        return
+    with nogil:
+        for u in prange(num_groups, schedule="static", num_threads=num_threads):
+            row = rows[u]
+            if row < 0 or row >= num_rows:
+                continue
+            g = &buffers[threadid(), 0]
+            accumulate_one_row(&grad[0, 0], dim, row, &order[0], starts[u], starts[u + 1],
+                               source_data, coefficient_data, scale_by_frequency, winner_data,
+                               g)
+            if maximize:
+                for j in range(dim):
+                    g[j] = -g[j]
+            state_a_row = &state_a[row, 0] if state_a_width else NULL
+            state_b_row = &state_b[row, 0] if method_code == 3 else NULL
+            update_row(method_code, &weight[row, 0], state_a_row, state_b_row, g, dim,
+                       <floating>lr, <floating>one_minus_beta1, <floating>one_minus_beta2,
+                       <floating>eps)

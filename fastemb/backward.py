@@ -16,13 +16,16 @@ from .sparse import GradientPlan, SparseGrad
 
 
 def _as_grad_output(grad_output, shape, dtype):
-    """grad_output as a C-contiguous array of exactly ``shape`` and ``dtype``."""
+    """A private C-contiguous copy of grad_output, checked to have ``shape`` and ``dtype``.
+
+    The copy is what the deferred gradient reads, so the caller may reuse its array.
+    """
     grad_output = np.asarray(grad_output)
     if grad_output.dtype != dtype:
         raise ValueError(f"grad_output must have dtype {dtype}, got {grad_output.dtype}")
     if grad_output.shape != tuple(shape):
         raise ValueError(f"grad_output must have shape {tuple(shape)}, got {grad_output.shape}")
-    return np.ascontiguousarray(grad_output)
+    return np.array(grad_output, order="C", copy=True)
 
 
 def lookup_grad(flat_indices, output_shape, grad_output, dtype, num_embeddings, padding_idx,

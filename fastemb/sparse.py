@@ -87,6 +87,14 @@ class SparseGrad:
             self._plan = None
         return self._values
 
+    def plan(self):
+        """The GradientPlan an optimizer step consumes: the deferred one, or, once the values
+        exist, a trivial plan that reads each row of ``values`` once."""
+        if self._plan is not None:
+            return self._plan
+        positions = np.arange(self.nnz + 1, dtype=np.int64)
+        return GradientPlan(np.ascontiguousarray(self.values), positions, positions[:-1])
+
     @property
     def nnz(self):
         """How many rows the gradient holds."""

@@ -1,0 +1,251 @@
+"""Lazy optimizers: each ``step()`` updates only the rows in the modules' gradients.
+
+The update runs fused with the gradient's accumulation (``_core.sparse_step``): one pass reads
+and writes each touched row's weight and state once, and nothing of table size is written.
+Rows absent from the gradient keep their weights and state bit for bit.
+
+Optimizer steps on the same table must not run concurrently (they write the same rows).
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+from . import _core
+from ._config import get_num_threads
+from ._validation import as_real, check_writable_table
+
+__all__ = ["Adagrad", "LazyAdam", "RowWiseAdagrad", "SGD"]
+
+
+def _check_range(value, name, low, high=math.inf, low_open=False):
+    value = as_real(value, name)
+    if not ((low < value if low_open else low <= value) and value < high):
+        raise ValueError(f"Invalid {name}: {value}")
+    return value
+
+
+class _SparseOptimizer:
+    """What every optimizer shares: its modules, per-module state, step and checkpoints.
+
+    Subclasses name their kernel method and state arrays and compute the step's scalars.
+    """
+
+    method = None
+    state_arrays = ()  # names of the per-module state arrays, in kernel order
+
+    def __init__(self, modules, **hyperparameters):
+        if not isinstance(modules, (list, tuple)):
+            modules = [modules]
+        if not modules:
+            raise ValueError("the optimizer needs at least one module")
+        if len(set(map(id, modules))) != len(modules):
+            raise ValueError("a module is listed twice")
+        for module in modules:
+            if not hasattr(module, "weight") or not hasattr(module, "grad"):
+                raise TypeError(f"expected fastemb modules, got {type(module).__name__}")
+            check_writable_table(module.weight, purpose="the optimizer")
+        self.modules = list(modules)
+        self.hyperparameters = hyperparameters
+        self.state = {module: self._initial_state(module) for module in self.modules}
+
+    def _initial_state(self, module):
+        return {"step": 0} | {name: self._new_array(module, name) for name in self.state_arrays}
+
+    def _new_array(self, module, name):
+        """A state array of zeros (np.zeros: pages are only touched when a row is)."""
+        return np.zeros(module.weight.shape, dtype=module.weight.dtype)
+
+    def _scalars(self, step):
+        """(signed lr factor, 1 - beta1, 1 - beta2, eps) for the kernel at this step."""
+        raise NotImplementedError
+
+    def step(self):
+        """Update every module that has a ``.grad``; ``.grad`` is left as it is.
+
+        >>> import numpy as np, fastemb
+        >>> table = fastemb.Embedding(10, 4, seed=0)
+        >>> opt = fastemb.optim.SGD(table, lr=0.1)
+        >>> before = table.weight.copy()
+        >>> out = table([3, 3, 7]); _ = table.backward(np.ones_like(out)); opt.step()
+        >>> np.flatnonzero((table.weight != before).any(axis=1)).tolist()
+        [3, 7]
+        """
+        for module in self.modules:
+            grad = module.grad
+            if grad is None:
+                continue
+            if grad.shape != module.weight.shape or grad.dtype != module.weight.dtype:
+                raise ValueError(
+                    f"the gradient {grad.shape} {grad.dtype} does not match the table "
+                    f"{module.weight.shape} {module.weight.dtype}"
+                )
+            state = self.state[module]
+            state["step"] += 1
+            if grad.nnz == 0:
+                continue
+            lr, one_minus_beta1, one_minus_beta2, eps = self._scalars(state["step"])
+            arrays = [state[name] for name in self.state_arrays]
+            arrays += [None] * (2 - len(arrays))
+            _core.sparse_step(self.method, module.weight, *arrays, grad.rows, grad.plan(), lr,
+                              one_minus_beta1, one_minus_beta2, eps,
+                              self.hyperparameters.get("maximize", False), get_num_threads())
+
+    def zero_grad(self):
+        """Drop every module's gradient."""
+        for module in self.modules:
+            module.zero_grad()
+
+    def state_dict(self):
+        """A copy of the hyperparameters and per-module state (steps and arrays), by position.
+
+        >>> import fastemb
+        >>> opt = fastemb.optim.LazyAdam(fastemb.Embedding(3, 2))
+        >>> sorted(opt.state_dict()["state"][0])
+        ['exp_avg', 'exp_avg_sq', 'step']
+        """
+        return {
+            "hyperparameters": dict(self.hyperparameters),
+            "state": [
+                {key: (value.copy() if isinstance(value, np.ndarray) else value)
+                 for key, value in self.state[module].items()}
+                for module in self.modules
+            ],
+        }
+
+    def load_state_dict(self, state_dict):
+        """Restore a ``state_dict()``; checks everything first and changes nothing on error."""
+        states = state_dict["state"]
+        if len(states) != len(self.modules):
+            raise ValueError(f"state for {len(states)} modules, but the optimizer has "
+                             f"{len(self.modules)}")
+        loaded = []
+        for position, (module, state) in enumerate(zip(self.modules, states)):
+            expected = self._initial_state(module)
+            if set(state) != set(expected):
+                raise ValueError(f"state[{position}] has keys {sorted(state)}, expected "
+                                 f"{sorted(expected)}")
+            step = state["step"]
+            if isinstance(step, np.ndarray):
+                step = step.item()
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+                raise ValueError(f"state[{position}]['step'] must be an int >= 0, got {step!r}")
+            restored = {"step": int(step)}
+            for name in self.state_arrays:
+                array = np.asarray(state[name])
+                if array.shape != expected[name].shape or array.dtype != expected[name].dtype:
+                    raise ValueError(
+                        f"state[{position}][{name!r}] is {array.dtype} {array.shape}, expected "
+                        f"{expected[name].dtype} {expected[name].shape}"
+                    )
+                restored[name] = np.array(array, order="C", copy=True)
+            loaded.append(restored)
+        type(self).__init__(self, self.modules, **state_dict["hyperparameters"])
+        self.state = dict(zip(self.modules, loaded))
+
+    def __repr__(self):
+        options = ", ".join(f"{key}={value}" for key, value in self.hyperparameters.items())
+        return f"{type(self).__name__}({len(self.modules)} modules, {options})"
+
+
+class SGD(_SparseOptimizer):
+    """Plain SGD on the touched rows: ``w[r] -= lr * g[r]`` (torch's SGD without momentum).
+
+    >>> import fastemb
+    >>> fastemb.optim.SGD(fastemb.Embedding(5, 2), lr=0.5)
+    SGD(1 modules, lr=0.5)
+    """
+
+    method = "sgd"
+
+    def __init__(self, modules, lr):
+        super().__init__(modules, lr=_check_range(lr, "learning rate", 0.0))
+
+    def _scalars(self, step):
+        return -self.hyperparameters["lr"], 0.0, 0.0, 0.0
+
+
+class Adagrad(_SparseOptimizer):
+    """Adagrad on the touched rows, as torch's Adagrad with sparse gradients:
+    ``s[r] += g[r]**2; w[r] -= clr * g[r] / (sqrt(s[r]) + eps)``, with
+    ``clr = lr / (1 + (step - 1) * lr_decay)``.
+
+    >>> import fastemb
+    >>> fastemb.optim.Adagrad(fastemb.Embedding(5, 2)).state_arrays
+    ('sum',)
+    """
+
+    method = "adagrad"
+    state_arrays = ("sum",)
+
+    def __init__(self, modules, lr=1e-2, lr_decay=0.0, eps=1e-10, initial_accumulator_value=0.0):
+        super().__init__(
+            modules,
+            lr=_check_range(lr, "learning rate", 0.0),
+            lr_decay=_check_range(lr_decay, "lr_decay", 0.0),
+            eps=_check_range(eps, "epsilon value", 0.0),
+            initial_accumulator_value=_check_range(initial_accumulator_value,
+                                                   "initial_accumulator_value", 0.0),
+        )
+
+    def _new_array(self, module, name):
+        return np.full(module.weight.shape, self.hyperparameters["initial_accumulator_value"],
+                       dtype=module.weight.dtype)
+
+    def _scalars(self, step):
+        h = self.hyperparameters
+        return -h["lr"] / (1 + (step - 1) * h["lr_decay"]), 0.0, 0.0, h["eps"]
+
+
+class RowWiseAdagrad(_SparseOptimizer):
+    """Adagrad with one accumulator per row (FBGEMM's memory-saving variant):
+    ``acc[r] += mean(g[r]**2); w[r] -= lr * g[r] / (sqrt(acc[r]) + eps)``.
+
+    >>> import fastemb
+    >>> opt = fastemb.optim.RowWiseAdagrad(fastemb.Embedding(5, 2))
+    >>> opt.state[opt.modules[0]]["sum"].shape
+    (5, 1)
+    """
+
+    method = "rowwise_adagrad"
+    state_arrays = ("sum",)
+
+    def __init__(self, modules, lr=1e-2, eps=1e-10):
+        super().__init__(modules, lr=_check_range(lr, "learning rate", 0.0),
+                         eps=_check_range(eps, "epsilon value", 0.0))
+
+    def _new_array(self, module, name):
+        return np.zeros((module.weight.shape[0], 1), dtype=module.weight.dtype)
+
+    def _scalars(self, step):
+        return self.hyperparameters["lr"], 0.0, 0.0, self.hyperparameters["eps"]
+
+
+class LazyAdam(_SparseOptimizer):
+    """Lazy Adam, exactly torch's SparseAdam: only the rows in the gradient have their weight
+    and both moments updated, with one step counter per table and ``eps`` added to the
+    uncorrected ``sqrt(v)``.
+
+    >>> import fastemb
+    >>> fastemb.optim.LazyAdam(fastemb.Embedding(5, 2), lr=0.01)
+    LazyAdam(1 modules, lr=0.01, betas=(0.9, 0.999), eps=1e-08, maximize=False)
+    """
+
+    method = "adam"
+    state_arrays = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, modules, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair, got {betas!r}")
+        betas = tuple(_check_range(beta, f"beta parameter at index {i}", 0.0, 1.0)
+                      for i, beta in enumerate(betas))
+        super().__init__(modules, lr=_check_range(lr, "learning rate", 0.0, low_open=True),
+                         betas=betas, eps=_check_range(eps, "epsilon value", 0.0, low_open=True),
+                         maximize=bool(maximize))
+
+    def _scalars(self, step):
+        h = self.hyperparameters
+        beta1, beta2 = h["betas"]
+        step_size = h["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+        return -step_size, 1 - beta1, 1 - beta2, h["eps"]
