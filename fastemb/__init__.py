@@ -9,6 +9,7 @@ Start with ``fastemb.embedding`` / ``fastemb.embedding_bag`` (functional) or
 from . import optim
 from ._config import __version__, get_num_threads, set_num_threads, show_config
 from .backward import embedding_backward, embedding_bag_backward
+from .checkpoint import load, save
 from .functional import embedding, embedding_bag
 from .modules import Embedding, EmbeddingBag
 from .sparse import SparseGrad
@@ -23,7 +24,9 @@ __all__ = [
     "embedding_bag",
     "embedding_bag_backward",
     "get_num_threads",
+    "load",
     "optim",
+    "save",
     "set_num_threads",
     "show_config",
 ]

@@ -18,7 +18,7 @@ Notation: ``V`` rows and ``D`` columns in the table (weight), ``n`` looked-up in
 
 from cython cimport floating
 from cython.parallel cimport prange, threadid
-from libc.math cimport INFINITY, NAN, fabs, isinf, pow, sqrt
+from libc.math cimport INFINITY, NAN, fabs, isinf, pow, sqrt, sqrtf
 from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memcpy, memset
 
@@ -28,8 +28,10 @@ cdef extern from *:
     """
     #if defined(__GNUC__) || defined(__clang__)
     #define FASTEMB_PREFETCH(address) __builtin_prefetch((const void *)(address), 0, 3)
+    #define FASTEMB_PREFETCH_WRITE(address) __builtin_prefetch((const void *)(address), 1, 3)
     #else
     #define FASTEMB_PREFETCH(address) ((void)(address))
+    #define FASTEMB_PREFETCH_WRITE(address) ((void)(address))
     #endif
 
     #ifdef _OPENMP
@@ -45,6 +47,7 @@ cdef extern from *:
     #endif
     """
     void FASTEMB_PREFETCH(const void *address) noexcept nogil
+    void FASTEMB_PREFETCH_WRITE(const void *address) noexcept nogil
     int omp_get_max_threads() noexcept nogil
     const int FASTEMB_HAVE_OPENMP
     const char *FASTEMB_COMPILE_FLAGS
@@ -89,6 +92,16 @@ cdef inline void prefetch_row(const floating *row, Py_ssize_t dim) noexcept nogi
         FASTEMB_PREFETCH(row + j)
         j += line_elements
     FASTEMB_PREFETCH(row + dim - 1)  # a row that is not line-aligned spans one more line
+
+
+cdef inline void prefetch_row_for_write(const floating *row, Py_ssize_t dim) noexcept nogil:
+    """Like prefetch_row, for a row about to be updated."""
+    cdef Py_ssize_t line_elements = CACHE_LINE_BYTES // sizeof(floating)
+    cdef Py_ssize_t j = 0
+    while j < dim:
+        FASTEMB_PREFETCH_WRITE(row + j)
+        j += line_elements
+    FASTEMB_PREFETCH_WRITE(row + dim - 1)
 
 
 cdef inline void prefetch_ahead(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
@@ -639,6 +652,13 @@ def sample_weights_grad(const floating[:, ::1] weight, const index_t[::1] indice
 OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}
 
 
+cdef inline floating square_root(floating x) noexcept nogil:
+    """sqrt in the value's own precision (sqrtf for float: vectorisable, correctly rounded)."""
+    if floating is float:
+        return sqrtf(x)
+    return sqrt(x)
+
+
 cdef void update_row(int method, floating *w, floating *state_a, floating *state_b,
                      floating *g, Py_ssize_t dim, floating lr, floating one_minus_beta1,
                      floating one_minus_beta2, floating eps) noexcept nogil:
@@ -651,12 +671,12 @@ cdef void update_row(int method, floating *w, floating *state_a, floating *state
     elif method == 1:
         for j in range(dim):
             state_a[j] = state_a[j] + g[j] * g[j]
-            w[j] = w[j] + lr * (g[j] / (<floating>sqrt(state_a[j]) + eps))
+            w[j] = w[j] + lr * (g[j] / (square_root(state_a[j]) + eps))
     elif method == 2:
         for j in range(dim):
             mean_square = mean_square + <double>g[j] * g[j]
         state_a[0] = state_a[0] + <floating>(mean_square / dim)
-        denominator = <floating>sqrt(state_a[0]) + eps
+        denominator = square_root(state_a[0]) + eps
         for j in range(dim):
             w[j] = w[j] - lr * (g[j] / denominator)
     else:
@@ -665,7 +685,7 @@ cdef void update_row(int method, floating *w, floating *state_a, floating *state
             v = state_b[j] + (g[j] * g[j] - state_b[j]) * one_minus_beta2
             state_a[j] = m
             state_b[j] = v
-            w[j] = w[j] + lr * (m / (<floating>sqrt(v) + eps))
+            w[j] = w[j] + lr * (m / (square_root(v) + eps))
 
 
 def sparse_step(str method, floating[:, ::1] weight, floating[:, ::1] state_a,
@@ -693,7 +713,7 @@ def sparse_step(str method, floating[:, ::1] weight, floating[:, ::1] state_a,
     cdef floating *state_a_row
     cdef floating *state_b_row
     cdef floating *g
-    cdef int64_t row
+    cdef int64_t row, ahead
     cdef Py_ssize_t state_a_width = 0 if state_a is None else state_a.shape[1]
     # one gradient-row buffer per thread (threadid() < num_threads)
     cdef floating[:, ::1] buffers = np.empty((max(num_threads, 1), max(dim, 1)),
@@ -719,6 +739,14 @@ def sparse_step(str method, floating[:, ::1] weight, floating[:, ::1] state_a,
         return
     with nogil:
         for u in prange(num_groups, schedule="static", num_threads=num_threads):
+            if u + PREFETCH_DISTANCE < num_groups:
+                ahead = rows[u + PREFETCH_DISTANCE]
+                if 0 <= ahead < num_rows:
+                    prefetch_row_for_write(&weight[ahead, 0], dim)
+                    if state_a_width:
+                        prefetch_row_for_write(&state_a[ahead, 0], state_a_width)
+                    if method_code == 3:
+                        prefetch_row_for_write(&state_b[ahead, 0], dim)
             row = rows[u]
             if row < 0 or row >= num_rows:
                 continue

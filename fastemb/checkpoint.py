@@ -1,0 +1,121 @@
+"""Checkpoints: every table and the optimizer state in one ``.npz`` file.
+
+A save writes a temporary file in the same folder, flushes it to disk and renames it over the
+target, so a crash mid-write leaves the previous checkpoint in place. A load checks the whole
+file against the modules and optimizer before it changes anything.
+"""
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+FORMAT = "fastemb-checkpoint"
+VERSION = 1
+
+
+def _module_list(modules):
+    return list(modules) if isinstance(modules, (list, tuple)) else [modules]
+
+
+def save(path, modules, optimizer=None):
+    """Save the tables of ``modules`` (a module or a list) and ``optimizer``'s state to ``path``.
+
+    >>> import os, tempfile, fastemb
+    >>> table = fastemb.Embedding(4, 2, seed=0)
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.npz")
+    >>> fastemb.save(path, table, fastemb.optim.SGD(table, lr=0.1))
+    >>> fastemb.load(path, fastemb.Embedding(4, 2, seed=1)).weight.tolist() == table.weight.tolist()
+    True
+    """
+    modules = _module_list(modules)
+    arrays = {f"table_{i}": module.weight for i, module in enumerate(modules)}
+    metadata = {"format": FORMAT, "version": VERSION, "num_tables": len(modules),
+                "optimizer": None}
+    if optimizer is not None:
+        state_dict = optimizer.state_dict()
+        metadata["optimizer"] = {
+            "class": type(optimizer).__name__,
+            "hyperparameters": state_dict["hyperparameters"],
+            "steps": [state["step"] for state in state_dict["state"]],
+            "arrays": list(optimizer.state_arrays),
+        }
+        for i, state in enumerate(state_dict["state"]):
+            for name in optimizer.state_arrays:
+                arrays[f"optimizer_{i}_{name}"] = state[name]
+    arrays["metadata"] = np.array(json.dumps(metadata))
+
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".fastemb-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    directory_handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_handle)
+    finally:
+        os.close(directory_handle)
+
+
+def _read(path):
+    """All arrays of a checkpoint file and its metadata; ValueError if it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        metadata = json.loads(str(arrays.pop("metadata")))
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable fastemb checkpoint ({error})") from error
+    if (not isinstance(metadata, dict) or metadata.get("format") != FORMAT
+            or "num_tables" not in metadata or "optimizer" not in metadata):
+        raise ValueError(f"{path} is not a fastemb checkpoint")
+    if metadata.get("version") != VERSION:
+        raise ValueError(f"{path} has checkpoint version {metadata.get('version')}; this "
+                         f"fastemb reads version {VERSION}")
+    return arrays, metadata
+
+
+def load(path, modules, optimizer=None):
+    """Load a checkpoint written by ``save`` into ``modules`` (their weights are overwritten in
+    place) and, if given, ``optimizer``. Raises ValueError, changing nothing, when the file does
+    not match them. Returns ``modules`` as given.
+    """
+    module_list = _module_list(modules)
+    arrays, metadata = _read(path)
+    if metadata["num_tables"] != len(module_list):
+        raise ValueError(f"{path} holds {metadata['num_tables']} tables, but "
+                         f"{len(module_list)} modules were given")
+    tables = []
+    for i, module in enumerate(module_list):
+        table = arrays.get(f"table_{i}")
+        if table is None or table.shape != module.weight.shape or table.dtype != module.weight.dtype:
+            found = "nothing" if table is None else f"{table.dtype} {table.shape}"
+            raise ValueError(f"table {i} in {path} is {found}, but the module's weight is "
+                             f"{module.weight.dtype} {module.weight.shape}")
+        if not module.weight.flags.writeable:
+            raise ValueError(f"module {i}'s weight is read-only; cannot load into it")
+        tables.append(table)
+    if optimizer is not None:
+        saved = metadata["optimizer"]
+        if saved is None or saved["class"] != type(optimizer).__name__:
+            found = "no optimizer" if saved is None else saved["class"]
+            raise ValueError(f"{path} holds {found} state, not {type(optimizer).__name__}")
+        try:
+            state = [
+                {"step": step} | {name: arrays[f"optimizer_{i}_{name}"] for name in saved["arrays"]}
+                for i, step in enumerate(saved["steps"])
+            ]
+        except KeyError as error:
+            raise ValueError(f"{path} lacks optimizer array {error}") from error
+        optimizer.load_state_dict({"hyperparameters": saved["hyperparameters"], "state": state})
+    for module, table in zip(module_list, tables):
+        np.copyto(module.weight, table)
+    return modules
