@@ -11,6 +11,10 @@ __version__ = "0.1.0"
 
 _requested_threads = None
 
+# A kernel call with less work than this (in table elements touched) runs on one thread: the
+# fork/join costs more than it saves, and far more when the cores are shared with other work.
+PARALLEL_GRAIN = 32768
+
 
 def set_num_threads(n):
     """Set how many OpenMP threads fastemb's kernels use; ``None`` restores the default.
@@ -47,6 +51,11 @@ def get_num_threads():
     if _requested_threads is not None:
         return _requested_threads
     return _core.openmp_max_threads()
+
+
+def threads_for(work):
+    """Threads for a kernel call that touches about ``work`` table elements."""
+    return get_num_threads() if work >= PARALLEL_GRAIN else 1
 
 
 def show_config(file=None):

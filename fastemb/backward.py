@@ -9,7 +9,7 @@ values are read, so an optimizer can fuse it with its update.
 import numpy as np
 
 from . import _core
-from ._config import get_num_threads
+from ._config import threads_for
 from ._validation import FLOAT_DTYPES, as_index_array, check_index_range, normalize_padding_idx
 from .functional import NO_PADDING, BagForward, bag_forward
 from .sparse import GradientPlan, SparseGrad
@@ -34,7 +34,7 @@ def lookup_grad(flat_indices, output_shape, grad_output, dtype, num_embeddings, 
     grad = _as_grad_output(grad_output, output_shape, dtype)
     grad_rows = grad.reshape(flat_indices.size, output_shape[-1])
     rows, starts, order = _core.group_by_row(flat_indices, num_embeddings, padding_idx,
-                                             get_num_threads())
+                                             threads_for(flat_indices.size))
     plan = GradientPlan(grad_rows, starts, order, scale_by_frequency=scale_grad_by_freq)
     return SparseGrad._planned(rows, num_embeddings, plan)
 
@@ -44,7 +44,7 @@ def bag_grads(forward: BagForward, weight, grad_output, scale_grad_by_freq):
     num_embeddings, dim = weight.shape
     grad = _as_grad_output(grad_output, forward.output.shape, weight.dtype)
     indices, sample_weights = forward.indices, forward.sample_weights
-    threads = get_num_threads()
+    threads = threads_for(indices.size * dim)
     rows, starts, order = _core.group_by_row(indices, num_embeddings, forward.padding_idx,
                                              threads)
     bag_of = np.empty(indices.size, dtype=np.int64)

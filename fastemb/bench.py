@@ -22,9 +22,10 @@ fastemb's with :func:`assert_agrees` so that a fast but wrong implementation can
 >>> from fastemb import bench
 >>> data = bench.make_data(bench.Workload("tiny", 100, 8, num_bags=4, bag_size=3))
 >>> with bench.thread_count(1):
-...     rows = bench.benchmark_callable("numpy", "bag_sum", data)()
-...     bench.assert_agrees("bag_sum", rows, bench.benchmark_callable("fastemb", "bag_sum", data)())
->>> rows.shape
+...     expected = bench.benchmark_callable("fastemb", "bag_sum", data)()
+...     result = bench.benchmark_callable("numpy", "bag_sum", data)()
+>>> bench.assert_agrees("bag_sum", result, expected)
+>>> result.shape
 (4, 8)
 """
 
@@ -39,16 +40,15 @@ from ._config import get_num_threads, set_num_threads
 from .functional import embedding, embedding_bag
 
 OPERATIONS = ("gather", "bag_sum", "bag_mean", "bag_weighted_sum", "bag_max")
-IMPLEMENTATIONS = ("fastemb", "torch", "numpy")
 SKEWS = ("uniform", "zipf")
 
 # Zipf skew: rank r (1-based) is drawn with probability proportional to r ** -ZIPF_EXPONENT.
 ZIPF_EXPONENT = 1.05
 
-# Operations whose every implementation adds (or compares) the rows in bag order, so all of them
-# agree bit for bit. Mean and weighted sum may round differently: torch multiplies by 1/len and
-# fuses w * x + acc into one rounding.
-EXACT_OPERATIONS = frozenset({"gather", "bag_sum", "bag_max"})
+# Operations that every implementation computes the same way (rows added or compared in bag
+# order, the mean divides the rounded sum), so all of them agree bit for bit. The weighted sum
+# may round differently: torch (FBGEMM) fuses w * x + acc into one rounding.
+EXACT_OPERATIONS = frozenset({"gather", "bag_sum", "bag_mean", "bag_max"})
 ROUNDING_TOLERANCE = {"rtol": 1e-5, "atol": 1e-4}
 
 
@@ -154,21 +154,6 @@ def make_data(workload, seed=0):
     return BenchData(workload, table, indices, offsets, per_sample_weights)
 
 
-@functools.cache
-def import_torch():
-    """The torch module if it can be imported, else None."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
-def available_implementations():
-    """The names in :data:`IMPLEMENTATIONS` that can run here (torch only when importable)."""
-    return tuple(name for name in IMPLEMENTATIONS if name != "torch" or import_torch() is not None)
-
-
 def fastemb_callables(data):
     """fastemb's callable for each operation, on the flat indices with offsets."""
     bag = functools.partial(embedding_bag, data.indices, data.table, data.offsets)
@@ -183,7 +168,8 @@ def fastemb_callables(data):
 
 def torch_callables(data):
     """torch's callable for each operation (``torch.nn.functional``), on zero-copy tensors."""
-    torch = import_torch()
+    import torch
+
     functional = torch.nn.functional
     table = torch.from_numpy(data.table)
     indices = torch.from_numpy(data.indices)
@@ -226,6 +212,22 @@ CALLABLE_BUILDERS = {
     "torch": torch_callables,
     "numpy": numpy_callables,
 }
+IMPLEMENTATIONS = tuple(CALLABLE_BUILDERS)
+
+
+@functools.cache
+def torch_is_available():
+    """True when torch can be imported (the first call imports it)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_implementations():
+    """The names in :data:`IMPLEMENTATIONS` that can run here (torch only when importable)."""
+    return tuple(name for name in IMPLEMENTATIONS if name != "torch" or torch_is_available())
 
 
 def benchmark_callable(implementation, operation, data):
@@ -233,10 +235,9 @@ def benchmark_callable(implementation, operation, data):
     and returns the result as a NumPy array."""
     if operation not in OPERATIONS:
         raise ValueError(f"operation must be one of {', '.join(OPERATIONS)}; got {operation!r}")
-    if implementation not in available_implementations():
+    if implementation not in IMPLEMENTATIONS:
         raise ValueError(
-            f"implementation must be one of {', '.join(available_implementations())}; "
-            f"got {implementation!r}"
+            f"implementation must be one of {', '.join(IMPLEMENTATIONS)}; got {implementation!r}"
         )
     return CALLABLE_BUILDERS[implementation](data)[operation]
 

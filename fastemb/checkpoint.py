@@ -20,8 +20,9 @@ def _module_list(modules):
     return list(modules) if isinstance(modules, (list, tuple)) else [modules]
 
 
-def save(path, modules, optimizer=None):
-    """Save the tables of ``modules`` (a module or a list) and ``optimizer``'s state to ``path``.
+def save(path, modules, optimizer=None, metadata=None):
+    """Save the tables of ``modules`` (a module or a list) and ``optimizer``'s state to ``path``;
+    ``metadata`` (a JSON-serialisable dict) is stored beside them (see ``read_metadata``).
 
     >>> import os, tempfile, fastemb
     >>> table = fastemb.Embedding(4, 2, seed=0)
@@ -32,11 +33,11 @@ def save(path, modules, optimizer=None):
     """
     modules = _module_list(modules)
     arrays = {f"table_{i}": module.weight for i, module in enumerate(modules)}
-    metadata = {"format": FORMAT, "version": VERSION, "num_tables": len(modules),
-                "optimizer": None}
+    header = {"format": FORMAT, "version": VERSION, "num_tables": len(modules),
+              "optimizer": None, "user": metadata or {}}
     if optimizer is not None:
         state_dict = optimizer.state_dict()
-        metadata["optimizer"] = {
+        header["optimizer"] = {
             "class": type(optimizer).__name__,
             "hyperparameters": state_dict["hyperparameters"],
             "steps": [state["step"] for state in state_dict["state"]],
@@ -45,7 +46,7 @@ def save(path, modules, optimizer=None):
         for i, state in enumerate(state_dict["state"]):
             for name in optimizer.state_arrays:
                 arrays[f"optimizer_{i}_{name}"] = state[name]
-    arrays["metadata"] = np.array(json.dumps(metadata))
+    arrays["metadata"] = np.array(json.dumps(header))
 
     directory = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=".fastemb-", suffix=".tmp", dir=directory)
@@ -66,21 +67,28 @@ def save(path, modules, optimizer=None):
         os.close(directory_handle)
 
 
-def _read(path):
-    """All arrays of a checkpoint file and its metadata; ValueError if it is not one."""
+def _read(path, with_arrays=True):
+    """A checkpoint's arrays (unless with_arrays is False) and its header; ValueError if the
+    file is not a readable checkpoint."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+            names = archive.files if with_arrays else ["metadata"]
+            arrays = {name: archive[name] for name in names}
         metadata = json.loads(str(arrays.pop("metadata")))
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path} is not a readable fastemb checkpoint ({error})") from error
     if (not isinstance(metadata, dict) or metadata.get("format") != FORMAT
-            or "num_tables" not in metadata or "optimizer" not in metadata):
+            or not {"num_tables", "optimizer", "user"} <= set(metadata)):
         raise ValueError(f"{path} is not a fastemb checkpoint")
     if metadata.get("version") != VERSION:
         raise ValueError(f"{path} has checkpoint version {metadata.get('version')}; this "
                          f"fastemb reads version {VERSION}")
     return arrays, metadata
+
+
+def read_metadata(path):
+    """The ``metadata`` dict a checkpoint was saved with (empty if none)."""
+    return _read(path, with_arrays=False)[1]["user"]
 
 
 def load(path, modules, optimizer=None):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
-from ._config import get_num_threads
+from ._config import threads_for
 from ._validation import (
     as_index_array,
     as_real,
@@ -40,7 +40,7 @@ def _renorm(weight, flat_indices, max_norm_arguments):
     """Apply max_norm in place to the distinct rows in flat_indices (already validated)."""
     if max_norm_arguments is not None and flat_indices.size:
         max_norm, norm_type = max_norm_arguments
-        threads = get_num_threads()
+        threads = threads_for(flat_indices.size * weight.shape[1])
         rows = _core.group_by_row(flat_indices, weight.shape[0], NO_PADDING, threads)[0]
         _core.renorm_rows(weight, rows, max_norm, norm_type, threads)
 
@@ -71,7 +71,7 @@ def lookup_forward(input, weight, padding_idx=None, max_norm=None, norm_type=2.0
     _renorm(weight, flat, renorm)
     table, table_indices, _ = _lookup_table(weight, flat)
     out = np.empty((flat.size, dim), dtype=weight.dtype)
-    _core.gather_rows(table, table_indices, out, get_num_threads())
+    _core.gather_rows(table, table_indices, out, threads_for(out.size))
     return out.reshape(indices.shape + (dim,)), flat
 
 
@@ -148,7 +148,7 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
     out = np.empty((num_bags, dim), dtype=weight.dtype)
     winners = np.empty((num_bags, dim), dtype=np.int64) if mode == "max" else None
     _core.bag_reduce(table, table_indices, bounds, mode, sample_weights, table_padding, out,
-                     winners, get_num_threads())
+                     winners, threads_for(flat.size * dim))
     if rows is not None and winners is not None:
         winners = np.where(winners >= 0, rows[np.maximum(winners, 0)], -1)
     return BagForward(out, flat, indices.shape, bounds, mode, sample_weights, padding, winners)

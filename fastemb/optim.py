@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 
 from . import _core
-from ._config import get_num_threads
+from ._config import threads_for
 from ._validation import as_real, check_writable_table
 
 __all__ = ["Adagrad", "LazyAdam", "RowWiseAdagrad", "SGD"]
@@ -88,9 +88,11 @@ class _SparseOptimizer:
             lr, one_minus_beta1, one_minus_beta2, eps = self._scalars(state["step"])
             arrays = [state[name] for name in self.state_arrays]
             arrays += [None] * (2 - len(arrays))
-            _core.sparse_step(self.method, module.weight, *arrays, grad.rows, grad.plan(), lr,
+            plan = grad.plan()
+            _core.sparse_step(self.method, module.weight, *arrays, grad.rows, plan, lr,
                               one_minus_beta1, one_minus_beta2, eps,
-                              self.hyperparameters.get("maximize", False), get_num_threads())
+                              self.hyperparameters.get("maximize", False),
+                              threads_for(plan.order.size * module.weight.shape[1]))
 
     def zero_grad(self):
         """Drop every module's gradient."""

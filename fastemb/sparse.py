@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
-from ._config import get_num_threads
+from ._config import threads_for
 from ._validation import FLOAT_DTYPES
 
 
@@ -30,7 +30,7 @@ class GradientPlan:
         values = np.empty((rows.size, self.grad.shape[1]), dtype=self.grad.dtype)
         _core.accumulate_rows(self.grad, rows, self.starts, self.order, self.source,
                               self.coefficients, self.scale_by_frequency, self.winners, values,
-                              get_num_threads())
+                              threads_for(self.order.size * self.grad.shape[1]))
         return values
 
 
