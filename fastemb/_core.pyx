@@ -84,24 +84,22 @@ def compile_flags():
 # Small helpers shared by the kernels
 # --------------------------------------------------------------------------------------------
 
-cdef inline void prefetch_row(const floating *row, Py_ssize_t dim) noexcept nogil:
-    """Ask the CPU to start loading every cache line of one table row."""
+cdef inline void prefetch_row(const floating *row, Py_ssize_t dim,
+                              bint for_write=False) noexcept nogil:
+    """Ask the CPU to start loading every cache line of one table row (to read or update)."""
     cdef Py_ssize_t line_elements = CACHE_LINE_BYTES // sizeof(floating)
     cdef Py_ssize_t j = 0
     while j < dim:
-        FASTEMB_PREFETCH(row + j)
+        if for_write:
+            FASTEMB_PREFETCH_WRITE(row + j)
+        else:
+            FASTEMB_PREFETCH(row + j)
         j += line_elements
-    FASTEMB_PREFETCH(row + dim - 1)  # a row that is not line-aligned spans one more line
-
-
-cdef inline void prefetch_row_for_write(const floating *row, Py_ssize_t dim) noexcept nogil:
-    """Like prefetch_row, for a row about to be updated."""
-    cdef Py_ssize_t line_elements = CACHE_LINE_BYTES // sizeof(floating)
-    cdef Py_ssize_t j = 0
-    while j < dim:
-        FASTEMB_PREFETCH_WRITE(row + j)
-        j += line_elements
-    FASTEMB_PREFETCH_WRITE(row + dim - 1)
+    # a row that is not line-aligned spans one more line
+    if for_write:
+        FASTEMB_PREFETCH_WRITE(row + dim - 1)
+    else:
+        FASTEMB_PREFETCH(row + dim - 1)
 
 
 cdef inline void prefetch_ahead(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
@@ -742,11 +740,11 @@ def sparse_step(str method, floating[:, ::1] weight, floating[:, ::1] state_a,
             if u + PREFETCH_DISTANCE < num_groups:
                 ahead = rows[u + PREFETCH_DISTANCE]
                 if 0 <= ahead < num_rows:
-                    prefetch_row_for_write(&weight[ahead, 0], dim)
+                    prefetch_row(&weight[ahead, 0], dim, True)
                     if state_a_width:
-                        prefetch_row_for_write(&state_a[ahead, 0], state_a_width)
+                        prefetch_row(&state_a[ahead, 0], state_a_width, True)
                     if method_code == 3:
-                        prefetch_row_for_write(&state_b[ahead, 0], dim)
+                        prefetch_row(&state_b[ahead, 0], dim, True)
             row = rows[u]
             if row < 0 or row >= num_rows:
                 continue

@@ -31,6 +31,15 @@ def as_index_array(values, name="input"):
     array = values if isinstance(values, np.ndarray) else np.asarray(values)
     if not isinstance(values, np.ndarray) and array.size == 0:
         array = array.astype(np.int64)  # np.asarray([]) is float64; an empty list is fine
+    if (array is not values and array.dtype == object
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                    for v in array.flat)):
+        # a list holding Python ints beyond int64 (NumPy keeps them as objects)
+        outside = [i for i, v in enumerate(array.flat) if not -INT64_MAX - 1 <= v <= INT64_MAX]
+        if outside:
+            raise IndexError(f"{name}{_position(outside[0], array.shape)} = "
+                             f"{array.flat[outside[0]]} does not fit in int64")
+        array = array.astype(np.int64)
     if array.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
     if array.dtype.kind == "u" and array.dtype.itemsize == 8 and array.size:
@@ -42,7 +51,7 @@ def as_index_array(values, name="input"):
             )
     if array.dtype not in NATIVE_INDEX_DTYPES:
         array = array.astype(np.int64)
-    return np.ascontiguousarray(array)
+    return np.asarray(array, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
 
 
 def check_index_range(flat_indices, shape, num_embeddings, name="input"):

@@ -60,8 +60,9 @@ class _TableModule:
         """Drop the accumulated gradient (``module.grad`` becomes None)."""
         self.grad = None
 
-    def _take_saved_forward(self):
-        """The saved forward, once: a second backward for one forward is an error."""
+    def _saved_forward(self):
+        """The saved forward; ``_accumulate`` consumes it, so a second backward for one forward
+        is an error, while a backward rejected for bad input may be retried."""
         if self.frozen:
             raise RuntimeError(
                 f"{type(self).__name__} is frozen (from_pretrained(freeze=True)); it has no "
@@ -71,10 +72,10 @@ class _TableModule:
             raise RuntimeError(
                 "backward needs a forward first: call the module, then backward once per call"
             )
-        saved, self._saved = self._saved, None
-        return saved
+        return self._saved
 
     def _accumulate(self, grad):
+        self._saved = None
         self.grad = grad if self.grad is None else self.grad + grad
         return grad
 
@@ -148,7 +149,7 @@ class Embedding(_TableModule):
         >>> table.backward(np.ones_like(out)).rows.tolist(), table.grad.values[:, 0].tolist()
         ([1, 4], [3.0, 1.0])
         """
-        flat, output_shape = self._take_saved_forward()
+        flat, output_shape = self._saved_forward()
         padding = NO_PADDING if self.padding_idx is None else self.padding_idx
         return self._accumulate(lookup_grad(flat, output_shape, grad_output, self.weight.dtype,
                                             self.num_embeddings, padding,
@@ -221,7 +222,7 @@ class EmbeddingBag(_TableModule):
         >>> bags.backward(np.ones_like(out)).values[:, 0].tolist()
         [3.0, 1.0]
         """
-        forward = self._take_saved_forward()
+        forward = self._saved_forward()
         grad, self.per_sample_weights_grad = bag_grads(forward, self.weight, grad_output,
                                                        self.scale_grad_by_freq)
         return self._accumulate(grad)

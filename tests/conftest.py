@@ -1,0 +1,69 @@
+"""Shared fixtures: hypothesis profiles, thread-count control, and an "arrays untouched" check.
+
+Hypothesis profiles: "fastemb" (default; keeps the whole suite well under a minute on 2 cores),
+"thorough" (10x the examples). Choose one with ``HYPOTHESIS_PROFILE=thorough``.
+"""
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import fastemb
+
+settings.register_profile(
+    "fastemb",
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile("thorough", parent=settings.get_profile("fastemb"), max_examples=1200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastemb"))
+
+
+@pytest.fixture(autouse=True)
+def _default_thread_count():
+    """Every test starts and ends with fastemb's default thread count."""
+    fastemb.set_num_threads(None)
+    yield
+    fastemb.set_num_threads(None)
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """``with threads(n): ...`` runs the block with ``fastemb.set_num_threads(n)``, and with
+    every kernel call really using n threads however little work it has."""
+    monkeypatch.setattr(fastemb._config, "PARALLEL_GRAIN", 0)
+
+    @contextlib.contextmanager
+    def use(n):
+        fastemb.set_num_threads(n)
+        try:
+            yield
+        finally:
+            fastemb.set_num_threads(None)
+
+    return use
+
+
+@pytest.fixture
+def untouched():
+    """``with untouched(a, b, ...): ...`` asserts the block leaves every array bit-identical.
+
+    Use it around a call that must raise (wrap it in ``pytest.raises`` inside the block) to
+    check that nothing was modified before the error.
+    """
+
+    @contextlib.contextmanager
+    def check(*arrays):
+        before = [np.array(a, copy=True) for a in arrays]
+        yield
+        for number, (array, saved) in enumerate(zip(arrays, before)):
+            array = np.asarray(array)
+            assert array.dtype == saved.dtype and array.shape == saved.shape
+            assert array.tobytes() == saved.tobytes(), f"argument {number} was modified"
+
+    return check

@@ -1,0 +1,310 @@
+"""fastemb.embedding_bag against the NumPy reference, bit for bit, plus its fixed cases."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import assert_same_bits, embedding_bag_ref, out_of_range, renorm_ref
+from strategies import MODES, bag_cases, random_table, reference_kwargs, seeds
+
+import fastemb
+from fastemb.functional import bag_forward
+
+W5 = np.array([[1, -2], [3, 4], [-5, 6], [7, -8], [0.5, 0.5]], np.float32)
+I6 = np.array([0, 1, 2, 3, 4, 1])
+
+
+def check_against_reference(case):
+    """Run one case through fastemb and the reference; outputs (and max winners) bitwise."""
+    expected, expected_winners = embedding_bag_ref(**reference_kwargs(case))
+    forward = bag_forward(**case)
+    assert_same_bits(forward.output, expected)
+    assert_same_bits(fastemb.embedding_bag(**case), expected)
+    if case["mode"] == "max":
+        np.testing.assert_array_equal(forward.winners, expected_winners)
+    return forward.output
+
+
+@given(bag_cases())
+def test_matches_reference(case):
+    check_against_reference(case)
+
+
+@given(bag_cases(modes=("sum", "mean"), weights=True))
+def test_weighted_matches_reference(case):
+    check_against_reference(case)
+
+
+@given(bag_cases(modes=("max",), table_kinds=("ties", "special")))
+def test_max_ties_and_nan_match_reference(case):
+    check_against_reference(case)
+
+
+@given(seeds, st.sampled_from(MODES), st.sampled_from([np.float32, np.float64]),
+       st.integers(1, 40), st.integers(1, 70))
+def test_long_bags_and_wide_rows(seed, mode, dtype, bag_length, dim):
+    """Wider rows and longer bags than the general strategy, to cover vectorised loops."""
+    rng = np.random.default_rng(seed)
+    weight = random_table(rng, 50, dim, dtype)
+    indices = rng.integers(0, 50, size=3 * bag_length)
+    offsets = np.array([0, bag_length, 2 * bag_length])
+    psw = rng.standard_normal(indices.size).astype(dtype) if mode != "max" else None
+    for weights in (None, psw):
+        check_against_reference(dict(input=indices, weight=weight, offsets=offsets, mode=mode,
+                                     per_sample_weights=weights, padding_idx=7))
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed cases
+# --------------------------------------------------------------------------------------------
+
+EXAMPLE = {  # W5, I6, offsets [0, 2, 2, 5]: torch-semantics section 2.4
+    "sum": [[4, 2], [0, 0], [2.5, -1.5], [3, 4]],
+    "mean": [[2, 1], [0, 0], [2.5 / 3, -0.5], [3, 4]],
+    "max": [[3, 4], [0, 0], [7, 6], [3, 4]],
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", MODES)
+def test_worked_example(mode, dtype):
+    weight = W5.astype(dtype)
+    expected = np.array(EXAMPLE[mode], dtype=dtype)
+    out = fastemb.embedding_bag(I6, weight, offsets=[0, 2, 2, 5], mode=mode)
+    assert_same_bits(out, expected)
+    last = fastemb.embedding_bag(I6, weight, offsets=[0, 2, 2, 5, 6], mode=mode,
+                                 include_last_offset=True)
+    assert_same_bits(last, expected)
+
+
+def test_default_mode_is_mean():
+    assert_same_bits(fastemb.embedding_bag(I6, W5, offsets=[0, 2, 2, 5]),
+                     np.array(EXAMPLE["mean"], np.float32))
+
+
+def test_max_winners():
+    forward = bag_forward(I6, W5, offsets=[0, 2, 2, 5], mode="max")
+    np.testing.assert_array_equal(forward.winners, [[1, 1], [-1, -1], [3, 2], [1, 1]])
+
+
+def test_max_first_wins_ties():
+    weight = np.array([[1, 5], [1, 5], [2, 0]], np.float32)
+    forward = bag_forward([1, 0, 2], weight, offsets=[0], mode="max")
+    np.testing.assert_array_equal(forward.output, [[2, 5]])
+    np.testing.assert_array_equal(forward.winners, [[2, 1]])
+
+
+def test_max_nan_survives_only_first():
+    weight = np.array([[0, 0], [0, 0], [2, 0], [np.nan, 1]], np.float64)
+    first = bag_forward([3, 2], weight, offsets=[0], mode="max")
+    np.testing.assert_array_equal(first.output, [[np.nan, 1]])
+    np.testing.assert_array_equal(first.winners, [[3, 3]])
+    later = bag_forward([2, 3], weight, offsets=[0], mode="max")
+    np.testing.assert_array_equal(later.output, [[2, 1]])
+    np.testing.assert_array_equal(later.winners, [[2, 3]])
+
+
+def test_max_of_negative_rows_and_signed_zero():
+    weight = np.array([[-3, -0.0], [-2, 0.0], [-7, -1]], np.float32)
+    out = fastemb.embedding_bag([[0, 1, 2]], weight, mode="max")
+    assert_same_bits(out, np.array([[-2, -0.0]], np.float32))  # -0.0 came first: it stays
+
+
+@pytest.mark.parametrize("padding_idx", [1, -4])
+def test_padding_is_skipped_and_not_counted(padding_idx):
+    sums = fastemb.embedding_bag(I6, W5, offsets=[0, 2, 2, 5], mode="sum", padding_idx=padding_idx)
+    np.testing.assert_array_equal(sums, [[1, -2], [0, 0], [2.5, -1.5], [0, 0]])
+    means = fastemb.embedding_bag(I6, W5, offsets=[0, 2, 2, 5], mode="mean",
+                                  padding_idx=padding_idx)
+    assert_same_bits(means, np.array([[1, -2], [0, 0], [np.float32(2.5) / np.float32(3), -0.5],
+                                      [0, 0]], np.float32))
+    forward = bag_forward(I6, W5, offsets=[0, 2, 2, 5], mode="max", padding_idx=padding_idx)
+    np.testing.assert_array_equal(forward.output, [[1, -2], [0, 0], [7, 6], [0, 0]])
+    np.testing.assert_array_equal(forward.winners, [[0, 0], [-1, -1], [3, 2], [-1, -1]])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_all_padding_bags_are_zero(mode):
+    weight = W5 + 10  # no zero rows
+    out = fastemb.embedding_bag([[1, 1], [4, 1]], weight, mode=mode, padding_idx=1)
+    assert_same_bits(out, np.array([[0, 0], weight[4]], np.float32))
+    out = fastemb.embedding_bag([4, 4], weight, offsets=[0], mode=mode, padding_idx=-1)
+    assert_same_bits(out, np.zeros((1, 2), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_bags(mode, dtype):
+    weight = W5.astype(dtype)
+    for indices in ([], I6, np.array([], np.int32)):
+        out = fastemb.embedding_bag(indices, weight, offsets=np.array([], np.int64), mode=mode)
+        assert out.shape == (0, 2) and out.dtype == dtype
+    out = fastemb.embedding_bag([], weight, offsets=[0], mode=mode, include_last_offset=True)
+    assert out.shape == (0, 2) and out.dtype == dtype
+    out = fastemb.embedding_bag(np.zeros((0, 3), np.int64), weight, mode=mode, padding_idx=0)
+    assert out.shape == (0, 2) and out.dtype == dtype
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_input_with_one_offset_is_one_zero_bag(mode):
+    out = fastemb.embedding_bag([], W5 + 1, offsets=[0], mode=mode)
+    assert_same_bits(out, np.zeros((1, 2), np.float32))
+    out = fastemb.embedding_bag([], W5 + 1, offsets=[0, 0, 0], mode=mode, padding_idx=2)
+    assert_same_bits(out, np.zeros((3, 2), np.float32))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_d_input_with_empty_rows(mode):
+    """(B, 0) input gives B zero bags (torch raises "step must be nonzero")."""
+    out = fastemb.embedding_bag(np.zeros((3, 0), np.int64), W5 + 1, mode=mode)
+    assert_same_bits(out, np.zeros((3, 2), np.float32))
+
+
+@pytest.mark.parametrize("include_last_offset", [False, True])
+def test_two_d_input(include_last_offset):
+    out = fastemb.embedding_bag(I6.reshape(3, 2), W5, mode="sum",
+                                include_last_offset=include_last_offset)
+    np.testing.assert_array_equal(out, [[4, 2], [2, -2], [3.5, 4.5]])
+
+
+@pytest.mark.parametrize("offsets_dtype", [np.int8, np.uint8, np.int16, np.int32, np.uint32,
+                                           np.int64, np.uint64])
+def test_offsets_of_any_integer_dtype(offsets_dtype):
+    out = fastemb.embedding_bag(I6, W5, offsets=np.array([0, 2, 2, 5], offsets_dtype),
+                                mode="sum")
+    np.testing.assert_array_equal(out, EXAMPLE["sum"])
+
+
+@pytest.mark.parametrize("index_dtype", [np.int8, np.uint16, np.int32, np.uint64])
+def test_converted_index_dtypes(index_dtype):
+    expected = fastemb.embedding_bag(I6, W5, offsets=[0, 2, 2, 5], mode="max", padding_idx=4)
+    out = fastemb.embedding_bag(I6.astype(index_dtype), W5, offsets=[0, 2, 2, 5], mode="max",
+                                padding_idx=4)
+    assert_same_bits(out, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample weights
+# --------------------------------------------------------------------------------------------
+
+PSW = np.arange(1, 7, dtype=np.float32)
+
+
+def test_weighted_sum():
+    out = fastemb.embedding_bag(I6, W5, offsets=[0, 3], mode="sum", per_sample_weights=PSW)
+    np.testing.assert_array_equal(out, [[-8, 24], [48.5, -5.5]])
+    out = fastemb.embedding_bag(I6, W5, offsets=[0, 3], mode="sum", per_sample_weights=PSW,
+                                padding_idx=1)
+    np.testing.assert_array_equal(out, [[-14, 16], [30.5, -29.5]])
+
+
+def test_weighted_mean():
+    """The weighted mean: sum(w * row) / sum(w) over non-padding entries (torch refuses it)."""
+    out = fastemb.embedding_bag(I6, W5, offsets=[0, 3], mode="mean", per_sample_weights=PSW)
+    f = np.float32
+    assert_same_bits(out, np.array([[f(-8) / f(6), f(24) / f(6)],
+                                    [f(48.5) / f(15), f(-5.5) / f(15)]]))
+    out = fastemb.embedding_bag(I6, W5, offsets=[0, 3], mode="mean", per_sample_weights=PSW,
+                                padding_idx=1)
+    assert_same_bits(out, np.array([[f(-14) / f(4), f(16) / f(4)],
+                                    [f(30.5) / f(9), f(-29.5) / f(9)]]))
+
+
+def test_weighted_mean_with_zero_weight_sum_is_zero():
+    psw = np.array([1, -1, 2, 0, 0, 5], np.float64)
+    out = fastemb.embedding_bag(I6, W5.astype(np.float64), offsets=[0, 2, 3, 5], mode="mean",
+                                per_sample_weights=psw, padding_idx=1)
+    # bag 0: 1*W[0] / 1 (padding entry 1 skipped); bag 1: 2*W[2] / 2; bag 2: weights sum to 0;
+    # bag 3: only padding
+    np.testing.assert_array_equal(out, [[1, -2], [-5, 6], [0, 0], [0, 0]])
+    out = fastemb.embedding_bag(I6, W5.astype(np.float64), offsets=[0, 2], mode="mean",
+                                per_sample_weights=np.array([1, -1, 0, 0, 0, 0.0]))
+    np.testing.assert_array_equal(out, [[0, 0], [0, 0]])
+
+
+def test_weights_for_two_d_input_and_list_weights():
+    out = fastemb.embedding_bag(I6.reshape(2, 3), W5, mode="sum",
+                                per_sample_weights=PSW.reshape(2, 3).tolist())
+    np.testing.assert_array_equal(out, [[-8, 24], [48.5, -5.5]])
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds, tables of size 0
+# --------------------------------------------------------------------------------------------
+
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_index_bounds(mode, untouched):
+    np.testing.assert_array_equal(
+        fastemb.embedding_bag([4, 4], W5, offsets=[0, 1], mode=mode), W5[[4, 4]]
+    )
+    bad = [0, 1, 2, 7, 3]
+    with untouched(W5):
+        with pytest.raises(IndexError, match=out_of_range("[3]", 7)):
+            fastemb.embedding_bag(bad, W5, offsets=[0, 2], mode=mode)
+        with pytest.raises(IndexError, match=out_of_range("[1]", -1)):
+            fastemb.embedding_bag([0, -1], W5, offsets=[0], mode=mode)
+        with pytest.raises(IndexError, match=out_of_range("[1, 2]", 5)):
+            fastemb.embedding_bag([[0, 1, 2], [3, 4, 5]], W5, mode=mode)
+        with pytest.raises(IndexError, match=out_of_range("[0]", np.iinfo(np.int64).min)):
+            fastemb.embedding_bag(np.array([np.iinfo(np.int64).min]), W5, offsets=[0], mode=mode)
+        with pytest.raises(IndexError):
+            fastemb.embedding_bag(np.array([2**63], np.uint64), W5, offsets=[0], mode=mode)
+
+
+def test_out_of_range_index_in_no_bag_or_as_padding_value_is_still_an_error():
+    """Every index is validated, even one in zero bags, and a padding_idx never makes an
+    out-of-range value valid."""
+    with pytest.raises(IndexError, match=out_of_range("[1]", 5)):
+        fastemb.embedding_bag([0, 5], W5, offsets=[], mode="sum")
+    with pytest.raises(IndexError, match=out_of_range("[0]", -1)):
+        fastemb.embedding_bag([-1], W5, offsets=[0], mode="sum", padding_idx=-1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_table(mode):
+    weight = np.zeros((0, 3), np.float64)
+    out = fastemb.embedding_bag([], weight, offsets=[0, 0], mode=mode)
+    assert_same_bits(out, np.zeros((2, 3)))
+    assert_same_bits(fastemb.embedding_bag(np.zeros((2, 0), np.int64), weight, mode=mode),
+                     np.zeros((2, 3)))
+    with pytest.raises(IndexError, match=out_of_range("[0]", 0, 0)):
+        fastemb.embedding_bag([0], weight, offsets=[0], mode=mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_width_table(mode):
+    weight = np.zeros((4, 0), np.float32)
+    out = fastemb.embedding_bag([0, 3, 1], weight, offsets=[0, 1, 1], mode=mode)
+    assert out.shape == (3, 0) and out.dtype == np.float32
+
+
+# --------------------------------------------------------------------------------------------
+# max_norm
+# --------------------------------------------------------------------------------------------
+
+
+@given(bag_cases(table_kinds=("normal",), table_dtypes=(np.float32, np.float64)),
+       st.sampled_from([0.5, 1.0, 2.0]), st.sampled_from([2.0, 1.0, np.inf]))
+def test_max_norm_matches_reference(case, max_norm, norm_type):
+    weight = case["weight"]
+    renormed = renorm_ref(weight, case["input"], max_norm, norm_type)
+    expected, _ = embedding_bag_ref(**dict(reference_kwargs(case), weight=renormed))
+    out = fastemb.embedding_bag(**case, max_norm=max_norm, norm_type=norm_type)
+    assert_same_bits(weight, renormed)  # every looked-up row, padding ones included
+    assert_same_bits(out, expected)
+
+
+@pytest.mark.parametrize("bad_call", [
+    dict(input=[0, 9], offsets=[0]),
+    dict(input=[0, 1], offsets=[0, 3]),
+    dict(input=[0, 1], offsets=[0], per_sample_weights=[1.0]),
+    dict(input=[0, 1], offsets=[0], per_sample_weights=[1.0, 2.0], mode="max"),
+    dict(input=[0, 1], offsets=[0], padding_idx=4),
+])
+def test_bad_input_is_rejected_before_max_norm_writes(bad_call, untouched):
+    weight = np.array([[3, 4], [6, 8], [1, 1], [5, 5]], np.float32)
+    with untouched(weight):
+        with pytest.raises((IndexError, ValueError)):
+            fastemb.embedding_bag(weight=weight, max_norm=1.0, **bad_call)
