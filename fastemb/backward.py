@@ -42,7 +42,8 @@ def lookup_grad(flat_indices, output_shape, grad_output, dtype, num_embeddings, 
 def bag_grads(forward: BagForward, weight, grad_output, scale_grad_by_freq):
     """(SparseGrad, per-sample-weights gradient or None) of an embedding_bag forward."""
     num_embeddings, dim = weight.shape
-    grad = _as_grad_output(grad_output, forward.output.shape, weight.dtype)
+    num_bags = forward.bounds.size - 1
+    grad = _as_grad_output(grad_output, (num_bags, dim), weight.dtype)
     indices, sample_weights = forward.indices, forward.sample_weights
     threads = threads_for(indices.size * dim)
     rows, starts, order = _core.group_by_row(indices, num_embeddings, forward.padding_idx,
@@ -52,7 +53,7 @@ def bag_grads(forward: BagForward, weight, grad_output, scale_grad_by_freq):
     coefficients = totals = None
     if forward.mode == "mean" or sample_weights is not None:
         coefficients = np.empty(indices.size, dtype=weight.dtype)
-        totals = np.empty(forward.output.shape[0], dtype=weight.dtype)
+        totals = np.empty(num_bags, dtype=weight.dtype)
         _core.bag_gradient_factors(coefficients, totals, indices, forward.bounds, forward.mode,
                                    sample_weights, forward.padding_idx, threads)
     plan = GradientPlan(grad, starts, order, source=bag_of, coefficients=coefficients,

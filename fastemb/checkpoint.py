@@ -75,7 +75,8 @@ def _read(path, with_arrays=True):
             names = archive.files if with_arrays else ["metadata"]
             arrays = {name: archive[name] for name in names}
         metadata = json.loads(str(arrays.pop("metadata")))
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+        # (TypeError: a plain .npy file loads as an array, which is no archive)
         raise ValueError(f"{path} is not a readable fastemb checkpoint ({error})") from error
     if (not isinstance(metadata, dict) or metadata.get("format") != FORMAT
             or not {"num_tables", "optimizer", "user"} <= set(metadata)):
@@ -113,17 +114,18 @@ def load(path, modules, optimizer=None):
         tables.append(table)
     if optimizer is not None:
         saved = metadata["optimizer"]
-        if saved is None or saved["class"] != type(optimizer).__name__:
-            found = "no optimizer" if saved is None else saved["class"]
+        if not isinstance(saved, dict) or saved.get("class") != type(optimizer).__name__:
+            found = saved.get("class") if isinstance(saved, dict) else "no optimizer"
             raise ValueError(f"{path} holds {found} state, not {type(optimizer).__name__}")
         try:
             state = [
                 {"step": step} | {name: arrays[f"optimizer_{i}_{name}"] for name in saved["arrays"]}
                 for i, step in enumerate(saved["steps"])
             ]
-        except KeyError as error:
-            raise ValueError(f"{path} lacks optimizer array {error}") from error
-        optimizer.load_state_dict({"hyperparameters": saved["hyperparameters"], "state": state})
+            state_dict = {"hyperparameters": saved["hyperparameters"], "state": state}
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path} has damaged optimizer state ({error!r})") from None
+        optimizer.load_state_dict(state_dict)
     for module, table in zip(module_list, tables):
         np.copyto(module.weight, table)
     return modules

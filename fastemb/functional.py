@@ -5,7 +5,7 @@ Each function validates and coerces every argument first (``_validation``), then
 ``max_norm`` if asked, then runs one kernel of ``fastemb._core``.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -96,7 +96,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0):
 class BagForward:
     """What an embedding_bag forward computed, and what its backward needs."""
 
-    output: np.ndarray           # (B, D)
+    output: np.ndarray           # (B, D); None once a backward no longer needs it
     indices: np.ndarray          # flat int32/int64 indices, validated
     input_shape: tuple
     bounds: np.ndarray           # int64 (B + 1,): bag b is indices[bounds[b]:bounds[b+1]]
@@ -104,6 +104,17 @@ class BagForward:
     sample_weights: np.ndarray   # flat, or None
     padding_idx: int             # in [0, V), or NO_PADDING
     winners: np.ndarray          # max mode: (B, D) int64 winning rows (-1 for empty bags)
+
+    def private_copy(self):
+        """A copy that shares no array a caller holds (indices and weights may be the caller's,
+        the output is returned to it), keeping only what a backward reads."""
+        weighted_mean = self.mode == "mean" and self.sample_weights is not None
+        return replace(
+            self,
+            indices=self.indices.copy(),
+            sample_weights=None if self.sample_weights is None else self.sample_weights.copy(),
+            output=self.output.copy() if weighted_mean else None,
+        )
 
 
 def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=None,

@@ -136,7 +136,7 @@ class Embedding(_TableModule):
         """Look up ``input`` (integer array of any shape); see ``fastemb.embedding``."""
         out, flat = lookup_forward(input, self.weight, self.padding_idx, self.max_norm,
                                    self.norm_type)
-        self._saved = (flat, out.shape)
+        self._saved = (flat.copy(), out.shape)  # private: the caller may reuse its array
         return out
 
     def backward(self, grad_output):
@@ -207,7 +207,7 @@ class EmbeddingBag(_TableModule):
         forward = bag_forward(input, self.weight, offsets, self.mode, per_sample_weights,
                               self.include_last_offset, self.padding_idx, self.max_norm,
                               self.norm_type)
-        self._saved = forward
+        self._saved = forward.private_copy()  # the caller may reuse its arrays
         self.per_sample_weights_grad = None
         return forward.output
 

@@ -117,23 +117,29 @@ class _SparseOptimizer:
         }
 
     def load_state_dict(self, state_dict):
-        """Restore a ``state_dict()``; checks everything first and changes nothing on error."""
-        states = state_dict["state"]
+        """Restore a ``state_dict()``; checks everything first and changes nothing on error
+        (ValueError)."""
+        try:
+            hyperparameters = dict(state_dict["hyperparameters"])
+            states = list(state_dict["state"])
+            fresh = type(self)(self.modules, **hyperparameters)
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"not a {type(self).__name__} state_dict ({error})") from None
         if len(states) != len(self.modules):
             raise ValueError(f"state for {len(states)} modules, but the optimizer has "
                              f"{len(self.modules)}")
-        loaded = []
         for position, (module, state) in enumerate(zip(self.modules, states)):
-            expected = self._initial_state(module)
-            if set(state) != set(expected):
-                raise ValueError(f"state[{position}] has keys {sorted(state)}, expected "
+            expected = fresh.state[module]
+            if not isinstance(state, dict) or set(state) != set(expected):
+                found = sorted(state) if isinstance(state, dict) else type(state).__name__
+                raise ValueError(f"state[{position}] has keys {found}, expected "
                                  f"{sorted(expected)}")
             step = state["step"]
             if isinstance(step, np.ndarray):
                 step = step.item()
             if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
                 raise ValueError(f"state[{position}]['step'] must be an int >= 0, got {step!r}")
-            restored = {"step": int(step)}
+            expected["step"] = int(step)
             for name in self.state_arrays:
                 array = np.asarray(state[name])
                 if array.shape != expected[name].shape or array.dtype != expected[name].dtype:
@@ -141,10 +147,8 @@ class _SparseOptimizer:
                         f"state[{position}][{name!r}] is {array.dtype} {array.shape}, expected "
                         f"{expected[name].dtype} {expected[name].shape}"
                     )
-                restored[name] = np.array(array, order="C", copy=True)
-            loaded.append(restored)
-        type(self).__init__(self, self.modules, **state_dict["hyperparameters"])
-        self.state = dict(zip(self.modules, loaded))
+                expected[name] = np.array(array, order="C", copy=True)
+        self.hyperparameters, self.state = fresh.hyperparameters, fresh.state
 
     def __repr__(self):
         options = ", ".join(f"{key}={value}" for key, value in self.hyperparameters.items())
