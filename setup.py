@@ -6,6 +6,11 @@ Environment variables (all optional):
 - ``FASTEMB_DEBUG=1``: Cython bounds checks and ``-O0 -g``, for hunting memory errors.
 - ``FASTEMB_EXTRA_CFLAGS="-march=native ..."``: extra compiler flags, appended last.
 
+Two modules are built from the one kernel source: ``fastemb._core`` (portable x86-64) and, where
+the compiler accepts ``-mavx2``, ``fastemb._core_avx2`` (the same code with 256-bit vectors;
+``fastemb/_kernels.py`` picks it at import time on CPUs that have AVX2). Both give the same
+results bit for bit: ``-ffp-contract=off`` forbids fused multiply-adds and nothing reassociates.
+
 OpenMP is detected the way scikit-learn's setuptools build did it: a tiny OpenMP program is
 compiled, linked and *run* with the compiler setuptools will use; only if it prints one line per
 thread is OpenMP enabled. Otherwise the build goes on, serial, with a visible warning.
@@ -29,6 +34,9 @@ BASE_FLAGS = ["-ffp-contract=off", "-fno-math-errno"]
 OPTIMISE_FLAGS = ["-O3"]
 DEBUG_FLAGS = ["-O0", "-g"]
 
+AVX2_FLAG = "-mavx2"
+TRIVIAL_PROGRAM = "int main(void) { return 0; }\n"
+
 OPENMP_TEST_PROGRAM = textwrap.dedent(
     """\
     #include <omp.h>
@@ -44,6 +52,19 @@ OPENMP_TEST_PROGRAM = textwrap.dedent(
 
 def env_flag(name):
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def compiler_accepts(compiler, flag):
+    """True if the compiler builds a trivial program with ``flag``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "test_flag.c")
+        with open(source, "w") as handle:
+            handle.write(TRIVIAL_PROGRAM)
+        try:
+            compiler.compile([source], output_dir=tmp, extra_postargs=[flag])
+        except Exception:  # the flag is unknown to this compiler (or this architecture)
+            return False
+    return True
 
 
 def compiler_runs_openmp(compiler):
@@ -88,17 +109,25 @@ class BuildExtWithOpenMP(build_ext):
             compile_flags.append(OPENMP_FLAG)
             link_flags.append(OPENMP_FLAG)
         compile_flags += shlex.split(os.environ.get("FASTEMB_EXTRA_CFLAGS", ""))
-        recorded = " ".join(compile_flags).replace("\\", "\\\\").replace('"', '\\"')
+        if not compiler_accepts(self.compiler, AVX2_FLAG):
+            print("fastemb: the compiler does not accept -mavx2; building only the portable kernels")
+            self.extensions = [ext for ext in self.extensions if not ext.name.endswith("_avx2")]
         for ext in self.extensions:
-            ext.extra_compile_args = compile_flags
+            flags = compile_flags + ([AVX2_FLAG] if ext.name.endswith("_avx2") else [])
+            recorded = " ".join(flags).replace("\\", "\\\\").replace('"', '\\"')
+            ext.extra_compile_args = flags
             ext.extra_link_args = link_flags
             ext.define_macros.append(("FASTEMB_COMPILE_FLAGS", f'"{recorded}"'))
+        self.parallel = self.parallel or len(self.extensions)  # compile the modules side by side
         super().build_extensions()
 
 
 debug_build = env_flag("FASTEMB_DEBUG")
 extensions = cythonize(
-    [Extension("fastemb._core", ["fastemb/_core.pyx"])],
+    [
+        Extension("fastemb._core", ["fastemb/_core.pyx"]),
+        Extension("fastemb._core_avx2", ["fastemb/_core_avx2.pyx"]),
+    ],
     compiler_directives={
         "language_level": 3,
         "boundscheck": debug_build,
@@ -111,6 +140,7 @@ extensions = cythonize(
     # A debug build must not reuse C generated without bounds checks, and vice versa.
     force=True,
     quiet=True,
+    nthreads=2,
 )
 
 setup(ext_modules=extensions, cmdclass={"build_ext": BuildExtWithOpenMP})

@@ -5,7 +5,8 @@ import sys
 
 import numpy as np
 
-from . import _core
+from ._kernels import kernels as _core
+from ._kernels import variant
 
 __version__ = "0.1.0"
 
@@ -69,6 +70,7 @@ def show_config(file=None):
         f"fastemb {__version__}",
         f"python {platform.python_version()}, numpy {np.__version__}",
         f"openmp: {'yes' if _core.has_openmp() else 'no (kernels run serially)'}",
+        f"kernels: {variant} ({_core.__name__})",
         f"threads: {get_num_threads()}",
         f"compiler flags: {_core.compile_flags()}",
     ]

@@ -19,7 +19,7 @@ Notation: ``V`` rows and ``D`` columns in the table (weight), ``n`` looked-up in
 from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.math cimport INFINITY, NAN, fabs, isinf, pow, sqrt, sqrtf
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -45,12 +45,19 @@ cdef extern from *:
     #ifndef FASTEMB_COMPILE_FLAGS
     #define FASTEMB_COMPILE_FLAGS "unknown"
     #endif
+
+    #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    static int fastemb_cpu_has_avx2(void) { return __builtin_cpu_supports("avx2"); }
+    #else
+    static int fastemb_cpu_has_avx2(void) { return 0; }
+    #endif
     """
     void FASTEMB_PREFETCH(const void *address) noexcept nogil
     void FASTEMB_PREFETCH_WRITE(const void *address) noexcept nogil
     int omp_get_max_threads() noexcept nogil
     const int FASTEMB_HAVE_OPENMP
     const char *FASTEMB_COMPILE_FLAGS
+    int fastemb_cpu_has_avx2() noexcept nogil
 
 ctypedef fused index_t:
     int32_t
@@ -58,6 +65,9 @@ ctypedef fused index_t:
 
 # How many indices ahead a kernel prefetches the table row it will need (FBGEMM's default).
 cdef Py_ssize_t PREFETCH_DISTANCE = 16
+# Bag reductions prefetch only from tables larger than this: a smaller one stays in the caches,
+# where the prefetch instructions would be pure overhead.
+cdef Py_ssize_t PREFETCH_MIN_TABLE_BYTES = 8 << 20
 cdef Py_ssize_t CACHE_LINE_BYTES = 64
 
 
@@ -73,6 +83,11 @@ def has_openmp():
 def openmp_max_threads():
     """``omp_get_max_threads()``: OMP_NUM_THREADS, the CPU count, or a threadpoolctl limit."""
     return omp_get_max_threads()
+
+
+def cpu_has_avx2():
+    """True when the CPU running this process has AVX2 (so _core_avx2 may be used)."""
+    return bool(fastemb_cpu_has_avx2())
 
 
 def compile_flags():
@@ -110,7 +125,7 @@ cdef inline void prefetch_ahead(const floating *table, Py_ssize_t num_rows, Py_s
     cdef int64_t row
     if ahead < n:
         row = indices[ahead]
-        if 0 <= row < num_rows:
+        if <uint64_t>row < <uint64_t>num_rows:  # one compare for 0 <= row < num_rows
             prefetch_row(table + row * dim, dim)
 
 
@@ -179,68 +194,132 @@ def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
 # rounded sum: bit for bit what torch computes.
 # --------------------------------------------------------------------------------------------
 
-cdef void bag_sum(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
-                  const index_t *indices, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
-                  const floating *sample_weights, int64_t padding_idx, bint mean,
-                  floating *out_row) noexcept nogil:
-    cdef Py_ssize_t k, j, count = 0
-    cdef int64_t row
+cdef enum:
+    # Columns are reduced in blocks of this many bytes (64 floats or 32 doubles) whose running
+    # values the compiler keeps in vector registers for the whole bag; the block width is a
+    # compile-time constant, so the loops over a block unroll.
+    BLOCK_BYTES = 256
+    MAX_BLOCK_ELEMENTS = 64  # BLOCK_BYTES / sizeof(float)
+
+
+cdef inline bint is_kept(int64_t row, int64_t padding_idx, Py_ssize_t num_rows) noexcept nogil:
+    """True for an entry a bag reduces: a row of the table that is not padding."""
+    return <uint64_t>row < <uint64_t>num_rows and row != padding_idx
+
+
+cdef inline void sum_block(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                           const index_t *indices, Py_ssize_t n, Py_ssize_t start,
+                           Py_ssize_t end, const floating *sample_weights, int64_t padding_idx,
+                           Py_ssize_t column, Py_ssize_t width, floating *out_row,
+                           bint prefetch) noexcept nogil:
+    """out_row[column:column+width] = sum of the kept rows' columns (times their weights)."""
+    cdef floating acc[MAX_BLOCK_ELEMENTS]
+    cdef floating weight
     cdef const floating *source
-    cdef floating weight, weight_total = 0
-    memset(out_row, 0, dim * sizeof(floating))
-    for k in range(start, end):
-        prefetch_ahead(table, num_rows, dim, indices, n, k)
-        row = indices[k]
-        if row == padding_idx or row < 0 or row >= num_rows:
-            continue
-        source = table + row * dim
-        if sample_weights == NULL:
-            for j in range(dim):
-                out_row[j] += source[j]
-            count += 1
-        else:
-            weight = sample_weights[k]
-            for j in range(dim):
-                out_row[j] += weight * source[j]
-            weight_total += weight
-    if not mean:
-        return
-    if sample_weights == NULL:
-        weight_total = <floating>count
-    if weight_total == 0:
-        memset(out_row, 0, dim * sizeof(floating))
-    else:
-        for j in range(dim):
-            out_row[j] = out_row[j] / weight_total
-
-
-cdef void bag_max(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
-                  const index_t *indices, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
-                  int64_t padding_idx, floating *out_row, int64_t *winner_row) noexcept nogil:
     cdef Py_ssize_t k, j
     cdef int64_t row
-    cdef const floating *source
-    cdef bint empty = True
+    for j in range(width):
+        acc[j] = 0
     for k in range(start, end):
-        prefetch_ahead(table, num_rows, dim, indices, n, k)
+        if prefetch and column == 0:
+            prefetch_ahead(table, num_rows, dim, indices, n, k)
         row = indices[k]
-        if row == padding_idx or row < 0 or row >= num_rows:
+        if not is_kept(row, padding_idx, num_rows):
             continue
-        source = table + row * dim
-        if empty:
-            memcpy(out_row, source, dim * sizeof(floating))
-            for j in range(dim):
-                winner_row[j] = row
-            empty = False
+        source = table + row * dim + column
+        if sample_weights == NULL:
+            for j in range(width):
+                acc[j] += source[j]
         else:
-            for j in range(dim):
-                if source[j] > out_row[j]:
-                    out_row[j] = source[j]
-                    winner_row[j] = row
-    if empty:
-        memset(out_row, 0, dim * sizeof(floating))
-        for j in range(dim):
-            winner_row[j] = -1
+            weight = sample_weights[k]
+            for j in range(width):
+                acc[j] += weight * source[j]
+    for j in range(width):
+        out_row[column + j] = acc[j]
+
+
+cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                           const index_t *indices, Py_ssize_t n, Py_ssize_t start,
+                           Py_ssize_t end, int64_t padding_idx, Py_ssize_t column,
+                           Py_ssize_t width, floating *out_row, int64_t *winner_row,
+                           bint prefetch) noexcept nogil:
+    """out_row[column:column+width] = the columns' max over the kept rows (first wins ties);
+    winner_row (unless NULL) gets the winning rows. No kept row: zeros and -1."""
+    cdef floating acc[MAX_BLOCK_ELEMENTS]
+    cdef int64_t winner[MAX_BLOCK_ELEMENTS]
+    cdef const floating *source
+    cdef Py_ssize_t k = start, j
+    cdef int64_t row = -1
+    while k < end and not is_kept(indices[k], padding_idx, num_rows):
+        k += 1
+    if k == end:
+        for j in range(width):
+            out_row[column + j] = 0
+            if winner_row != NULL:
+                winner_row[column + j] = -1
+        return
+    row = indices[k]
+    source = table + row * dim + column
+    for j in range(width):
+        acc[j] = source[j]
+        winner[j] = row
+    for k in range(k + 1, end):
+        if prefetch and column == 0:
+            prefetch_ahead(table, num_rows, dim, indices, n, k)
+        row = indices[k]
+        if not is_kept(row, padding_idx, num_rows):
+            continue
+        source = table + row * dim + column
+        if winner_row == NULL:
+            for j in range(width):
+                acc[j] = source[j] if source[j] > acc[j] else acc[j]
+        else:
+            for j in range(width):
+                if source[j] > acc[j]:
+                    acc[j] = source[j]
+                    winner[j] = row
+    for j in range(width):
+        out_row[column + j] = acc[j]
+        if winner_row != NULL:
+            winner_row[column + j] = winner[j]
+
+
+cdef void reduce_bag(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                     const index_t *indices, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
+                     int mode, const floating *sample_weights, int64_t padding_idx,
+                     floating *out_row, int64_t *winner_row, bint prefetch) noexcept nogil:
+    """One bag: block by block over the columns, then the mean's division."""
+    cdef Py_ssize_t block = BLOCK_BYTES // sizeof(floating)
+    cdef Py_ssize_t full_columns = dim - dim % block, column = 0, k, j, count = 0
+    cdef floating divisor, weight_total = 0
+    while column < full_columns:
+        if mode == 2:
+            max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column, block,
+                      out_row, winner_row, prefetch)
+        elif sample_weights == NULL:  # a literal NULL lets the compiler drop the weight code
+            sum_block(table, num_rows, dim, indices, n, start, end, NULL, padding_idx,
+                      column, block, out_row, prefetch)
+        else:
+            sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
+                      column, block, out_row, prefetch)
+        column += block
+    if full_columns < dim:
+        if mode == 2:
+            max_block(table, num_rows, dim, indices, n, start, end, padding_idx, full_columns,
+                      dim - full_columns, out_row, winner_row, prefetch)
+        else:
+            sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
+                      full_columns, dim - full_columns, out_row, prefetch)
+    if mode != 1:
+        return
+    for k in range(start, end):
+        if is_kept(indices[k], padding_idx, num_rows):
+            count += 1
+            if sample_weights != NULL:
+                weight_total = weight_total + sample_weights[k]
+    divisor = weight_total if sample_weights != NULL else <floating>count
+    for j in range(dim):
+        out_row[j] = out_row[j] / divisor if divisor != 0 else 0
 
 
 BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -264,6 +343,7 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
     cdef const index_t *index_data
     cdef const floating *weights_data = NULL
     cdef int64_t *winner_data = NULL
+    cdef bint prefetch = num_rows * dim * sizeof(floating) > PREFETCH_MIN_TABLE_BYTES
     if num_bags < 0 or out.shape[0] != num_bags or out.shape[1] != dim:
         raise ValueError("bag_reduce: out must have shape (len(bounds) - 1, weight.shape[1])")
     if sample_weights is not None:
@@ -271,9 +351,11 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
             raise ValueError("bag_reduce: sample_weights must have one entry per index")
         if n > 0:
             weights_data = &sample_weights[0]
-    if mode_code == 2:
-        if winners is None or winners.shape[0] != num_bags or winners.shape[1] != dim:
-            raise ValueError("bag_reduce: max mode needs winners with the shape of out")
+    if winners is not None:
+        if mode_code != 2 or winners.shape[0] != num_bags or winners.shape[1] != dim:
+            raise ValueError("bag_reduce: winners (max mode only) must have the shape of out")
+        if num_bags and dim:
+            winner_data = &winners[0, 0]
     if num_bags == 0 or dim == 0:
         return
     # With no indices or an empty table every bag is empty; the kernels then read neither.
@@ -285,12 +367,9 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
             end = clamp(bounds[b + 1], start, n)
             if table == NULL:
                 end = start
-            if mode_code == 2:
-                bag_max(table, num_rows, dim, index_data, n, start, end, padding_idx,
-                        &out[b, 0], &winners[b, 0])
-            else:
-                bag_sum(table, num_rows, dim, index_data, n, start, end, weights_data,
-                        padding_idx, mode_code == 1, &out[b, 0])
+            reduce_bag(table, num_rows, dim, index_data, n, start, end, mode_code, weights_data,
+                       padding_idx, &out[b, 0],
+                       winner_data + b * dim if winner_data != NULL else NULL, prefetch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,7 +733,8 @@ cdef inline floating square_root(floating x) noexcept nogil:
     """sqrt in the value's own precision (sqrtf for float: vectorisable, correctly rounded)."""
     if floating is float:
         return sqrtf(x)
-    return sqrt(x)
+    else:
+        return sqrt(x)
 
 
 cdef void update_row(int method, floating *w, floating *state_a, floating *state_b,

@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-from . import _core
+from ._kernels import kernels as _core
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 NATIVE_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))

@@ -8,7 +8,7 @@ values are read, so an optimizer can fuse it with its update.
 
 import numpy as np
 
-from . import _core
+from ._kernels import kernels as _core
 from ._config import threads_for
 from ._validation import FLOAT_DTYPES, as_index_array, check_index_range, normalize_padding_idx
 from .functional import NO_PADDING, BagForward, bag_forward

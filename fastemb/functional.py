@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import _core
+from ._kernels import kernels as _core
 from ._config import threads_for
 from ._validation import (
     as_index_array,
@@ -118,8 +118,10 @@ class BagForward:
 
 
 def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=None,
-                include_last_offset=False, padding_idx=None, max_norm=None, norm_type=2.0):
-    """Validate, renorm, and reduce; returns a BagForward (see ``embedding_bag``)."""
+                include_last_offset=False, padding_idx=None, max_norm=None, norm_type=2.0,
+                record_winners=True):
+    """Validate, renorm, and reduce; returns a BagForward (see ``embedding_bag``). In max mode
+    the winning rows, which only a backward needs, are recorded if ``record_winners``."""
     weight = as_weight(weight)
     num_embeddings, dim = weight.shape
     if mode not in BAG_MODES:
@@ -157,7 +159,9 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
         table_padding = int(at) if at < rows.size and rows[at] == padding else NO_PADDING
     num_bags = bounds.size - 1
     out = np.empty((num_bags, dim), dtype=weight.dtype)
-    winners = np.empty((num_bags, dim), dtype=np.int64) if mode == "max" else None
+    winners = None
+    if mode == "max" and record_winners:
+        winners = np.empty((num_bags, dim), dtype=np.int64)
     _core.bag_reduce(table, table_indices, bounds, mode, sample_weights, table_padding, out,
                      winners, threads_for(flat.size * dim))
     if rows is not None and winners is not None:
@@ -185,4 +189,4 @@ def embedding_bag(input, weight, offsets=None, mode="mean", per_sample_weights=N
            [-2., 10.]], dtype=float32)
     """
     return bag_forward(input, weight, offsets, mode, per_sample_weights, include_last_offset,
-                       padding_idx, max_norm, norm_type).output
+                       padding_idx, max_norm, norm_type, record_winners=False).output

@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from . import _core
+from ._kernels import kernels as _core
 from ._config import threads_for
 from ._validation import as_real, check_writable_table
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core
+from ._kernels import kernels as _core
 from ._config import threads_for
 from ._validation import FLOAT_DTYPES
 

@@ -222,3 +222,47 @@ def test_doctests(module):
     results = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert results.attempted > 0, f"{module.__name__} has no doctests"
     assert results.failed == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The two kernel builds (portable and AVX2) must give the same bits.
+# --------------------------------------------------------------------------------------------
+
+def _kernel_builds():
+    try:
+        from fastemb import _core_avx2
+    except ImportError:
+        pytest.skip("this build has no AVX2 kernels")
+    if not _core.cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    return _core, _core_avx2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_avx2_and_portable_kernels_agree_bitwise(dtype):
+    builds = _kernel_builds()
+    rng = np.random.default_rng(5)
+    num_rows, dim = 500, 77  # a full block and a tail for both dtypes
+    weight = rng.standard_normal((num_rows, dim)).astype(dtype)
+    indices = rng.integers(0, num_rows, 3000)
+    bounds = np.concatenate([[0], np.sort(rng.integers(0, 3000, 199)), [3000]]).astype(np.int64)
+    sample_weights = rng.standard_normal(3000).astype(dtype)
+    grad = rng.standard_normal((indices.size, dim)).astype(dtype)
+    results = []
+    for build in builds:
+        outputs = []
+        for mode, weights in [("sum", None), ("sum", sample_weights), ("mean", sample_weights),
+                              ("mean", None), ("max", None)]:
+            out = np.empty((bounds.size - 1, dim), dtype)
+            winners = np.empty(out.shape, np.int64) if mode == "max" else None
+            build.bag_reduce(weight, indices, bounds, mode, weights, 3, out, winners, 2)
+            outputs += [out] + ([winners] if winners is not None else [])
+        rows, starts, order = build.group_by_row(indices, num_rows, 3, 2)
+        state = [np.full_like(weight, 0.5), np.full_like(weight, 0.25)]
+        table = weight.copy()
+        plan = fastemb.sparse.GradientPlan(grad, starts, order)
+        build.sparse_step("adam", table, *state, rows, plan, -0.01, 0.1, 0.001, 1e-8, False, 2)
+        outputs += [table, *state]
+        results.append(outputs)
+    for portable, avx2 in zip(*results):
+        assert portable.tobytes() == avx2.tobytes()
