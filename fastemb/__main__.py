@@ -8,13 +8,27 @@ import numpy as np
 from . import EmbeddingBag, get_num_threads, set_num_threads, show_config
 from . import train as training
 
-DEFAULT_LR = {"lazyadam": 0.01, "sgd": 20.0, "adagrad": 0.1, "rowwise-adagrad": 0.1}
+DEFAULT_LR = {"lazyadam": 0.01, "sgd": 3.0, "adagrad": 0.1, "rowwise-adagrad": 0.1}
 
 
 def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
     return value
 
 
@@ -32,8 +46,10 @@ def run_train(args):
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     if args.compare_torch and (args.model != "dot" or args.optimizer == "rowwise-adagrad"):
-        raise SystemExit("--compare-torch needs --model dot and an optimizer torch has "
+        raise ValueError("--compare-torch needs --model dot and an optimizer torch has "
                          "(lazyadam, sgd or adagrad)")
+    if args.compare_torch and args.resume:
+        raise ValueError("--compare-torch compares whole runs; it cannot be combined with --resume")
     set_num_threads(args.threads)
     if args.data:
         data = training.read_ratings(args.data)
@@ -42,6 +58,9 @@ def run_train(args):
         data = training.synthetic_ratings(args.users, args.items, args.ratings, seed=args.seed)
         source = "synthetic (built in)"
     train, test = data.split(args.holdout, args.seed)
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"{len(data)} ratings are too few to split into a training and a "
+                         f"held-out set with --holdout {args.holdout}")
     global_mean = float(train.ratings.mean())
     print(f"data: {source}: {len(data):,} ratings, {data.num_users:,} users, "
           f"{data.num_items:,} items; {len(train):,} to train, {len(test):,} held out")
@@ -54,6 +73,9 @@ def run_train(args):
     if args.resume:
         first_epoch = training.resume_checkpoint(args.resume, model, optimizer, args)
         print(f"resumed from {args.resume} after epoch {first_epoch}")
+        if first_epoch >= args.epochs:
+            print(f"nothing to train: the checkpoint has done {first_epoch} epoch(s) and "
+                  f"--epochs is {args.epochs}")
     mean_rmse = float(np.sqrt(np.mean((test.ratings.astype(np.float64) - global_mean) ** 2)))
     print(f"model: {args.model}, dim {args.dim}, {args.optimizer} lr {args.lr}, batch "
           f"{args.batch_size}, {get_num_threads()} thread(s); held-out RMSE of predicting the mean: "
@@ -131,8 +153,9 @@ def add_train_command(commands):
                            f"{name} {lr}" for name, lr in DEFAULT_LR.items()) + ")")
     train.add_argument("--threads", type=positive_int, default=None,
                        help="OpenMP threads (default: all cores, or OMP_NUM_THREADS)")
-    train.add_argument("--seed", type=int, default=0, help="seed for data, init and shuffling (default 0)")
-    train.add_argument("--holdout", type=float, default=0.1,
+    train.add_argument("--seed", type=non_negative_int, default=0,
+                       help="seed for data, init and shuffling (default 0)")
+    train.add_argument("--holdout", type=fraction, default=0.1,
                        help="fraction of ratings held out to measure RMSE (default 0.1)")
     train.add_argument("--users", type=positive_int, default=100_000, help="synthetic users (default 100000)")
     train.add_argument("--items", type=positive_int, default=50_000, help="synthetic items (default 50000)")
@@ -165,7 +188,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (OSError, ValueError) as error:  # bad files or options: a message, not a traceback
+        raise SystemExit(f"python -m fastemb {args.command}: error: {error}") from None
 
 
 if __name__ == "__main__":

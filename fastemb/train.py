@@ -90,7 +90,7 @@ def read_ratings(path):
     CSV with a header naming ``user``, ``item`` and ``rating`` columns. Ids may be any strings
     or numbers; they are mapped to rows 0..n-1. A malformed line raises ValueError naming it.
     """
-    with open(path, encoding="utf-8") as file:
+    with open(path, encoding="utf-8-sig") as file:  # -sig: spreadsheets write a BOM
         lines = file.read().splitlines()
     first = lines[0].strip().lower() if lines else ""
     if "," in first and "user" in first:
@@ -231,8 +231,11 @@ def train_epoch(model, optimizer, train, batch_size, seed, epoch, progress=None)
 
 
 def checkpoint_metadata(args, epoch):
+    """What a resumed run must share with the run that saved the checkpoint."""
+    data = args.data or f"synthetic {args.users} {args.items} {args.ratings}"
     return {"epoch": epoch, "model": args.model, "dim": args.dim, "optimizer": args.optimizer,
-            "seed": args.seed}
+            "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+            "holdout": args.holdout, "data": data}
 
 
 def save_checkpoint(path, model, optimizer, args, epoch):
@@ -259,7 +262,8 @@ def train_with_torch(initial_weights, train, test, args, global_mean):
     final tables as NumPy arrays)."""
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     users, items, user_bias, item_bias = (
         torch.nn.Embedding.from_pretrained(torch.from_numpy(weight.copy()), freeze=False,
                                            sparse=True)
