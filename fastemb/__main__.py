@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from . import EmbeddingBag, get_num_threads, set_num_threads, show_config
+from . import get_num_threads, set_num_threads, show_config
 from . import train as training
 
 DEFAULT_LR = {"lazyadam": 0.01, "sgd": 3.0, "adagrad": 0.1, "rowwise-adagrad": 0.1}
@@ -116,18 +116,6 @@ def compare_with_torch(args, initial_weights, model, train, test, global_mean, e
           f"{torch_rmse:.4f}; largest weight difference {difference:.2e}")
 
 
-def run_demo(args):
-    """Train-free tour: look up bags of rows and print what came out."""
-    bags = EmbeddingBag(args.rows, args.dim, mode="mean", seed=0)
-    indices = np.array([3, 1, 4, 1, 5, 9, 2, 6])
-    offsets = np.array([0, 3, 3, 5])
-    print(f"table: {bags}")
-    print(f"indices {indices.tolist()} split at offsets {offsets.tolist()}")
-    print("mean of each bag (the second bag is empty, so it is zeros):")
-    print(bags(indices, offsets))
-    return 0
-
-
 def add_train_command(commands):
     train = commands.add_parser(
         "train",
@@ -176,10 +164,6 @@ def build_parser():
         description="fastemb: fast CPU embedding tables for NumPy.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser("demo", help="look up a few bags in a small table and print them")
-    demo.add_argument("--rows", type=int, default=10, help="rows in the table (default 10)")
-    demo.add_argument("--dim", type=int, default=4, help="columns in the table (default 4)")
-    demo.set_defaults(handler=run_demo)
     add_train_command(commands)
     config = commands.add_parser("config", help="print the version, OpenMP, threads and flags")
     config.set_defaults(handler=lambda args: show_config() or 0)
