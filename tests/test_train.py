@@ -337,7 +337,7 @@ def test_help_documents_every_command_and_option():
     top = subprocess.run([sys.executable, "-m", "fastemb", "--help"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert top.returncode == 0, top.stderr
-    for command in ("demo", "train", "config"):
+    for command in ("train", "config"):
         assert re.search(rf"^\s+{command}\s+\S", top.stdout, re.M), top.stdout
     result = subprocess.run([sys.executable, "-m", "fastemb", "train", "--help"], env=env,
                             capture_output=True, text=True, timeout=60)
