@@ -207,6 +207,20 @@ cdef inline bint is_kept(int64_t row, int64_t padding_idx, Py_ssize_t num_rows) 
     return <uint64_t>row < <uint64_t>num_rows and row != padding_idx
 
 
+cdef inline const floating *kept_source(const floating *table, Py_ssize_t num_rows,
+                                        Py_ssize_t dim, const index_t *indices, Py_ssize_t n,
+                                        Py_ssize_t k, int64_t padding_idx, Py_ssize_t column,
+                                        bint prefetch) noexcept nogil:
+    """Columns from ``column`` on of the row at position k, or NULL if the entry is not kept.
+    On the first block it also prefetches the row PREFETCH_DISTANCE positions ahead."""
+    cdef int64_t row = indices[k]
+    if prefetch and column == 0:
+        prefetch_ahead(table, num_rows, dim, indices, n, k)
+    if not is_kept(row, padding_idx, num_rows):
+        return NULL
+    return table + row * dim + column
+
+
 cdef inline void sum_block(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
                            const index_t *indices, Py_ssize_t n, Py_ssize_t start,
                            Py_ssize_t end, const floating *sample_weights, int64_t padding_idx,
@@ -217,16 +231,12 @@ cdef inline void sum_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
     cdef floating weight
     cdef const floating *source
     cdef Py_ssize_t k, j
-    cdef int64_t row
     for j in range(width):
         acc[j] = 0
     for k in range(start, end):
-        if prefetch and column == 0:
-            prefetch_ahead(table, num_rows, dim, indices, n, k)
-        row = indices[k]
-        if not is_kept(row, padding_idx, num_rows):
+        source = kept_source(table, num_rows, dim, indices, n, k, padding_idx, column, prefetch)
+        if source == NULL:
             continue
-        source = table + row * dim + column
         if sample_weights == NULL:
             for j in range(width):
                 acc[j] += source[j]
@@ -264,12 +274,10 @@ cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
         acc[j] = source[j]
         winner[j] = row
     for k in range(k + 1, end):
-        if prefetch and column == 0:
-            prefetch_ahead(table, num_rows, dim, indices, n, k)
-        row = indices[k]
-        if not is_kept(row, padding_idx, num_rows):
+        source = kept_source(table, num_rows, dim, indices, n, k, padding_idx, column, prefetch)
+        if source == NULL:
             continue
-        source = table + row * dim + column
+        row = indices[k]
         if winner_row == NULL:
             for j in range(width):
                 acc[j] = source[j] if source[j] > acc[j] else acc[j]

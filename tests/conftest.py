@@ -6,6 +6,7 @@ Hypothesis profiles: "fastemb" (default; keeps the whole suite well under a minu
 
 import contextlib
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -30,6 +31,20 @@ def _default_thread_count():
     fastemb.set_num_threads(None)
     yield
     fastemb.set_num_threads(None)
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's name: reproducible, different per test."""
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
+@pytest.fixture
+def thread_count(monkeypatch):
+    """``fastemb.set_num_threads``, with every kernel call really using that many threads
+    (the autouse fixture restores the default afterwards)."""
+    monkeypatch.setattr(fastemb._config, "PARALLEL_GRAIN", 0)
+    return fastemb.set_num_threads
 
 
 @pytest.fixture

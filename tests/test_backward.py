@@ -6,7 +6,6 @@ torch 2.13 cross-checks are skipped when torch is not installed.
 """
 
 import tracemalloc
-import zlib
 
 import numpy as np
 import pytest
@@ -35,18 +34,6 @@ needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
 DTYPES = [np.float32, np.float64]
 W5 = np.array([[1, -2], [3, 4], [-5, 6], [7, -8], [0.5, 0.5]], dtype=np.float32)
 I6 = np.array([0, 1, 2, 3, 4, 1])
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
-
-
-@pytest.fixture
-def thread_count():
-    """Restore fastemb's default thread count after the test."""
-    yield fastemb.set_num_threads
-    fastemb.set_num_threads(None)
 
 
 def check_layout(g, rows, num_embeddings, dim, dtype):

@@ -9,7 +9,6 @@ Also: state_dict round trips, validation, thread-count invariance, memory, docte
 import doctest
 import re
 import tracemalloc
-import zlib
 
 import numpy as np
 import pytest
@@ -49,17 +48,6 @@ OPTIMIZERS = {
     "adam_max": lambda m: fastemb.optim.LazyAdam(m, lr=0.05, betas=(0.8, 0.99), eps=1e-6,
                                                  maximize=True),
 }
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
-
-
-@pytest.fixture
-def thread_count():
-    yield fastemb.set_num_threads
-    fastemb.set_num_threads(None)
 
 
 def snapshot(optimizer):
