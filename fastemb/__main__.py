@@ -5,9 +5,10 @@ import sys
 
 import numpy as np
 
-from . import get_num_threads, set_num_threads, show_config
+from . import bench, get_num_threads, set_num_threads, show_config
 from . import train as training
 
+DEFAULT_BENCH_REPEAT = 10
 DEFAULT_LR = {"lazyadam": 0.01, "sgd": 3.0, "adagrad": 0.1, "rowwise-adagrad": 0.1}
 
 
@@ -158,6 +159,51 @@ def add_train_command(commands):
     train.set_defaults(handler=run_train)
 
 
+def run_bench(args):
+    """Benchmark fastemb against torch, NumPy and the speed of light (``fastemb.bench``)."""
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("--plot needs matplotlib: pip install matplotlib "
+                             "(or pip install 'fastemb[plot]')") from None
+        if not bench.torch_is_available():
+            raise SystemExit("--plot draws the speedups over torch: pip install torch==2.13.0")
+    bench.report(bench.select_workloads(args.sizes), args.ops, sorted(set(args.threads)),
+                 args.repeat, json_path=args.json, plot_path=args.plot)
+    return 0
+
+
+def add_bench_command(commands):
+    """The ``bench`` subcommand: its options; the work is ``fastemb.bench.report``."""
+    sizes = bench.workload_names()
+    threads = bench.default_thread_counts()
+    command = commands.add_parser(
+        "bench",
+        help="time fastemb against torch, NumPy and the speed of light, and print the speedups",
+        description="Check, then time every operation of fastemb.bench on each workload and "
+                    "thread count: the median of --repeat calls after a warm-up, for fastemb, "
+                    "torch (if installed), NumPy and a speed-of-light reference (plain C loops "
+                    "that only move the table bytes the operation needs; needs gcc). All of "
+                    "it takes about 2.5 minutes on 2 cores.",
+    )
+    command.add_argument("--sizes", nargs="+", choices=sizes, default=list(sizes), metavar="SIZE",
+                         help=f"workloads: {', '.join(sizes)} (default: all)")
+    command.add_argument("--ops", nargs="+", choices=bench.OPERATIONS,
+                         default=list(bench.OPERATIONS), metavar="OP",
+                         help=f"operations: {', '.join(bench.OPERATIONS)} (default: all)")
+    command.add_argument("--threads", nargs="+", type=positive_int, default=threads, metavar="N",
+                         help=f"thread counts (default: {' '.join(map(str, threads))})")
+    command.add_argument("--repeat", type=positive_int, default=DEFAULT_BENCH_REPEAT,
+                         help=f"timed calls per implementation, after 0.1 s of warm-up "
+                              f"calls; the median is reported (default {DEFAULT_BENCH_REPEAT})")
+    command.add_argument("--json", metavar="PATH",
+                         help="also write the times, ratios and machine description as JSON")
+    command.add_argument("--plot", metavar="PATH.png",
+                         help="also draw the speedups over torch as a bar chart (needs matplotlib)")
+    command.set_defaults(handler=run_bench)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m fastemb",
@@ -165,6 +211,7 @@ def build_parser():
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_command(commands)
+    add_bench_command(commands)
     config = commands.add_parser("config", help="print the version, OpenMP, threads and flags")
     config.set_defaults(handler=lambda args: show_config() or 0)
     return parser

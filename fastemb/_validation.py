@@ -28,7 +28,13 @@ def as_index_array(values, name="input"):
 
     Raises TypeError for non-integer dtypes and IndexError for values that do not fit int64.
     """
-    array = values if isinstance(values, np.ndarray) else np.asarray(values)
+    if isinstance(values, np.ndarray):
+        array = values
+    else:
+        try:
+            array = np.asarray(values)
+        except ValueError as error:  # a ragged list
+            raise ValueError(f"{name} must be a rectangular array of integers ({error})") from None
     if not isinstance(values, np.ndarray) and array.size == 0:
         array = array.astype(np.int64)  # np.asarray([]) is float64; an empty list is fine
     if (array is not values and array.dtype == object
@@ -98,6 +104,15 @@ def normalize_padding_idx(padding_idx, num_embeddings):
     return padding_idx % num_embeddings
 
 
+def as_count(value, name):
+    """A size such as num_embeddings: an int in [0, 2**63) (bools and non-ints are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 0 <= value <= INT64_MAX:
+        raise ValueError(f"{name} must be >= 0 (and fit in int64), got {value}")
+    return int(value)
+
+
 def as_real(value, name):
     """A Python float from a real number (bools and non-numbers are rejected)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -130,7 +145,7 @@ def bag_bounds(offsets, num_indices, include_last_offset):
         return bounds
     if offsets[0] != 0:
         raise ValueError(f"offsets[0] = {offsets[0]} must be 0")
-    decreasing = np.flatnonzero(np.diff(offsets) < 0)
+    decreasing = np.flatnonzero(offsets[1:] < offsets[:-1])  # (np.diff can overflow)
     if decreasing.size:
         at = int(decreasing[0]) + 1
         raise ValueError(
@@ -157,7 +172,14 @@ def as_sample_weights(per_sample_weights, input_shape, dtype):
                 f"per_sample_weights must have the weight's dtype {dtype}, got {weights.dtype}"
             )
     else:
-        weights = np.asarray(per_sample_weights, dtype=dtype)
+        try:
+            weights = np.asarray(per_sample_weights)
+        except ValueError as error:  # a ragged list
+            raise ValueError(f"per_sample_weights must be a rectangular array ({error})") from None
+        if weights.dtype.kind not in "iuf" and weights.size:
+            # (np.asarray(..., dtype) would turn None into NaN and parse strings)
+            raise TypeError(f"per_sample_weights must hold real numbers, got dtype {weights.dtype}")
+        weights = weights.astype(dtype)
     if weights.shape != tuple(input_shape):
         raise ValueError(
             f"per_sample_weights must have the shape of input {tuple(input_shape)}, "

@@ -10,7 +10,8 @@ import numpy as np
 
 from ._kernels import kernels as _core
 from ._config import threads_for
-from ._validation import FLOAT_DTYPES, as_index_array, check_index_range, normalize_padding_idx
+from ._validation import (FLOAT_DTYPES, as_count, as_index_array, check_index_range,
+                          normalize_padding_idx)
 from .functional import NO_PADDING, BagForward, bag_forward
 from .sparse import GradientPlan, SparseGrad
 
@@ -82,6 +83,7 @@ def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
     >>> g.rows.tolist(), g.values.tolist()
     ([0, 2], [[2.0, 2.0], [1.0, 1.0]])
     """
+    num_embeddings = as_count(num_embeddings, "num_embeddings")
     indices = as_index_array(input)
     flat = indices.reshape(-1)
     check_index_range(flat, indices.shape, num_embeddings)
@@ -94,7 +96,7 @@ def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
         )
     return lookup_grad(flat, indices.shape + grad_output.shape[-1:], grad_output,
                        grad_output.dtype, num_embeddings,
-                       NO_PADDING if padding is None else padding, scale_grad_by_freq)
+                       NO_PADDING if padding is None else padding, bool(scale_grad_by_freq))
 
 
 def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean",
@@ -113,7 +115,8 @@ def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean"
     >>> g.rows.tolist(), g.values[:, 0].tolist()
     ([1, 3, 4], [0.5, 1.0, 0.5])
     """
-    if mode == "max" and scale_grad_by_freq:
+    scale_grad_by_freq = bool(scale_grad_by_freq)
+    if isinstance(mode, str) and mode == "max" and scale_grad_by_freq:
         raise ValueError("mode 'max' does not support scale_grad_by_freq")
     forward = bag_forward(input, weight, offsets, mode, per_sample_weights, include_last_offset,
                           padding_idx)

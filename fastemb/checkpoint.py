@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -17,7 +18,11 @@ VERSION = 1
 
 
 def _module_list(modules):
-    return list(modules) if isinstance(modules, (list, tuple)) else [modules]
+    module_list = list(modules) if isinstance(modules, (list, tuple)) else [modules]
+    for module in module_list:
+        if not isinstance(getattr(module, "weight", None), np.ndarray):
+            raise TypeError(f"expected fastemb modules, got {type(module).__name__}")
+    return module_list
 
 
 def save(path, modules, optimizer=None, metadata=None):
@@ -71,12 +76,16 @@ def _read(path, with_arrays=True):
     """A checkpoint's arrays (unless with_arrays is False) and its header; ValueError if the
     file is not a readable checkpoint."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        # (opened here: np.load leaves its own file open when the zip directory is damaged)
+        with open(path, "rb") as file, np.load(file, allow_pickle=False) as archive:
             names = archive.files if with_arrays else ["metadata"]
             arrays = {name: archive[name] for name in names}
         metadata = json.loads(str(arrays.pop("metadata")))
-    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
-        # (TypeError: a plain .npy file loads as an array, which is no archive)
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError, RuntimeError, MemoryError) as error:
+        # (TypeError: a plain .npy file loads as an array, which is no archive; a damaged zip
+        # directory gives NotImplementedError (unknown method or version) or RuntimeError
+        # ("encrypted"); a forged .npy header can claim an array too big to allocate)
         raise ValueError(f"{path} is not a readable fastemb checkpoint ({error})") from error
     if (not isinstance(metadata, dict) or metadata.get("format") != FORMAT
             or not {"num_tables", "optimizer", "user"} <= set(metadata)):

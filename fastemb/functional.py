@@ -26,6 +26,13 @@ BAG_MODES = ("sum", "mean", "max")
 NO_PADDING = -1  # what the kernels take for "no padding_idx"
 
 
+def check_mode(mode):
+    """The bag mode as a plain str (a str subclass such as np.str_ is accepted)."""
+    if not isinstance(mode, str) or mode not in BAG_MODES:
+        raise ValueError(f"mode must be one of {', '.join(BAG_MODES)}; got {mode!r}")
+    return str(mode)
+
+
 def _max_norm_arguments(weight, max_norm, norm_type):
     """Validate max_norm/norm_type; returns (max_norm, norm_type) as floats, or None."""
     if max_norm is None:
@@ -124,8 +131,7 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
     the winning rows, which only a backward needs, are recorded if ``record_winners``."""
     weight = as_weight(weight)
     num_embeddings, dim = weight.shape
-    if mode not in BAG_MODES:
-        raise ValueError(f"mode must be one of {', '.join(BAG_MODES)}; got {mode!r}")
+    mode = check_mode(mode)
     indices = as_index_array(input)
     if indices.ndim == 2:
         if offsets is not None:
@@ -164,8 +170,8 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
         winners = np.empty((num_bags, dim), dtype=np.int64)
     _core.bag_reduce(table, table_indices, bounds, mode, sample_weights, table_padding, out,
                      winners, threads_for(flat.size * dim))
-    if rows is not None and winners is not None:
-        winners = np.where(winners >= 0, rows[np.maximum(winners, 0)], -1)
+    if rows is not None and winners is not None and rows.size:  # (no rows: every winner is -1)
+        winners = np.where(winners >= 0, rows[np.maximum(winners, 0)], -1).astype(np.int64)
     return BagForward(out, flat, indices.shape, bounds, mode, sample_weights, padding, winners)
 
 

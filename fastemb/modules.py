@@ -10,7 +10,7 @@ import numpy as np
 
 from ._validation import FLOAT_DTYPES, as_real, as_weight, normalize_padding_idx
 from .backward import bag_grads, lookup_grad
-from .functional import BAG_MODES, NO_PADDING, bag_forward, lookup_forward
+from .functional import NO_PADDING, bag_forward, check_mode, lookup_forward
 
 
 def _check_size(value, name):
@@ -72,11 +72,22 @@ class _TableModule:
             raise RuntimeError(
                 "backward needs a forward first: call the module, then backward once per call"
             )
+        if self._saved_table != (self.weight.shape, self.weight.dtype):
+            # (the saved forward, e.g. max winners, only fits the table it ran on)
+            raise RuntimeError(
+                f"module.weight changed from {self._saved_table[1]} {self._saved_table[0]} to "
+                f"{self.weight.dtype} {self.weight.shape} since the forward; run a new forward"
+            )
         return self._saved
 
+    def _save(self, saved):
+        self._saved = saved
+        self._saved_table = (self.weight.shape, self.weight.dtype)
+
     def _accumulate(self, grad):
+        total = grad if self.grad is None else self.grad + grad  # may raise: change nothing yet
         self._saved = None
-        self.grad = grad if self.grad is None else self.grad + grad
+        self.grad = total
         return grad
 
     def _options_repr(self):
@@ -136,7 +147,7 @@ class Embedding(_TableModule):
         """Look up ``input`` (integer array of any shape); see ``fastemb.embedding``."""
         out, flat = lookup_forward(input, self.weight, self.padding_idx, self.max_norm,
                                    self.norm_type)
-        self._saved = (flat.copy(), out.shape)  # private: the caller may reuse its array
+        self._save((flat.copy(), out.shape))  # private: the caller may reuse its array
         return out
 
     def backward(self, grad_output):
@@ -176,8 +187,7 @@ class EmbeddingBag(_TableModule):
                          scale_grad_by_freq, dtype, seed)
 
     def _set_bag_options(self, mode, include_last_offset, scale_grad_by_freq):
-        if mode not in BAG_MODES:
-            raise ValueError(f"mode must be one of {', '.join(BAG_MODES)}; got {mode!r}")
+        mode = check_mode(mode)
         if mode == "max" and scale_grad_by_freq:
             raise ValueError("mode 'max' does not support scale_grad_by_freq")
         self.mode = mode
@@ -207,7 +217,7 @@ class EmbeddingBag(_TableModule):
         forward = bag_forward(input, self.weight, offsets, self.mode, per_sample_weights,
                               self.include_last_offset, self.padding_idx, self.max_norm,
                               self.norm_type)
-        self._saved = forward.private_copy()  # the caller may reuse its arrays
+        self._save(forward.private_copy())  # the caller may reuse its arrays
         self.per_sample_weights_grad = None
         return forward.output
 
@@ -223,9 +233,10 @@ class EmbeddingBag(_TableModule):
         [3.0, 1.0]
         """
         forward = self._saved_forward()
-        grad, self.per_sample_weights_grad = bag_grads(forward, self.weight, grad_output,
-                                                       self.scale_grad_by_freq)
-        return self._accumulate(grad)
+        grad, sample_grad = bag_grads(forward, self.weight, grad_output, self.scale_grad_by_freq)
+        grad = self._accumulate(grad)
+        self.per_sample_weights_grad = sample_grad
+        return grad
 
     def _options_repr(self):
         options = super()._options_repr()

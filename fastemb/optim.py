@@ -15,6 +15,7 @@ import numpy as np
 from ._kernels import kernels as _core
 from ._config import threads_for
 from ._validation import as_real, check_writable_table
+from .sparse import SparseGrad
 
 __all__ = ["Adagrad", "LazyAdam", "RowWiseAdagrad", "SGD"]
 
@@ -55,7 +56,11 @@ class _SparseOptimizer:
 
     def _new_array(self, module, name):
         """A state array of zeros (np.zeros: pages are only touched when a row is)."""
-        return np.zeros(module.weight.shape, dtype=module.weight.dtype)
+        return np.zeros(self._state_shape(module.weight), dtype=module.weight.dtype)
+
+    def _state_shape(self, weight):
+        """The shape of each state array for a table."""
+        return weight.shape
 
     def _scalars(self, step):
         """(signed lr factor, 1 - beta1, 1 - beta2, eps) for the kernel at this step."""
@@ -72,15 +77,28 @@ class _SparseOptimizer:
         >>> np.flatnonzero((table.weight != before).any(axis=1)).tolist()
         [3, 7]
         """
-        for module in self.modules:
-            grad = module.grad
-            if grad is None:
-                continue
-            if grad.shape != module.weight.shape or grad.dtype != module.weight.dtype:
+        updates = [module for module in self.modules if module.grad is not None]
+        for module in updates:  # check everything before any table or state changes
+            grad, weight = module.grad, module.weight
+            if not isinstance(grad, SparseGrad):
+                raise TypeError(f"module.grad must be a SparseGrad or None, got "
+                                f"{type(grad).__name__}")
+            if not isinstance(weight, np.ndarray):
+                raise TypeError(f"module.weight must be a NumPy array, got {type(weight).__name__}")
+            if grad.shape != weight.shape or grad.dtype != weight.dtype:
                 raise ValueError(
                     f"the gradient {grad.shape} {grad.dtype} does not match the table "
-                    f"{module.weight.shape} {module.weight.dtype}"
+                    f"{weight.shape} {weight.dtype}"
                 )
+            check_writable_table(weight, purpose="the optimizer")
+            for name in self.state_arrays:
+                array = self.state[module][name]
+                if array.shape != self._state_shape(weight) or array.dtype != weight.dtype:
+                    raise ValueError(f"the optimizer's {name!r} state is {array.dtype} "
+                                     f"{array.shape}; it does not fit the table {weight.dtype} "
+                                     f"{weight.shape} (was module.weight replaced?)")
+        for module in updates:
+            grad = module.grad
             state = self.state[module]
             state["step"] += 1
             if grad.nnz == 0:
@@ -131,7 +149,7 @@ class _SparseOptimizer:
         for position, (module, state) in enumerate(zip(self.modules, states)):
             expected = fresh.state[module]
             if not isinstance(state, dict) or set(state) != set(expected):
-                found = sorted(state) if isinstance(state, dict) else type(state).__name__
+                found = sorted(state, key=repr) if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"state[{position}] has keys {found}, expected "
                                  f"{sorted(expected)}")
             step = state["step"]
@@ -196,8 +214,8 @@ class Adagrad(_SparseOptimizer):
         )
 
     def _new_array(self, module, name):
-        return np.full(module.weight.shape, self.hyperparameters["initial_accumulator_value"],
-                       dtype=module.weight.dtype)
+        return np.full(self._state_shape(module.weight),
+                       self.hyperparameters["initial_accumulator_value"], dtype=module.weight.dtype)
 
     def _scalars(self, step):
         h = self.hyperparameters
@@ -221,8 +239,8 @@ class RowWiseAdagrad(_SparseOptimizer):
         super().__init__(modules, lr=_check_range(lr, "learning rate", 0.0),
                          eps=_check_range(eps, "epsilon value", 0.0))
 
-    def _new_array(self, module, name):
-        return np.zeros((module.weight.shape[0], 1), dtype=module.weight.dtype)
+    def _state_shape(self, weight):
+        return (weight.shape[0], 1)
 
     def _scalars(self, step):
         return self.hyperparameters["lr"], 0.0, 0.0, self.hyperparameters["eps"]
@@ -242,6 +260,10 @@ class LazyAdam(_SparseOptimizer):
     state_arrays = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, modules, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
+        try:
+            betas = tuple(betas)
+        except TypeError:
+            raise TypeError(f"betas must be a pair of numbers, got {betas!r}") from None
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair, got {betas!r}")
         betas = tuple(_check_range(beta, f"beta parameter at index {i}", 0.0, 1.0)

@@ -6,7 +6,7 @@ import numpy as np
 
 from ._kernels import kernels as _core
 from ._config import threads_for
-from ._validation import FLOAT_DTYPES
+from ._validation import FLOAT_DTYPES, as_count
 
 
 @dataclass
@@ -49,9 +49,10 @@ class SparseGrad:
     __slots__ = ("rows", "num_embeddings", "_values", "_plan", "_dim", "_dtype")
 
     def __init__(self, rows, values, num_embeddings):
+        num_embeddings = as_count(num_embeddings, "num_embeddings")
         rows = np.asarray(rows)
-        if rows.size == 0:
-            rows = rows.astype(np.int64)
+        if rows.size == 0:  # (an empty list is float64; any empty array will do)
+            rows = np.zeros(rows.shape, dtype=np.int64)
         values = np.asarray(values)
         if rows.dtype.kind not in "iu" or rows.ndim != 1:
             raise TypeError(f"rows must be a 1-D integer array, got {rows.dtype} {rows.shape}")
@@ -62,12 +63,18 @@ class SparseGrad:
         rows = rows.astype(np.int64)
         if rows.size and (rows[0] < 0 or rows[-1] >= num_embeddings or np.any(np.diff(rows) <= 0)):
             raise ValueError(f"rows must be sorted, unique and in [0, {num_embeddings})")
-        self._set(rows, int(num_embeddings), values.shape[1], values.dtype, values, None)
+        self._set(rows, num_embeddings, values.shape[1], values.dtype, values, None)
 
     @classmethod
     def _planned(cls, rows, num_embeddings, plan):
         """A gradient whose values are computed from ``plan`` on first use."""
         grad = cls.__new__(cls)
+        if plan.grad.shape[0] == 0 or plan.grad.shape[1] == 0:
+            # no grad_output rows (an EmbeddingBag forward with zero bags) or no columns: the
+            # looked-up rows' gradients are all zero (or empty); there is nothing to accumulate
+            values = np.zeros((rows.size, plan.grad.shape[1]), dtype=plan.grad.dtype)
+            grad._set(rows, num_embeddings, plan.grad.shape[1], plan.grad.dtype, values, None)
+            return grad
         grad._set(rows, num_embeddings, plan.grad.shape[1], plan.grad.dtype, None, plan)
         return grad
 

@@ -1,0 +1,196 @@
+"""``fastemb.bench`` and ``python -m fastemb bench``: every implementation of every operation
+agrees on a tiny workload, a wrong result is caught, and the command prints its tables, writes
+JSON and a PNG, and says how to get matplotlib when --plot cannot draw."""
+
+import doctest
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from fastemb import bench
+from fastemb.__main__ import main
+
+TINY_WORKLOADS = (
+    bench.Workload("tiny", 300, 16, num_bags=24, bag_size=5, skew="uniform"),
+    bench.Workload("tiny", 300, 16, num_bags=24, bag_size=5, skew="zipf"),
+)
+
+
+@pytest.fixture
+def tiny_sizes(monkeypatch):
+    """Make the tiny workloads the only ones ``--sizes`` knows (``--sizes tiny`` runs both), and
+    warm up with one call instead of for 0.1 s."""
+    monkeypatch.setattr(bench, "WORKLOADS", TINY_WORKLOADS)
+    monkeypatch.setattr(bench, "WARMUP_SECONDS", 0.0)
+
+
+def run_bench(*arguments):
+    """``python -m fastemb bench ARGUMENTS`` in this process; returns its exit status."""
+    return main(["bench", *arguments])
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("workload", TINY_WORKLOADS, ids=lambda workload: workload.label)
+@pytest.mark.parametrize("operation", bench.OPERATIONS)
+def test_implementations_agree(operation, workload, threads, thread_count):
+    """``thread_count`` (the fixture) makes fastemb use every thread even on tiny calls."""
+    data = bench.make_data(workload)
+    table = data.table.copy()
+    with bench.thread_count(1):
+        expected = bench.benchmark_callable("fastemb", operation, data)()
+    with bench.thread_count(threads):
+        for implementation in bench.available_implementations():
+            result = bench.benchmark_callable(implementation, operation, data)()
+            bench.assert_agrees(operation, result, expected)
+        if bench.speed_of_light_is_available():
+            bench.benchmark_callable(bench.SPEED_OF_LIGHT, operation, data)()
+    np.testing.assert_array_equal(data.table, table)  # steps work on copies
+
+
+@pytest.mark.parametrize("operation", bench.STEP_OPERATIONS)
+def test_a_step_changes_only_the_looked_up_rows(operation):
+    data = bench.make_data(TINY_WORKLOADS[1])
+    _, weight = bench.benchmark_callable("fastemb", operation, data)()
+    changed = np.flatnonzero((weight != data.table).any(axis=1))
+    np.testing.assert_array_equal(changed, np.unique(data.indices))
+
+
+def test_each_call_takes_one_more_step():
+    data = bench.make_data(TINY_WORKLOADS[0])
+    step = bench.benchmark_callable("numpy", "step_sgd", data)
+    first = step()[1].copy()
+    second = step()[1]
+    # SGD with the same gradient: the second step moves the rows as far again
+    np.testing.assert_allclose(second - first, first - data.table, rtol=1e-3, atol=1e-6)
+    assert not np.array_equal(second, first)
+
+
+def test_a_wrong_result_is_caught():
+    data = bench.make_data(TINY_WORKLOADS[0])
+    output, rows, values = bench.benchmark_callable("fastemb", "forward_backward", data)()
+    bench.assert_agrees("forward_backward", (output, rows, values), (output, rows, values))
+    nudged = values.copy()
+    nudged[3, 2] += 1e-3
+    with pytest.raises(AssertionError, match="forward_backward part 2"):
+        bench.assert_agrees("forward_backward", (output, rows, nudged), (output, rows, values))
+    with pytest.raises(AssertionError, match="part 1"):
+        bench.assert_agrees("forward_backward", (output, rows[::-1].copy(), values),
+                            (output, rows, values))
+    with pytest.raises(AssertionError, match="expected float32"):
+        bench.assert_agrees("bag_sum", output.astype(np.float64), output)
+    with pytest.raises(AssertionError, match="tuple of 3"):
+        bench.assert_agrees("forward_backward", output, (output, rows, values))
+
+
+def test_steps_are_compared_with_the_training_tolerance():
+    expected = np.full((4, 3), 10.0, dtype=np.float32)
+    close = expected + np.float32(5e-4)  # within rtol 1e-4, beyond the forward tolerance
+    bench.assert_agrees("step_sgd", close, expected)
+    with pytest.raises(AssertionError):
+        bench.assert_agrees("bag_weighted_sum", close, expected)
+    with pytest.raises(AssertionError):
+        bench.assert_agrees("step_sgd", expected + np.float32(1e-2), expected)
+
+
+def test_sizes_select_every_skew_of_a_name():
+    assert [w.label for w in bench.select_workloads(["mission"])] == ["mission-uniform",
+                                                                     "mission-zipf"]
+    assert [w.label for w in bench.select_workloads(["mission-zipf", "small"])] == [
+        "small-uniform", "mission-zipf"]
+    with pytest.raises(ValueError, match="unknown sizes huge"):
+        bench.select_workloads(["huge"])
+
+
+def test_doctests():
+    results = doctest.testmod(bench)
+    assert results.attempted > 0 and results.failed == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+def test_command_prints_a_table_per_size_and_thread_count_and_writes_json(
+        tiny_sizes, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert run_bench("--sizes", "tiny", "--threads", "1", "2", "--repeat", "2",
+                     "--json", str(path)) == 0
+    out = capsys.readouterr().out
+    for label in ("tiny-uniform", "tiny-zipf"):
+        for threads in ("1 thread,", "2 threads,"):
+            assert f"{label} (300 x 16 table, 24 bags of 5 " in out
+            assert threads in out
+    lines = out.splitlines()
+    for operation in bench.OPERATIONS:
+        assert sum(line.startswith(operation + " ") for line in lines) == 4
+    assert "vs torch" in out and "fastemb/light" in out
+
+    document = json.loads(path.read_text())
+    machine = document["machine"]
+    assert machine["cpu_count"] >= 1 and machine["fastemb"] and machine["numpy"] == np.__version__
+    assert machine["platform"] and machine["date"]
+    assert document["settings"]["repeat"] == 2
+    results = document["results"]
+    assert len(results) == 2 * len(bench.OPERATIONS) * 2
+    for result in results:
+        seconds = result["median_seconds"]
+        assert set(bench.available_implementations()) <= set(seconds)
+        assert all(value > 0 for value in seconds.values())
+        assert all(len(runs) == 2 for runs in result["runs_seconds"].values())
+        assert result["speedup_over_numpy"] == pytest.approx(seconds["numpy"]
+                                                             / seconds["fastemb"])
+        if "torch" in seconds:
+            assert result["speedup_over_torch"] == pytest.approx(seconds["torch"]
+                                                                 / seconds["fastemb"])
+        if bench.SPEED_OF_LIGHT in seconds:
+            assert result["fraction_of_speed_of_light"]["fastemb"] == pytest.approx(
+                seconds[bench.SPEED_OF_LIGHT] / seconds["fastemb"])
+
+
+def test_command_runs_only_the_chosen_operations_and_threads(tiny_sizes, capsys):
+    assert run_bench("--sizes", "tiny-zipf", "--ops", "bag_max", "step_sgd", "--threads", "1",
+                     "--repeat", "1") == 0
+    out = capsys.readouterr().out
+    assert "tiny-zipf" in out and "tiny-uniform" not in out and "2 threads" not in out
+    rows = [line.split()[0] for line in out.splitlines()
+            if line.split() and line.split()[0] in bench.OPERATIONS]
+    assert rows == ["bag_max", "step_sgd"]
+
+
+def test_command_rejects_an_unknown_size(tiny_sizes, capsys):
+    with pytest.raises(SystemExit) as raised:
+        run_bench("--sizes", "mission")  # not among the (patched) workloads
+    assert raised.value.code == 2
+    assert "tiny" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tiny_sizes, monkeypatch, tmp_path,
+                                                         capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    with pytest.raises(SystemExit) as raised:
+        run_bench("--sizes", "tiny", "--plot", str(tmp_path / "bench.png"))
+    assert raised.value.code != 0
+    assert "pip install matplotlib" in str(raised.value.code)
+    assert capsys.readouterr().out == ""  # it says so before benchmarking anything
+    assert not (tmp_path / "bench.png").exists()
+
+
+def test_plot_writes_a_png(tiny_sizes, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    assert run_bench("--sizes", "tiny", "--ops", "bag_sum", "step_lazyadam", "--repeat", "1",
+                     "--plot", str(path)) == 0
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_plot_without_torch_says_how_to_install_it(tiny_sizes, monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(bench, "torch_is_available", lambda: False)
+    with pytest.raises(SystemExit, match="pip install torch"):
+        run_bench("--sizes", "tiny", "--plot", str(tmp_path / "bench.png"))
