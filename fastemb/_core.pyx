@@ -143,6 +143,20 @@ cdef inline void prefetch_ahead(const floating *table, Py_ssize_t num_rows, Py_s
             prefetch_row(table + row * dim, dim)
 
 
+cdef inline int team_size(int num_threads) noexcept nogil:
+    """The OpenMP team a kernel asks for: num_threads, at least 1 (OpenMP reads 0 as "the
+    default team" and aborts on a negative count)."""
+    return num_threads if num_threads > 0 else 1
+
+
+cdef int code_of(dict codes, str name, str what) except -1:
+    """The integer code of a mode or method name; ValueError for an unknown one."""
+    try:
+        return codes[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {sorted(codes)}") from None
+
+
 cdef inline Py_ssize_t clamp(int64_t value, Py_ssize_t low, Py_ssize_t high) noexcept nogil:
     if value < low:
         return low
@@ -185,7 +199,7 @@ def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
     if n == 0 or dim == 0:
         return
     with nogil:
-        for i in prange(n, schedule="static", num_threads=num_threads):
+        for i in prange(n, schedule="static", num_threads=team_size(num_threads)):
             if distance:
                 prefetch_ahead(&weight[0, 0], num_rows, dim, &indices[0], n, i, distance)
             row = indices[i]
@@ -357,7 +371,7 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
     weights sum and mean; ``padding_idx`` (-1 for none) marks entries to skip; ``winners``
     (shape of out, int64) receives the winning rows in max mode and may be None otherwise.
     """
-    cdef int mode_code = BAG_MODES[mode]
+    cdef int mode_code = code_of(BAG_MODES, mode, "mode")
     cdef Py_ssize_t n = indices.shape[0], num_rows = weight.shape[0], dim = weight.shape[1]
     cdef Py_ssize_t num_bags = bounds.shape[0] - 1
     cdef Py_ssize_t b, start, end
@@ -384,7 +398,7 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
     table = &weight[0, 0] if num_rows > 0 else NULL
     index_data = &indices[0] if n > 0 else NULL
     with nogil:
-        for b in prange(num_bags, schedule="static", num_threads=num_threads):
+        for b in prange(num_bags, schedule="static", num_threads=team_size(num_threads)):
             start = clamp(bounds[b], 0, n)
             end = clamp(bounds[b + 1], start, n)
             if table == NULL:
@@ -445,7 +459,7 @@ def renorm_rows(floating[:, ::1] weight, const int64_t[::1] rows, double max_nor
     if dim == 0 or num_rows == 0:
         return
     with nogil:
-        for k in prange(rows.shape[0], schedule="static", num_threads=num_threads):
+        for k in prange(rows.shape[0], schedule="static", num_threads=team_size(num_threads)):
             row = rows[k]
             if row < 0 or row >= num_rows:
                 continue
@@ -477,7 +491,7 @@ cdef void radix_pass(const int64_t[::1] keys_in, const int64_t[::1] values_in,
     cdef Py_ssize_t num_chunks = histogram.shape[0], num_bins = histogram.shape[1]
     cdef Py_ssize_t n = keys_in.shape[0], chunk, i, digit, slot
     cdef int64_t running = 0, count
-    for chunk in prange(num_chunks, schedule="static", num_threads=num_threads):
+    for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
         memset(&histogram[chunk, 0], 0, num_bins * sizeof(int64_t))
         for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
             histogram[chunk, (keys_in[i] >> shift) & mask] += 1
@@ -486,7 +500,7 @@ cdef void radix_pass(const int64_t[::1] keys_in, const int64_t[::1] values_in,
             count = histogram[chunk, digit]
             histogram[chunk, digit] = running
             running = running + count
-    for chunk in prange(num_chunks, schedule="static", num_threads=num_threads):
+    for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
         for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
             digit = (keys_in[i] >> shift) & mask
             slot = histogram[chunk, digit]
@@ -506,7 +520,7 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
     cdef int64_t row
     cdef int64_t[::1] kept_per_chunk = np.zeros(num_chunks + 1, dtype=np.int64)
     with nogil:
-        for chunk in prange(num_chunks, schedule="static", num_threads=num_threads):
+        for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
             kept = 0
             for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
                 row = indices[i]
@@ -518,7 +532,7 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
     keys_array, positions_array = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
     cdef int64_t[::1] keys = keys_array, positions = positions_array
     with nogil:
-        for chunk in prange(num_chunks, schedule="static", num_threads=num_threads):
+        for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
             kept = kept_per_chunk[chunk]
             for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
                 row = indices[i]
@@ -572,7 +586,7 @@ def bags_of_positions(const int64_t[::1] bounds, int64_t[::1] bag_of, int num_th
     """Fill ``bag_of[p]`` with the bag that position p belongs to."""
     cdef Py_ssize_t n = bag_of.shape[0], num_bags = bounds.shape[0] - 1, b, k
     with nogil:
-        for b in prange(num_bags, schedule="static", num_threads=num_threads):
+        for b in prange(num_bags, schedule="static", num_threads=team_size(num_threads)):
             for k in range(clamp(bounds[b], 0, n), clamp(bounds[b + 1], 0, n)):
                 bag_of[k] = b
 
@@ -594,7 +608,7 @@ def bag_gradient_factors(floating[::1] coefficients, floating[::1] totals,
         raise ValueError("bag_gradient_factors: coefficients and sample_weights need one entry "
                          "per index, totals one per bag")
     with nogil:
-        for b in prange(num_bags, schedule="static", num_threads=num_threads):
+        for b in prange(num_bags, schedule="static", num_threads=team_size(num_threads)):
             start = clamp(bounds[b], 0, n)
             end = clamp(bounds[b + 1], start, n)
             total = 0
@@ -618,14 +632,71 @@ def bag_gradient_factors(floating[::1] coefficients, floating[::1] totals,
 # EmbeddingBag) and c_p = coefficient[p] (1 if none), divided by the row's frequency
 # (starts[u+1] - starts[u]) with scale_grad_by_freq. In max mode each bag gives each row at
 # most once, and only the columns the row won: values[u, d] += G[b, d] if winners[b, d] == rows[u].
+# check_plan rejects starts that leave order or go backwards and arrays of the wrong size; an
+# order or source entry that names no position or grad row is skipped, so no plan, however
+# inconsistent, reads out of bounds (the Python layer only builds consistent ones).
 # --------------------------------------------------------------------------------------------
 
+cdef struct PlanView:
+    # a GradientPlan's arrays as pointers (NULL: absent or empty), once check_plan passed them
+    const int64_t *starts
+    const int64_t *order
+    const int64_t *source
+    const void *coefficients  # const floating *, in the gradient's dtype
+    const int64_t *winners
+    Py_ssize_t num_positions  # entries of source, or grad rows when there is no source
+    Py_ssize_t grad_rows
+    bint scale_by_frequency
+
+
+cdef int check_plan(str kernel, const floating[:, ::1] grad, Py_ssize_t num_groups,
+                    const int64_t[::1] starts, const int64_t[::1] order,
+                    const int64_t[::1] source, const floating[::1] coefficients,
+                    const int64_t[:, ::1] winners, bint scale_by_frequency,
+                    PlanView *view) except -1:
+    """Raise ValueError unless the plan's arrays fit together: starts (U + 1 entries,
+    non-decreasing, within order), coefficients (one per position) and winners (grad's shape).
+    Then fill ``view``. Order and source entries are not checked here: the kernel skips any
+    that name no position or grad row."""
+    cdef Py_ssize_t u, num_positions
+    cdef bint ordered = True
+    if grad is None or starts is None or order is None:
+        raise ValueError(f"{kernel}: the plan needs grad, starts and order")
+    num_positions = grad.shape[0] if source is None else source.shape[0]
+    if starts.shape[0] != num_groups + 1:
+        raise ValueError(f"{kernel}: starts must have one entry per unique row, plus one")
+    with nogil:
+        for u in range(num_groups):
+            if starts[u + 1] < starts[u]:
+                ordered = False
+                break
+    if not ordered or starts[0] < 0 or starts[num_groups] > order.shape[0]:
+        raise ValueError(f"{kernel}: starts must be non-decreasing and within order")
+    if coefficients is not None and coefficients.shape[0] != num_positions:
+        raise ValueError(f"{kernel}: coefficients must have one entry per position")
+    if winners is not None and (winners.shape[0] != grad.shape[0]
+                                or winners.shape[1] != grad.shape[1]):
+        raise ValueError(f"{kernel}: winners must have grad's shape")
+    view.starts = &starts[0]
+    view.order = &order[0] if order.shape[0] else NULL
+    view.source = &source[0] if source is not None and num_positions else NULL
+    view.coefficients = &coefficients[0] if coefficients is not None and num_positions else NULL
+    view.winners = &winners[0, 0] if winners is not None and winners.size else NULL
+    view.num_positions = num_positions
+    view.grad_rows = grad.shape[0]
+    view.scale_by_frequency = scale_by_frequency
+    return 0
+
+
 cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
-                             const int64_t *order, Py_ssize_t start, Py_ssize_t end,
-                             const int64_t *source, const floating *coefficients,
-                             bint scale_by_frequency, const int64_t *winners,
+                             const PlanView *plan, Py_ssize_t group,
                              floating *out_row) noexcept nogil:
-    cdef Py_ssize_t k, j
+    """out_row = the gradient of one unique row, the plan's group ``group``."""
+    cdef Py_ssize_t start = plan.starts[group], end = plan.starts[group + 1], k, j
+    cdef const int64_t *source = plan.source
+    cdef const int64_t *winners = plan.winners
+    cdef const floating *coefficients = <const floating *>plan.coefficients
+    cdef bint scale_by_frequency = plan.scale_by_frequency
     cdef int64_t position, grad_row, previous = -1
     cdef const floating *grad_source
     cdef double frequency = end - start
@@ -633,8 +704,12 @@ cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
     cdef bint plain = coefficients == NULL and not scale_by_frequency
     memset(out_row, 0, dim * sizeof(floating))
     for k in range(start, end):
-        position = order[k]
+        position = plan.order[k]
+        if <uint64_t>position >= <uint64_t>plan.num_positions:
+            continue
         grad_row = source[position] if source != NULL else position
+        if <uint64_t>grad_row >= <uint64_t>plan.grad_rows:
+            continue
         grad_source = grad + grad_row * dim
         if winners != NULL:
             if grad_row == previous:
@@ -657,40 +732,27 @@ cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
                 out_row[j] += factor * grad_source[j]
 
 
-def accumulate_rows(const floating[:, ::1] grad, const int64_t[::1] rows,
+def accumulate_rows(const floating[:, ::1] grad, const int64_t[::1] rows not None,
                     const int64_t[::1] starts, const int64_t[::1] order,
                     const int64_t[::1] source, const floating[::1] coefficients,
                     bint scale_by_frequency, const int64_t[:, ::1] winners,
-                    floating[:, ::1] values, int num_threads):
+                    floating[:, ::1] values not None, int num_threads):
     """Sum each unique row's gradient contributions into ``values[u]`` (see the formula above).
 
     ``source``, ``coefficients`` and ``winners`` may be None (identity, all ones, not max mode).
     """
-    cdef Py_ssize_t num_groups = rows.shape[0], dim = grad.shape[1], u
-    cdef Py_ssize_t num_positions = order.shape[0], grad_rows = grad.shape[0]
-    cdef const int64_t *source_data = NULL
-    cdef const floating *coefficient_data = NULL
-    cdef const int64_t *winner_data = NULL
-    if starts.shape[0] != num_groups + 1 or values.shape[0] != num_groups or values.shape[1] != dim:
-        raise ValueError("accumulate_rows: starts must be (U + 1,) and values (U, D)")
-    if num_groups and (starts[0] < 0 or starts[num_groups] > num_positions):
-        raise ValueError("accumulate_rows: starts run outside order")
-    if source is not None and source.shape[0]:
-        source_data = &source[0]
-    if coefficients is not None and coefficients.shape[0]:
-        coefficient_data = &coefficients[0]
-    if winners is not None:
-        if winners.shape[1] != dim or winners.shape[0] != grad_rows:
-            raise ValueError("accumulate_rows: winners must have grad's shape")
-        if grad_rows:
-            winner_data = &winners[0, 0]
-    if num_groups == 0 or dim == 0 or grad_rows == 0:
+    cdef Py_ssize_t num_groups = rows.shape[0], u
+    cdef PlanView plan
+    check_plan("accumulate_rows", grad, num_groups, starts, order, source, coefficients,
+               winners, scale_by_frequency, &plan)
+    cdef Py_ssize_t dim = grad.shape[1]
+    if values.shape[0] != num_groups or values.shape[1] != dim:
+        raise ValueError("accumulate_rows: values must be (U, D)")
+    if num_groups == 0 or dim == 0 or plan.grad_rows == 0:
         return
     with nogil:
-        for u in prange(num_groups, schedule="static", num_threads=num_threads):
-            accumulate_one_row(&grad[0, 0], dim, rows[u], &order[0], starts[u], starts[u + 1],
-                               source_data, coefficient_data, scale_by_frequency, winner_data,
-                               &values[u, 0])
+        for u in prange(num_groups, schedule="static", num_threads=team_size(num_threads)):
+            accumulate_one_row(&grad[0, 0], dim, rows[u], &plan, u, &values[u, 0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -720,7 +782,7 @@ def sample_weights_grad(const floating[:, ::1] weight, const index_t[::1] indice
                  or totals.shape[0] != num_bags):
         raise ValueError("sample_weights_grad: output and totals must match grad")
     with nogil:
-        for p in prange(n, schedule="static", num_threads=num_threads):
+        for p in prange(n, schedule="static", num_threads=team_size(num_threads)):
             row = indices[p]
             b = bag_of[p]
             dot = 0
@@ -788,8 +850,8 @@ cdef void update_row(int method, floating *w, floating *state_a, floating *state
             w[j] = w[j] + lr * (m / (square_root(v) + eps))
 
 
-def sparse_step(str method, floating[:, ::1] weight, floating[:, ::1] state_a,
-                floating[:, ::1] state_b, const int64_t[::1] rows, plan, double lr,
+def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] state_a,
+                floating[:, ::1] state_b, const int64_t[::1] rows not None, plan, double lr,
                 double one_minus_beta1, double one_minus_beta2, double eps, bint maximize,
                 int num_threads):
     """Apply one optimizer step to the rows of a gradient given by ``plan`` (a GradientPlan).
@@ -798,27 +860,26 @@ def sparse_step(str method, floating[:, ::1] weight, floating[:, ::1] state_a,
     state_b are the per-row state (None where the method has none; row-wise Adagrad's
     accumulator is (V, 1)).
     """
-    cdef int method_code = OPTIMIZERS[method]
+    cdef int method_code = code_of(OPTIMIZERS, method, "optimizer method")
     cdef Py_ssize_t num_groups = rows.shape[0], dim = weight.shape[1]
     cdef Py_ssize_t num_rows = weight.shape[0], u, j
     cdef const floating[:, ::1] grad = plan.grad
-    cdef const int64_t[::1] starts = plan.starts, order = plan.order
-    cdef const int64_t[::1] source = plan.source
     cdef const floating[::1] coefficients = plan.coefficients
+    cdef const int64_t[::1] starts = plan.starts, order = plan.order, source = plan.source
     cdef const int64_t[:, ::1] winners = plan.winners
     cdef bint scale_by_frequency = plan.scale_by_frequency
-    cdef const int64_t *source_data = NULL
-    cdef const floating *coefficient_data = NULL
-    cdef const int64_t *winner_data = NULL
+    cdef PlanView view
     cdef floating *state_a_row
     cdef floating *state_b_row
     cdef floating *g
     cdef int64_t row, ahead
     cdef Py_ssize_t state_a_width = 0 if state_a is None else state_a.shape[1]
     # one gradient-row buffer per thread (threadid() < num_threads)
-    cdef floating[:, ::1] buffers = np.empty((max(num_threads, 1), max(dim, 1)),
+    cdef floating[:, ::1] buffers = np.empty((team_size(num_threads), max(dim, 1)),
                                              dtype=np.asarray(weight).dtype)
-    if grad.shape[1] != dim or starts.shape[0] != num_groups + 1:
+    check_plan("sparse_step", grad, num_groups, starts, order, source, coefficients, winners,
+               scale_by_frequency, &view)
+    if grad.shape[1] != dim:
         raise ValueError("sparse_step: the gradient does not match the table")
     if (state_a is not None and state_a.shape[0] != num_rows) or (
             state_b is not None and state_b.shape[0] != num_rows):
@@ -829,16 +890,10 @@ def sparse_step(str method, floating[:, ::1] weight, floating[:, ::1] state_a,
         raise ValueError("sparse_step: Adam needs two (V, D) states")
     if method_code == 2 and (state_a is None or state_a_width != 1):
         raise ValueError("sparse_step: row-wise Adagrad needs (V, 1) state")
-    if source is not None and source.shape[0]:
-        source_data = &source[0]
-    if coefficients is not None and coefficients.shape[0]:
-        coefficient_data = &coefficients[0]
-    if winners is not None and winners.shape[0]:
-        winner_data = &winners[0, 0]
     if num_groups == 0 or dim == 0 or grad.shape[0] == 0:
         return
     with nogil:
-        for u in prange(num_groups, schedule="static", num_threads=num_threads):
+        for u in prange(num_groups, schedule="static", num_threads=team_size(num_threads)):
             if u + UPDATE_PREFETCH_ROWS < num_groups:
                 ahead = rows[u + UPDATE_PREFETCH_ROWS]
                 if 0 <= ahead < num_rows:
@@ -851,9 +906,7 @@ def sparse_step(str method, floating[:, ::1] weight, floating[:, ::1] state_a,
             if row < 0 or row >= num_rows:
                 continue
             g = &buffers[threadid(), 0]
-            accumulate_one_row(&grad[0, 0], dim, row, &order[0], starts[u], starts[u + 1],
-                               source_data, coefficient_data, scale_by_frequency, winner_data,
-                               g)
+            accumulate_one_row(&grad[0, 0], dim, row, &view, u, g)
             if maximize:
                 for j in range(dim):
                     g[j] = -g[j]
