@@ -23,6 +23,7 @@ import tempfile
 import textwrap
 import warnings
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -125,8 +126,11 @@ class BuildExtWithOpenMP(build_ext):
 debug_build = env_flag("FASTEMB_DEBUG")
 extensions = cythonize(
     [
-        Extension("fastemb._core", ["fastemb/_core.pyx"]),
-        Extension("fastemb._core_avx2", ["fastemb/_core_avx2.pyx"]),
+        # numpy's headers: the modules install a NumPy allocator (PyDataMem_Handler)
+        Extension(name, [source], include_dirs=[numpy.get_include()],
+                  define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")])
+        for name, source in (("fastemb._core", "fastemb/_core.pyx"),
+                             ("fastemb._core_avx2", "fastemb/_core_avx2.pyx"))
     ],
     compiler_directives={
         "language_level": 3,

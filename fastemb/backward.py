@@ -10,6 +10,7 @@ import numpy as np
 
 from ._kernels import kernels as _core
 from ._config import threads_for
+from ._memory import with_reused_memory
 from ._validation import (FLOAT_DTYPES, as_count, as_index_array, check_index_range,
                           normalize_padding_idx)
 from .functional import NO_PADDING, BagForward, bag_forward
@@ -29,6 +30,7 @@ def _as_grad_output(grad_output, shape, dtype):
     return np.array(grad_output, order="C", copy=True)
 
 
+@with_reused_memory
 def lookup_grad(flat_indices, output_shape, grad_output, dtype, num_embeddings, padding_idx,
                 scale_grad_by_freq):
     """SparseGrad of ``out[p] = W[x_p]``: row r gets the sum of ``grad_output[p]`` over x_p = r."""
@@ -40,6 +42,7 @@ def lookup_grad(flat_indices, output_shape, grad_output, dtype, num_embeddings, 
     return SparseGrad._planned(rows, num_embeddings, plan)
 
 
+@with_reused_memory
 def bag_grads(forward: BagForward, weight, grad_output, scale_grad_by_freq):
     """(SparseGrad, per-sample-weights gradient or None) of an embedding_bag forward."""
     num_embeddings, dim = weight.shape

@@ -6,6 +6,7 @@ import numpy as np
 
 from ._kernels import kernels as _core
 from ._config import threads_for
+from ._memory import with_reused_memory
 from ._validation import FLOAT_DTYPES, as_count
 
 
@@ -26,6 +27,7 @@ class GradientPlan:
     scale_by_frequency: bool = False
     winners: np.ndarray = None       # max mode: (R, D) winning rows
 
+    @with_reused_memory
     def accumulate(self, rows):
         values = np.empty((rows.size, self.grad.shape[1]), dtype=self.grad.dtype)
         _core.accumulate_rows(self.grad, rows, self.starts, self.order, self.source,
