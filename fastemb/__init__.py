@@ -8,6 +8,7 @@ Start with ``fastemb.embedding`` / ``fastemb.embedding_bag`` (functional) or
 
 from . import optim
 from ._config import __version__, get_num_threads, set_num_threads, show_config
+from ._memory import release_memory
 from .backward import embedding_backward, embedding_bag_backward
 from .checkpoint import load, save
 from .functional import embedding, embedding_bag
@@ -26,6 +27,7 @@ __all__ = [
     "get_num_threads",
     "load",
     "optim",
+    "release_memory",
     "save",
     "set_num_threads",
     "show_config",

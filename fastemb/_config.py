@@ -66,6 +66,7 @@ def show_config(file=None):
     >>> fastemb.show_config()  # doctest: +ELLIPSIS
     fastemb ...
     """
+    kept_blocks, kept_bytes, _ = _core.block_cache_state()
     lines = [
         f"fastemb {__version__}",
         f"python {platform.python_version()}, numpy {np.__version__}",
@@ -73,5 +74,6 @@ def show_config(file=None):
         f"kernels: {variant} ({_core.__name__})",
         f"threads: {get_num_threads()}",
         f"compiler flags: {_core.compile_flags()}",
+        f"memory kept for reuse: {kept_blocks} blocks, {kept_bytes / 2**20:.1f} MB",
     ]
     print("\n".join(lines), file=file if file is not None else sys.stdout)

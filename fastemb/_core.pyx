@@ -75,7 +75,8 @@ cdef Py_ssize_t PREFETCH_MIN_TABLE_BYTES = 8 << 20
 cdef Py_ssize_t UPDATE_PREFETCH_ROWS = 32
 # Gradient sums follow a chain of loads per unique row (order -> source -> grad row) that the
 # CPU cannot run ahead on: they prefetch the source entry 2x and the grad row 1x this many
-# unique rows ahead. On the mission shape this halved the SGD step.
+# unique rows ahead. On the mission shape this took the SGD update from 3.1x to 1.7x the time
+# of a plain C loop that updates the same rows.
 cdef Py_ssize_t GRADIENT_PREFETCH_GROUPS = 16
 cdef Py_ssize_t CACHE_LINE_BYTES = 64
 

@@ -753,19 +753,26 @@ class Measurement:
 WARMUP_SECONDS = 0.1
 
 
-def time_calls(function, repeat):
-    """The seconds of each of ``repeat`` calls of ``function``, after untimed warm-up calls (at
-    least one, for at least :data:`WARMUP_SECONDS`: the first calls that allocate large outputs
-    can be ten times slower while the allocator and page tables settle)."""
-    warmup_end = time.perf_counter() + WARMUP_SECONDS
-    function()
-    while time.perf_counter() < warmup_end:
+def time_calls(functions, repeat):
+    """The seconds of each of ``repeat`` calls of each function in ``functions`` (a dict), after
+    untimed warm-up calls (at least one each, for at least :data:`WARMUP_SECONDS`: the first
+    calls that allocate large outputs can be ten times slower while the allocator and page
+    tables settle). The functions take turns, a round at a time, so that a slow spell of a
+    shared machine slows them all alike and their ratios stay fair; in its turn a function is
+    called twice and the second call timed, so it runs with its data in the caches, as in a
+    loop of back-to-back calls, not after the other functions have evicted them."""
+    for function in functions.values():
+        warmup_end = time.perf_counter() + WARMUP_SECONDS
         function()
-    times = []
+        while time.perf_counter() < warmup_end:
+            function()
+    times = {name: [] for name in functions}
     for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
+        for name, function in functions.items():
+            function()
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -773,9 +780,10 @@ def measure(operation, data, thread_counts, repeat, expected):
     """Check and time every available implementation, and the speed-of-light reference, on
     ``operation`` and ``data`` at each thread count; one :class:`Measurement` per count.
 
-    Each implementation's first call is checked against ``expected`` (fastemb's result), and
-    its callable is dropped before the next one is built, so only one copy of the table and its
-    optimizer state is alive at a time.
+    Each implementation's first call is checked against ``expected`` (fastemb's result); then
+    all of them are timed in turns (see :func:`time_calls`), so a training step has one copy of
+    the table and its optimizer state per implementation alive at once (about 3 GB for the
+    mission shape with LazyAdam).
     """
     implementations = available_implementations()
     if speed_of_light_is_available():
@@ -783,15 +791,16 @@ def measure(operation, data, thread_counts, repeat, expected):
     measurements = []
     for threads in thread_counts:
         measurement = Measurement(operation, data.workload, threads)
-        for implementation in implementations:
-            function = benchmark_callable(implementation, operation, data)
-            with thread_count(threads):
-                result = function()
+        with thread_count(threads):
+            functions = {}
+            for implementation in implementations:
+                functions[implementation] = benchmark_callable(implementation, operation, data)
+                result = functions[implementation]()
                 if implementation != SPEED_OF_LIGHT:
                     assert_agrees(operation, result, expected)
                 del result
-                measurement.runs[implementation] = time_calls(function, repeat)
-            del function
+            measurement.runs.update(time_calls(functions, repeat))
+        del functions
         measurements.append(measurement)
     return measurements
 

@@ -145,3 +145,18 @@ def test_a_training_step_reuses_the_last_steps_memory(rng):
     faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
     # the step's int64 arrays alone span num_indices * 8 * 6 bytes = 768 pages
     assert faults_per_step < 100
+
+
+def test_release_memory_hands_back_what_backward_kept(rng):
+    bags = fastemb.EmbeddingBag(1000, 64, mode="sum", seed=0)
+    indices = rng.integers(0, 1000, 50_000)
+    for _ in range(2):  # the second backward frees the first one's plan into the cache
+        bags.zero_grad()
+        bags(indices, np.arange(0, indices.size, 10))
+        bags.backward(np.ones((indices.size // 10, 64), np.float32))
+    bags.zero_grad()
+    count, kept_bytes, _ = K.block_cache_state()
+    assert count > 0 and kept_bytes >= indices.size * 8
+    assert fastemb.release_memory() == kept_bytes
+    assert K.block_cache_state()[:2] == (0, 0)
+    assert fastemb.release_memory() == 0
