@@ -64,11 +64,11 @@ ctypedef fused index_t:
     int64_t
 
 # Lookups prefetch the table row they will need some positions ahead: enough rows to keep about
-# PREFETCH_BYTES_IN_FLIGHT loading, at least 16 rows (FBGEMM's distance) and at most 64. On the
-# 2-core test machine 32 rows of 256 bytes ran bag sums 1.3x faster than FBGEMM's 16.
-cdef Py_ssize_t PREFETCH_BYTES_IN_FLIGHT = 8192
-cdef Py_ssize_t PREFETCH_MIN_ROWS = 16
-cdef Py_ssize_t PREFETCH_MAX_ROWS = 64
+# PREFETCH_BYTES_IN_FLIGHT loading, 4 to 16 rows (FBGEMM's rule). On the 2-core test machine,
+# against torch on the mission shape, 16 rows of 256 bytes gave 0.93x and 32 rows 0.84x.
+cdef Py_ssize_t PREFETCH_BYTES_IN_FLIGHT = 4096
+cdef Py_ssize_t PREFETCH_MIN_ROWS = 4
+cdef Py_ssize_t PREFETCH_MAX_ROWS = 16
 # Tables up to this size stay in the caches, where prefetch instructions are pure overhead.
 cdef Py_ssize_t PREFETCH_MIN_TABLE_BYTES = 8 << 20
 # Optimizer steps walk the sorted unique rows and prefetch this many rows ahead.
@@ -227,12 +227,21 @@ def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
 # rounded sum: bit for bit what torch computes.
 # --------------------------------------------------------------------------------------------
 
-cdef enum:
-    # Columns are reduced in blocks of this many bytes (64 floats or 32 doubles) whose running
-    # values the compiler keeps in vector registers for the whole bag; the block width is a
-    # compile-time constant, so the loops over a block unroll.
-    BLOCK_BYTES = 256
-    MAX_BLOCK_ELEMENTS = 64  # BLOCK_BYTES / sizeof(float)
+cdef extern from *:
+    """
+    #ifdef __AVX2__
+    #define FASTEMB_BLOCK_BYTES 512  /* 16 ymm registers */
+    #else
+    #define FASTEMB_BLOCK_BYTES 256  /* 16 xmm registers */
+    #endif
+    #define FASTEMB_MAX_BLOCK_ELEMENTS (FASTEMB_BLOCK_BYTES / 4)
+    """
+    # Columns are reduced in blocks of this many bytes whose running values the compiler keeps
+    # in vector registers for the whole bag (all 16 of them); the block width is a compile-time
+    # constant, so the loops over a block unroll. A row wider than a block is reduced in
+    # several passes over the bag, the later ones reading it from the caches.
+    enum: BLOCK_BYTES "FASTEMB_BLOCK_BYTES"
+    enum: MAX_BLOCK_ELEMENTS "FASTEMB_MAX_BLOCK_ELEMENTS"
 
 
 cdef inline bint is_kept(int64_t row, int64_t padding_idx, Py_ssize_t num_rows) noexcept nogil:

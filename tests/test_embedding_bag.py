@@ -40,10 +40,16 @@ def test_max_ties_and_nan_match_reference(case):
     check_against_reference(case)
 
 
+# Row widths at and around the kernels' column blocks (32, 64 and 128 elements, by dtype and
+# build), and any width up to 300.
+BLOCK_EDGES = [31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257]
+
+
 @given(seeds, st.sampled_from(MODES), st.sampled_from([np.float32, np.float64]),
-       st.integers(1, 40), st.integers(1, 70))
+       st.integers(1, 40), st.sampled_from(BLOCK_EDGES) | st.integers(1, 300))
 def test_long_bags_and_wide_rows(seed, mode, dtype, bag_length, dim):
-    """Wider rows and longer bags than the general strategy, to cover vectorised loops."""
+    """Wider rows and longer bags than the general strategy, to cover vectorised loops and
+    rows reduced in several column blocks."""
     rng = np.random.default_rng(seed)
     weight = random_table(rng, 50, dim, dtype)
     indices = rng.integers(0, 50, size=3 * bag_length)

@@ -241,10 +241,11 @@ def _kernel_builds():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_avx2_and_portable_kernels_agree_bitwise(dtype):
+@pytest.mark.parametrize("dim", [77, 200])  # full column blocks and a tail, in either build
+def test_avx2_and_portable_kernels_agree_bitwise(dtype, dim):
     builds = _kernel_builds()
     rng = np.random.default_rng(5)
-    num_rows, dim = 500, 77  # a full block and a tail for both dtypes
+    num_rows = 500
     weight = rng.standard_normal((num_rows, dim)).astype(dtype)
     indices = rng.integers(0, num_rows, 3000)
     bounds = np.concatenate([[0], np.sort(rng.integers(0, 3000, 199)), [3000]]).astype(np.int64)
