@@ -50,18 +50,22 @@ def bag_grads(forward: BagForward, weight, grad_output, scale_grad_by_freq):
     grad = _as_grad_output(grad_output, (num_bags, dim), weight.dtype)
     indices, sample_weights = forward.indices, forward.sample_weights
     threads = threads_for(indices.size * dim)
-    rows, starts, order = _core.group_by_row(indices, num_embeddings, forward.padding_idx,
-                                             threads)
     bag_of = np.empty(indices.size, dtype=np.int64)
     _core.bags_of_positions(forward.bounds, bag_of, threads)
     coefficients = totals = None
-    if forward.mode == "mean" or sample_weights is not None:
+    per_position = forward.mode == "mean" or sample_weights is not None
+    if per_position:
         coefficients = np.empty(indices.size, dtype=weight.dtype)
         totals = np.empty(num_bags, dtype=weight.dtype)
         _core.bag_gradient_factors(coefficients, totals, indices, forward.bounds, forward.mode,
                                    sample_weights, forward.padding_idx, threads)
-    plan = GradientPlan(grad, starts, order, source=bag_of, coefficients=coefficients,
-                        scale_by_frequency=scale_grad_by_freq, winners=forward.winners)
+    # Plain sum and max need only each position's bag (the gradient row it reads), so the sort
+    # carries the bags themselves: one indirection less per position in the gradient sum.
+    rows, starts, order = _core.group_by_row(indices, num_embeddings, forward.padding_idx,
+                                             threads, None if per_position else bag_of)
+    plan = GradientPlan(grad, starts, order, source=bag_of if per_position else None,
+                        coefficients=coefficients, scale_by_frequency=scale_grad_by_freq,
+                        winners=forward.winners)
     weight_grad = SparseGrad._planned(rows, num_embeddings, plan)
     if sample_weights is None:
         return weight_grad, None

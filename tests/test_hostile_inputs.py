@@ -1983,6 +1983,12 @@ for side in ("after", "before"):
                     groups = [[p for v, p in kept if v == r] for r in want_rows]
                     assert starts.tolist() == list(np.cumsum([0] + [len(g) for g in groups]))
                     assert order.tolist() == [p for g in groups for p in g]
+                    payload = I([100 + 7 * p for p in range(len(values))])
+                    rows, starts, carried = K.group_by_row(I(values), num_rows, padding, threads,
+                                                           payload)
+                    assert carried.tolist() == [100 + 7 * p for g in groups for p in g]
+            for wrong in (I(range(len(values) - 1)), I(range(len(values) + 1))):
+                expect(ValueError, lambda: K.group_by_row(I(values), 5, -1, threads, wrong))
 
             case(f"bags_of_positions {tag}")
             for bounds_list in bound_sets:
