@@ -239,12 +239,15 @@ cdef extern from *:
     #define FASTEMB_BLOCK_BYTES 256  /* 16 xmm registers */
     #endif
     #define FASTEMB_MAX_BLOCK_ELEMENTS (FASTEMB_BLOCK_BYTES / 4)
+    #define FASTEMB_NARROW_BLOCK_BYTES 256
     """
     # Columns are reduced in blocks of this many bytes whose running values the compiler keeps
     # in vector registers for the whole bag (all 16 of them); the block width is a compile-time
     # constant, so the loops over a block unroll. A row wider than a block is reduced in
-    # several passes over the bag, the later ones reading it from the caches.
+    # several passes over the bag, the later ones reading it from the caches. What is left
+    # after the wide blocks goes in a narrow block (also unrolled), then a last partial one.
     enum: BLOCK_BYTES "FASTEMB_BLOCK_BYTES"
+    enum: NARROW_BLOCK_BYTES "FASTEMB_NARROW_BLOCK_BYTES"
     enum: MAX_BLOCK_ELEMENTS "FASTEMB_MAX_BLOCK_ELEMENTS"
 
 
@@ -338,32 +341,45 @@ cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
             winner_row[column + j] = winner[j]
 
 
+cdef inline void reduce_block(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                              const index_t *indices, Py_ssize_t n, Py_ssize_t start,
+                              Py_ssize_t end, int mode, const floating *sample_weights,
+                              int64_t padding_idx, Py_ssize_t column, Py_ssize_t width,
+                              floating *out_row, int64_t *winner_row,
+                              Py_ssize_t distance) noexcept nogil:
+    """Columns [column, column + width) of one bag: sum (weighted or not) or max."""
+    if mode == 2:
+        max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column, width,
+                  out_row, winner_row, distance)
+    elif sample_weights == NULL:  # a literal NULL lets the compiler drop the weight code
+        sum_block(table, num_rows, dim, indices, n, start, end, NULL, padding_idx, column,
+                  width, out_row, distance)
+    else:
+        sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
+                  column, width, out_row, distance)
+
+
 cdef void reduce_bag(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
                      const index_t *indices, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
                      int mode, const floating *sample_weights, int64_t padding_idx,
                      floating *out_row, int64_t *winner_row, Py_ssize_t distance) noexcept nogil:
-    """One bag: block by block over the columns, then the mean's division."""
-    cdef Py_ssize_t block = BLOCK_BYTES // sizeof(floating)
-    cdef Py_ssize_t full_columns = dim - dim % block, column = 0, k, j, count = 0
+    """One bag: block by block over the columns (wide blocks, then at most one narrow block,
+    both of compile-time width, then the rest), then the mean's division."""
+    cdef Py_ssize_t wide = BLOCK_BYTES // sizeof(floating)
+    cdef Py_ssize_t narrow = NARROW_BLOCK_BYTES // sizeof(floating)
+    cdef Py_ssize_t column = 0, k, j, count = 0
     cdef floating divisor, weight_total = 0
-    while column < full_columns:
-        if mode == 2:
-            max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column, block,
-                      out_row, winner_row, distance)
-        elif sample_weights == NULL:  # a literal NULL lets the compiler drop the weight code
-            sum_block(table, num_rows, dim, indices, n, start, end, NULL, padding_idx,
-                      column, block, out_row, distance)
-        else:
-            sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
-                      column, block, out_row, distance)
-        column += block
-    if full_columns < dim:
-        if mode == 2:
-            max_block(table, num_rows, dim, indices, n, start, end, padding_idx, full_columns,
-                      dim - full_columns, out_row, winner_row, distance)
-        else:
-            sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
-                      full_columns, dim - full_columns, out_row, distance)
+    while dim - column >= wide:
+        reduce_block(table, num_rows, dim, indices, n, start, end, mode, sample_weights,
+                     padding_idx, column, wide, out_row, winner_row, distance)
+        column += wide
+    if dim - column >= narrow:
+        reduce_block(table, num_rows, dim, indices, n, start, end, mode, sample_weights,
+                     padding_idx, column, narrow, out_row, winner_row, distance)
+        column += narrow
+    if column < dim:
+        reduce_block(table, num_rows, dim, indices, n, start, end, mode, sample_weights,
+                     padding_idx, column, dim - column, out_row, winner_row, distance)
     if mode != 1:
         return
     for k in range(start, end):
