@@ -184,8 +184,8 @@ def add_bench_command(commands):
         description="Check, then time every operation of fastemb.bench on each workload and "
                     "thread count: the median of --repeat calls after a warm-up, for fastemb, "
                     "torch (if installed), NumPy and a speed-of-light reference (plain C loops "
-                    "that only move the table bytes the operation needs; needs gcc). All of "
-                    "it takes about 2.5 minutes on 2 cores.",
+                    "that only move the table bytes the operation needs; needs gcc), taking "
+                    "turns call by call. All of it takes about 8 minutes on 2 cores.",
     )
     command.add_argument("--sizes", nargs="+", choices=sizes, default=list(sizes), metavar="SIZE",
                          help=f"workloads: {', '.join(sizes)} (default: all)")

@@ -728,24 +728,35 @@ cdef int check_plan(str kernel, const floating[:, ::1] grad, Py_ssize_t num_grou
     return 0
 
 
+cdef inline void prefetch_source_entry(const PlanView *plan, Py_ssize_t k) noexcept nogil:
+    """Prefetch the source entry that order[k] names (nothing without a source)."""
+    cdef int64_t position = plan.order[k]
+    if plan.source != NULL and <uint64_t>position < <uint64_t>plan.num_positions:
+        FASTEMB_PREFETCH(plan.source + position)
+
+
+cdef inline void prefetch_grad_row(const floating *grad, Py_ssize_t dim, const PlanView *plan,
+                                   Py_ssize_t k) noexcept nogil:
+    """Prefetch the grad row that order[k] reads (through its source entry, if any)."""
+    cdef int64_t position = plan.order[k], grad_row
+    if <uint64_t>position < <uint64_t>plan.num_positions:
+        grad_row = plan.source[position] if plan.source != NULL else position
+        if <uint64_t>grad_row < <uint64_t>plan.grad_rows:
+            prefetch_row(grad + grad_row * dim, dim)
+
+
 cdef inline void prefetch_group_gradient(const floating *grad, Py_ssize_t dim,
                                          const PlanView *plan, Py_ssize_t group,
                                          Py_ssize_t num_groups) noexcept nogil:
     """Prefetch for the gradient sum of unique row ``group``: the source entry of the group
-    GRADIENT_PREFETCH_GROUPS further on, and the grad row its first position reads."""
+    2 * GRADIENT_PREFETCH_GROUPS further on, and the grad row of the group
+    GRADIENT_PREFETCH_GROUPS further on (each group's first position)."""
     cdef Py_ssize_t far = group + 2 * GRADIENT_PREFETCH_GROUPS
     cdef Py_ssize_t near = group + GRADIENT_PREFETCH_GROUPS
-    cdef int64_t position, grad_row
-    if far < num_groups and plan.source != NULL and plan.starts[far] < plan.starts[far + 1]:
-        position = plan.order[plan.starts[far]]
-        if <uint64_t>position < <uint64_t>plan.num_positions:
-            FASTEMB_PREFETCH(plan.source + position)
+    if far < num_groups and plan.starts[far] < plan.starts[far + 1]:
+        prefetch_source_entry(plan, plan.starts[far])
     if near < num_groups and plan.starts[near] < plan.starts[near + 1]:
-        position = plan.order[plan.starts[near]]
-        if <uint64_t>position < <uint64_t>plan.num_positions:
-            grad_row = plan.source[position] if plan.source != NULL else position
-            if <uint64_t>grad_row < <uint64_t>plan.grad_rows:
-                prefetch_row(grad + grad_row * dim, dim)
+        prefetch_grad_row(grad, dim, plan, plan.starts[near])
 
 
 cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
@@ -765,12 +776,10 @@ cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
     memset(out_row, 0, dim * sizeof(floating))
     for k in range(start, end):
         if k + GRADIENT_PREFETCH_POSITIONS < end:
-            position = plan.order[k + GRADIENT_PREFETCH_POSITIONS]
-            if <uint64_t>position < <uint64_t>plan.num_positions:
-                if source != NULL:
-                    FASTEMB_PREFETCH(source + position)
-                elif <uint64_t>position < <uint64_t>plan.grad_rows:
-                    prefetch_row(grad + position * dim, dim)
+            if source != NULL:  # its grad row is one load further: start with the entry
+                prefetch_source_entry(plan, k + GRADIENT_PREFETCH_POSITIONS)
+            else:
+                prefetch_grad_row(grad, dim, plan, k + GRADIENT_PREFETCH_POSITIONS)
         position = plan.order[k]
         if <uint64_t>position >= <uint64_t>plan.num_positions:
             continue
