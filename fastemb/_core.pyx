@@ -82,7 +82,8 @@ cdef Py_ssize_t GRADIENT_PREFETCH_GROUPS = 16
 # Within one unique row's positions (a frequent row has thousands), the grad row this many
 # positions ahead is prefetched.
 cdef Py_ssize_t GRADIENT_PREFETCH_POSITIONS = 8
-cdef Py_ssize_t CACHE_LINE_BYTES = 64
+cdef enum:
+    CACHE_LINE_BYTES = 64  # a compile-time constant, so the prefetch loops unroll
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,14 +143,19 @@ cdef inline Py_ssize_t prefetch_distance(Py_ssize_t num_rows, Py_ssize_t dim,
 
 cdef inline void prefetch_ahead(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
                                 const index_t *indices, Py_ssize_t n, Py_ssize_t position,
-                                Py_ssize_t distance) noexcept nogil:
-    """Prefetch the row that ``indices[position + distance]`` names, if it exists."""
+                                Py_ssize_t distance, Py_ssize_t column,
+                                Py_ssize_t width) noexcept nogil:
+    """Prefetch columns [column, column + width) of the row ``indices[position + distance]``
+    names. Without branches, as FBGEMM does: past the end it takes the current position, and an
+    index that names no row prefetches row 0 (the table is not empty when this runs)."""
     cdef Py_ssize_t ahead = position + distance
     cdef int64_t row
-    if ahead < n:
-        row = indices[ahead]
-        if <uint64_t>row < <uint64_t>num_rows:  # one compare for 0 <= row < num_rows
-            prefetch_row(table + row * dim, dim)
+    if ahead >= n:
+        ahead = position
+    row = indices[ahead]
+    if <uint64_t>row >= <uint64_t>num_rows:  # one compare for "not 0 <= row < num_rows"
+        row = 0
+    prefetch_row(table + row * dim + column, width)
 
 
 cdef inline int team_size(int num_threads) noexcept nogil:
@@ -210,7 +216,7 @@ def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
     with nogil:
         for i in prange(n, schedule="static", num_threads=team_size(num_threads)):
             if distance:
-                prefetch_ahead(&weight[0, 0], num_rows, dim, &indices[0], n, i, distance)
+                prefetch_ahead(&weight[0, 0], num_rows, dim, &indices[0], n, i, distance, 0, dim)
             row = indices[i]
             if 0 <= row < num_rows:
                 memcpy(&out[i, 0], &weight[row, 0], dim * sizeof(floating))
@@ -240,15 +246,44 @@ cdef extern from *:
     #endif
     #define FASTEMB_MAX_BLOCK_ELEMENTS (FASTEMB_BLOCK_BYTES / 4)
     #define FASTEMB_NARROW_BLOCK_BYTES 256
+    static const double fastemb_zero_block[FASTEMB_BLOCK_BYTES / sizeof(double)];
     """
     # Columns are reduced in blocks of this many bytes whose running values the compiler keeps
     # in vector registers for the whole bag (all 16 of them); the block width is a compile-time
     # constant, so the loops over a block unroll. A row wider than a block is reduced in
-    # several passes over the bag, the later ones reading it from the caches. What is left
+    # several passes over the bag, each prefetching its own columns of the rows ahead. What is left
     # after the wide blocks goes in a narrow block (also unrolled), then a last partial one.
     enum: BLOCK_BYTES "FASTEMB_BLOCK_BYTES"
     enum: NARROW_BLOCK_BYTES "FASTEMB_NARROW_BLOCK_BYTES"
     enum: MAX_BLOCK_ELEMENTS "FASTEMB_MAX_BLOCK_ELEMENTS"
+    const double ZERO_BLOCK "fastemb_zero_block"[1]  # BLOCK_BYTES of zero bits: +0 as any dtype
+
+# The block kernels are specialised on the block's width through a type tag (a NULL pointer of
+# one of these types), so each width is a compile-time constant in its own C function whatever
+# the compiler's inlining and cloning heuristics decide (gcc 12 once compiled the narrow block
+# as the generic one, with its accumulators in memory).
+cdef struct WideColumns:
+    char bytes[BLOCK_BYTES]
+
+cdef struct NarrowColumns:
+    char bytes[NARROW_BLOCK_BYTES]
+
+cdef struct AnyColumns:  # the width is given at run time
+    char bytes[1]
+
+ctypedef fused columns_t:
+    WideColumns
+    NarrowColumns
+    AnyColumns
+
+
+cdef inline Py_ssize_t block_width(columns_t *columns, Py_ssize_t any_width,
+                                   Py_ssize_t item_size) noexcept nogil:
+    """The number of columns a block of this type holds (any_width for AnyColumns)."""
+    if columns_t is AnyColumns:
+        return any_width
+    else:
+        return sizeof(columns_t) // item_size
 
 
 cdef inline bint is_kept(int64_t row, int64_t padding_idx, Py_ssize_t num_rows) noexcept nogil:
@@ -256,41 +291,39 @@ cdef inline bint is_kept(int64_t row, int64_t padding_idx, Py_ssize_t num_rows) 
     return <uint64_t>row < <uint64_t>num_rows and row != padding_idx
 
 
-cdef inline const floating *kept_source(const floating *table, Py_ssize_t num_rows,
-                                        Py_ssize_t dim, const index_t *indices, Py_ssize_t n,
-                                        Py_ssize_t k, int64_t padding_idx, Py_ssize_t column,
-                                        Py_ssize_t distance) noexcept nogil:
-    """Columns from ``column`` on of the row at position k, or NULL if the entry is not kept.
-    On the first block it also prefetches the row ``distance`` positions ahead (0: none)."""
-    cdef int64_t row = indices[k]
-    if distance and column == 0:
-        prefetch_ahead(table, num_rows, dim, indices, n, k, distance)
-    if not is_kept(row, padding_idx, num_rows):
-        return NULL
-    return table + row * dim + column
-
-
 cdef inline void sum_block(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
                            const index_t *indices, Py_ssize_t n, Py_ssize_t start,
                            Py_ssize_t end, const floating *sample_weights, int64_t padding_idx,
-                           Py_ssize_t column, Py_ssize_t width, floating *out_row,
+                           Py_ssize_t column, columns_t *columns,
+                           Py_ssize_t any_width, floating *out_row,
                            Py_ssize_t distance) noexcept nogil:
-    """out_row[column:column+width] = sum of the kept rows' columns (times their weights)."""
+    """out_row[column:column+width] = sum of the kept rows' columns (times their weights).
+    With distance > 0 it prefetches the same columns of the row ``distance`` positions ahead."""
+    cdef Py_ssize_t width = block_width(columns, any_width, sizeof(floating))
     cdef floating acc[MAX_BLOCK_ELEMENTS]
     cdef floating weight
     cdef const floating *source
+    cdef int64_t row
     cdef Py_ssize_t k, j
     for j in range(width):
         acc[j] = 0
     for k in range(start, end):
-        source = kept_source(table, num_rows, dim, indices, n, k, padding_idx, column, distance)
-        if source == NULL:
-            continue
+        if distance:
+            prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width)
+        row = indices[k]
+        # A skipped entry adds a block of +0 (weight 1), which changes no sum: a sum that starts
+        # at +0 is never -0. The adds then run for every entry, so the compiler keeps acc in
+        # registers (a conditional update makes gcc track, per register, whether to store it).
+        source = <const floating *>ZERO_BLOCK
+        weight = 1
+        if is_kept(row, padding_idx, num_rows):
+            source = table + row * dim + column
+            if sample_weights != NULL:
+                weight = sample_weights[k]
         if sample_weights == NULL:
             for j in range(width):
                 acc[j] += source[j]
         else:
-            weight = sample_weights[k]
             for j in range(width):
                 acc[j] += weight * source[j]
     for j in range(width):
@@ -300,10 +333,12 @@ cdef inline void sum_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
 cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
                            const index_t *indices, Py_ssize_t n, Py_ssize_t start,
                            Py_ssize_t end, int64_t padding_idx, Py_ssize_t column,
-                           Py_ssize_t width, floating *out_row, int64_t *winner_row,
+                           columns_t *columns,
+                           Py_ssize_t any_width, floating *out_row, int64_t *winner_row,
                            Py_ssize_t distance) noexcept nogil:
     """out_row[column:column+width] = the columns' max over the kept rows (first wins ties);
     winner_row (unless NULL) gets the winning rows. No kept row: zeros and -1."""
+    cdef Py_ssize_t width = block_width(columns, any_width, sizeof(floating))
     cdef floating acc[MAX_BLOCK_ELEMENTS]
     cdef int64_t winner[MAX_BLOCK_ELEMENTS]
     cdef const floating *source
@@ -323,10 +358,12 @@ cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
         acc[j] = source[j]
         winner[j] = row
     for k in range(k + 1, end):
-        source = kept_source(table, num_rows, dim, indices, n, k, padding_idx, column, distance)
-        if source == NULL:
-            continue
+        if distance:
+            prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width)
         row = indices[k]
+        if not is_kept(row, padding_idx, num_rows):
+            continue
+        source = table + row * dim + column
         if winner_row == NULL:
             for j in range(width):
                 acc[j] = source[j] if source[j] > acc[j] else acc[j]
@@ -341,47 +378,56 @@ cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
             winner_row[column + j] = winner[j]
 
 
-cdef inline void reduce_block(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
-                              const index_t *indices, Py_ssize_t n, Py_ssize_t start,
-                              Py_ssize_t end, int mode, const floating *sample_weights,
-                              int64_t padding_idx, Py_ssize_t column, Py_ssize_t width,
-                              floating *out_row, int64_t *winner_row,
-                              Py_ssize_t distance) noexcept nogil:
-    """Columns [column, column + width) of one bag: sum (weighted or not) or max."""
-    if mode == 2:
-        max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column, width,
-                  out_row, winner_row, distance)
-    elif sample_weights == NULL:  # a literal NULL lets the compiler drop the weight code
-        sum_block(table, num_rows, dim, indices, n, start, end, NULL, padding_idx, column,
-                  width, out_row, distance)
-    else:
-        sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
-                  column, width, out_row, distance)
-
-
-cdef void reduce_bag(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
-                     const index_t *indices, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
-                     int mode, const floating *sample_weights, int64_t padding_idx,
-                     floating *out_row, int64_t *winner_row, Py_ssize_t distance) noexcept nogil:
-    """One bag: block by block over the columns (wide blocks, then at most one narrow block,
-    both of compile-time width, then the rest), then the mean's division."""
+cdef inline void sum_bag(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                         const index_t *indices, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
+                         const floating *sample_weights, int64_t padding_idx, floating *out_row,
+                         Py_ssize_t distance) noexcept nogil:
+    """One bag's sum (weighted unless sample_weights is NULL), block by block over the columns:
+    wide blocks, then at most one narrow block, both of compile-time width, then the rest."""
     cdef Py_ssize_t wide = BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t narrow = NARROW_BLOCK_BYTES // sizeof(floating)
-    cdef Py_ssize_t column = 0, k, j, count = 0
-    cdef floating divisor, weight_total = 0
+    cdef Py_ssize_t column = 0
     while dim - column >= wide:
-        reduce_block(table, num_rows, dim, indices, n, start, end, mode, sample_weights,
-                     padding_idx, column, wide, out_row, winner_row, distance)
+        sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
+                  column, <WideColumns *>NULL, 0, out_row, distance)
         column += wide
     if dim - column >= narrow:
-        reduce_block(table, num_rows, dim, indices, n, start, end, mode, sample_weights,
-                     padding_idx, column, narrow, out_row, winner_row, distance)
+        sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
+                  column, <NarrowColumns *>NULL, 0, out_row, distance)
         column += narrow
     if column < dim:
-        reduce_block(table, num_rows, dim, indices, n, start, end, mode, sample_weights,
-                     padding_idx, column, dim - column, out_row, winner_row, distance)
-    if mode != 1:
-        return
+        sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
+                  column, <AnyColumns *>NULL, dim - column, out_row, distance)
+
+
+cdef inline void max_bag(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                         const index_t *indices, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
+                         int64_t padding_idx, floating *out_row, int64_t *winner_row,
+                         Py_ssize_t distance) noexcept nogil:
+    """One bag's max, block by block over the columns as sum_bag does."""
+    cdef Py_ssize_t wide = BLOCK_BYTES // sizeof(floating)
+    cdef Py_ssize_t narrow = NARROW_BLOCK_BYTES // sizeof(floating)
+    cdef Py_ssize_t column = 0
+    while dim - column >= wide:
+        max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column,
+                  <WideColumns *>NULL, 0, out_row, winner_row, distance)
+        column += wide
+    if dim - column >= narrow:
+        max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column,
+                  <NarrowColumns *>NULL, 0, out_row, winner_row, distance)
+        column += narrow
+    if column < dim:
+        max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column,
+                  <AnyColumns *>NULL, dim - column, out_row, winner_row, distance)
+
+
+cdef inline void divide_by_bag_size(Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
+                                    Py_ssize_t start, Py_ssize_t end,
+                                    const floating *sample_weights, int64_t padding_idx,
+                                    floating *out_row) noexcept nogil:
+    """Mean: divide a bag's sum by its kept entries' count (weighted: their weights' sum)."""
+    cdef Py_ssize_t k, j, count = 0
+    cdef floating divisor, weight_total = 0
     for k in range(start, end):
         if is_kept(indices[k], padding_idx, num_rows):
             count += 1
@@ -437,9 +483,19 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
             end = clamp(bounds[b + 1], start, n)
             if table == NULL:
                 end = start
-            reduce_bag(table, num_rows, dim, index_data, n, start, end, mode_code, weights_data,
-                       padding_idx, &out[b, 0],
-                       winner_data + b * dim if winner_data != NULL else NULL, distance)
+            if mode_code == 2:
+                max_bag(table, num_rows, dim, index_data, n, start, end, padding_idx, &out[b, 0],
+                        winner_data + b * dim if winner_data != NULL else NULL, distance)
+                continue
+            if weights_data == NULL:  # a literal NULL lets the compiler drop the weight code
+                sum_bag(table, num_rows, dim, index_data, n, start, end, NULL, padding_idx,
+                        &out[b, 0], distance)
+            else:
+                sum_bag(table, num_rows, dim, index_data, n, start, end, weights_data,
+                        padding_idx, &out[b, 0], distance)
+            if mode_code == 1:
+                divide_by_bag_size(num_rows, dim, index_data, start, end, weights_data,
+                                   padding_idx, &out[b, 0])
 
 
 # --------------------------------------------------------------------------------------------
