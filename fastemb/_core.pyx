@@ -84,6 +84,7 @@ cdef Py_ssize_t GRADIENT_PREFETCH_GROUPS = 16
 cdef Py_ssize_t GRADIENT_PREFETCH_POSITIONS = 8
 cdef enum:
     CACHE_LINE_BYTES = 64  # a compile-time constant, so the prefetch loops unroll
+    RANGE_CHECK_CHUNK = 4096  # indices checked per chunk by first_out_of_range
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,13 +186,25 @@ cdef inline Py_ssize_t clamp(int64_t value, Py_ssize_t low, Py_ssize_t high) noe
 # --------------------------------------------------------------------------------------------
 
 def first_out_of_range(const index_t[::1] indices, int64_t num_embeddings):
-    """Position of the first index outside ``[0, num_embeddings)``, or -1 if there is none."""
-    cdef Py_ssize_t i, n = indices.shape[0], found = -1
+    """Position of the first index outside ``[0, num_embeddings)``, or -1 if there is none.
+
+    Chunk by chunk: a branch-free count of the chunk's outsiders (the compiler vectorises it),
+    then a search of the one chunk that has some.
+    """
+    cdef Py_ssize_t i, start = 0, end, n = indices.shape[0], found = -1, outside
+    cdef uint64_t limit = <uint64_t>num_embeddings if num_embeddings > 0 else 0
     with nogil:
-        for i in range(n):
-            if indices[i] < 0 or indices[i] >= num_embeddings:
-                found = i
-                break
+        while start < n and found < 0:
+            end = min(start + RANGE_CHECK_CHUNK, n)
+            outside = 0
+            for i in range(start, end):
+                outside += <uint64_t>indices[i] >= limit  # negative indices wrap to huge
+            if outside:
+                for i in range(start, end):
+                    if <uint64_t>indices[i] >= limit:
+                        found = i
+                        break
+            start = end
     return found
 
 

@@ -105,6 +105,18 @@ def test_index_out_of_range(indices, position, value, untouched):
             fastemb.embedding(indices, weight)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("position", [0, 1, 4095, 4096, 4097, 8191, 9998])
+@pytest.mark.parametrize("bad", [-1, 5, INT32.min])
+def test_bad_index_found_at_every_chunk_edge(dtype, position, bad):
+    # the range check counts outsiders 4096 indices at a time, then searches that chunk
+    indices = np.arange(10_000, dtype=dtype) % 5
+    indices[position] = bad
+    indices[-1] = 7  # a later bad index (in the last chunk) must not be the one named
+    with pytest.raises(IndexError, match=out_of_range(f"[{position}]", bad)):
+        fastemb.embedding(indices, table())
+
+
 def test_only_the_first_bad_index_is_named():
     with pytest.raises(IndexError, match=out_of_range("[1]", 9)):
         fastemb.embedding([0, 9, -1, 5], table())
