@@ -185,27 +185,40 @@ cdef inline Py_ssize_t clamp(int64_t value, Py_ssize_t low, Py_ssize_t high) noe
 # Validation helper
 # --------------------------------------------------------------------------------------------
 
-def first_out_of_range(const index_t[::1] indices, int64_t num_embeddings):
+def first_out_of_range(const index_t[::1] indices, int64_t num_embeddings, int num_threads=1):
     """Position of the first index outside ``[0, num_embeddings)``, or -1 if there is none.
 
-    Chunk by chunk: a branch-free count of the chunk's outsiders (the compiler vectorises it),
-    then a search of the one chunk that has some.
+    Chunk by chunk, in parallel: a branch-free count of each chunk's outsiders (the compiler
+    vectorises it); then a search of the first chunk that has some.
     """
-    cdef Py_ssize_t i, start = 0, end, n = indices.shape[0], found = -1, outside
+    cdef Py_ssize_t n = indices.shape[0], found = -1, count, chunk, i, start
+    cdef Py_ssize_t num_chunks = (n + RANGE_CHECK_CHUNK - 1) // RANGE_CHECK_CHUNK
     cdef uint64_t limit = <uint64_t>num_embeddings if num_embeddings > 0 else 0
+    cdef Py_ssize_t[::1] outside = np.zeros(num_chunks, dtype=np.intp)
     with nogil:
-        while start < n and found < 0:
-            end = min(start + RANGE_CHECK_CHUNK, n)
-            outside = 0
-            for i in range(start, end):
-                outside += <uint64_t>indices[i] >= limit  # negative indices wrap to huge
-            if outside:
-                for i in range(start, end):
+        for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
+            count = 0
+            for i in range(chunk * RANGE_CHECK_CHUNK, min((chunk + 1) * RANGE_CHECK_CHUNK, n)):
+                count = count + (<uint64_t>indices[i] >= limit)  # negative ones wrap to huge
+            outside[chunk] = count
+        for chunk in range(num_chunks):
+            if outside[chunk]:
+                start = chunk * RANGE_CHECK_CHUNK
+                for i in range(start, min(start + RANGE_CHECK_CHUNK, n)):
                     if <uint64_t>indices[i] >= limit:
                         found = i
                         break
-            start = end
+                break
     return found
+
+
+def first_decrease(const int64_t[::1] values):
+    """Position of the first entry smaller than the one before it, or -1 if there is none."""
+    cdef Py_ssize_t i
+    for i in range(1, values.shape[0]):
+        if values[i] < values[i - 1]:
+            return i
+    return -1
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import numbers
 
 import numpy as np
 
+from ._config import threads_for
 from ._kernels import kernels as _core
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -62,7 +63,7 @@ def as_index_array(values, name="input"):
 
 def check_index_range(flat_indices, shape, num_embeddings, name="input"):
     """Raise IndexError naming the first index outside ``[0, num_embeddings)``."""
-    at = _core.first_out_of_range(flat_indices, num_embeddings)
+    at = _core.first_out_of_range(flat_indices, num_embeddings, threads_for(flat_indices.size))
     if at >= 0:
         raise IndexError(
             f"{name}{_position(at, shape)} = {flat_indices[at]} is out of range for "
@@ -145,9 +146,8 @@ def bag_bounds(offsets, num_indices, include_last_offset):
         return bounds
     if offsets[0] != 0:
         raise ValueError(f"offsets[0] = {offsets[0]} must be 0")
-    decreasing = np.flatnonzero(offsets[1:] < offsets[:-1])  # (np.diff can overflow)
-    if decreasing.size:
-        at = int(decreasing[0]) + 1
+    at = _core.first_decrease(offsets)
+    if at >= 0:
         raise ValueError(
             f"offsets must be non-decreasing, but offsets[{at}] = {offsets[at]} < "
             f"offsets[{at - 1}] = {offsets[at - 1]}"

@@ -1898,8 +1898,15 @@ for side in ("after", "before"):
 
             case(f"first_out_of_range {tag}")
             for values in ([], [0, 4], [0, 5], [-1], [INT64_MIN, 0], [0, 1, INT64_MAX]):
-                got = K.first_out_of_range(I(values), V)
-                want = next((i for i, v in enumerate(values) if not 0 <= v < V), -1)
+                for bound in (V, 0, -1, INT64_MIN):
+                    got = K.first_out_of_range(I(values), bound, threads)
+                    want = next((i for i, v in enumerate(values) if not 0 <= v < bound), -1)
+                    assert got == want, (values, bound, got)
+
+            case(f"first_decrease {tag}")
+            for values in ([], [7], [0, 0], [1, 0], [INT64_MIN, INT64_MAX, INT64_MIN]):
+                got = K.first_decrease(I(values))
+                want = next((i for i in range(1, len(values)) if values[i] < values[i - 1]), -1)
                 assert got == want, (values, got)
 
             case(f"gather_rows {tag}")
