@@ -1,14 +1,45 @@
-"""Reused memory for the arrays a training step makes afresh on every call.
+"""Memory for tables and for the arrays a training step makes afresh on every call.
 
 ``reused_memory`` makes NumPy allocate, in the current context only, from fastemb's cache of
 freed blocks (the allocator at the end of ``_core.pyx``): a training step's sort buffers and
 gradient plan then reuse the last step's memory instead of faulting in new pages.
+
+``aligned_full`` gives the tables fastemb allocates (module weights, optimizer state) a first
+row on a cache-line boundary.
 """
 
 import functools
+import math
 from contextlib import contextmanager
 
+import numpy as np
+
 from ._kernels import kernels as _core
+
+CACHE_LINE_BYTES = 64
+
+
+def aligned_full(shape, fill_value, dtype):
+    """``np.full(shape, fill_value, dtype)`` whose data starts on a 64-byte boundary.
+
+    NumPy's own large arrays start 16 bytes past one, so every row of 64 float32 (256 bytes)
+    spans 5 cache lines instead of 4: a lookup or an optimizer update moves 25% more memory.
+    (torch aligns its tensors to 64 bytes too.) Zeros come from ``np.zeros``, so their pages
+    are only touched when a row is.
+
+    >>> import numpy as np
+    >>> table = aligned_full((1000, 64), 0.0, np.float32)
+    >>> table.ctypes.data % 64, table.shape, table.dtype.name, float(table.sum())
+    (0, (1000, 64), 'float32', 0.0)
+    """
+    dtype = np.dtype(dtype)
+    num_bytes = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(num_bytes + CACHE_LINE_BYTES, dtype=np.uint8)
+    start = -raw.ctypes.data % CACHE_LINE_BYTES
+    array = raw[start:start + num_bytes].view(dtype).reshape(shape)
+    if fill_value != 0:
+        array.fill(fill_value)
+    return array
 
 
 @contextmanager

@@ -68,6 +68,7 @@ from . import optim
 from ._config import __version__, get_num_threads, set_num_threads
 from ._kernels import kernels as _core
 from ._kernels import variant as _kernel_variant
+from ._memory import aligned_full
 from .functional import embedding, embedding_bag
 from .modules import EmbeddingBag
 
@@ -188,8 +189,17 @@ def sample_rows(rng, num_embeddings, size, skew):
 @functools.lru_cache(maxsize=2)
 def make_table(num_embeddings, dim, seed):
     """A standard-normal float32 table, the same for a given (shape, seed); cached, because the
-    mission table is 256 MB and shared by its uniform and Zipf workloads."""
-    return np.random.default_rng(seed).standard_normal((num_embeddings, dim), dtype=np.float32)
+    mission table is 256 MB and shared by its uniform and Zipf workloads. Its data starts on a
+    64-byte boundary, as the tables torch and fastemb allocate themselves do."""
+    table = aligned_full((num_embeddings, dim), 0, np.float32)
+    return np.random.default_rng(seed).standard_normal(dtype=np.float32, out=table)
+
+
+def aligned_copy(array):
+    """A copy of ``array`` whose data starts on a 64-byte boundary (see ``make_table``)."""
+    copy = aligned_full(array.shape, 0, array.dtype)
+    np.copyto(copy, array)
+    return copy
 
 
 @functools.lru_cache(maxsize=4)
@@ -233,7 +243,7 @@ def fastemb_callable(operation, data):
 
         return forward_backward
     optimizer_name, _, hyperparameters = STEP_OPTIMIZERS[operation]
-    module = EmbeddingBag.from_pretrained(data.table.copy(), freeze=False, mode="sum")
+    module = EmbeddingBag.from_pretrained(aligned_copy(data.table), freeze=False, mode="sum")
     optimizer = getattr(optim, optimizer_name)(module, **hyperparameters)
 
     def step():
@@ -274,7 +284,7 @@ def torch_callable(operation, data):
         }[operation]
     grad_output = torch.from_numpy(data.grad_output)
     training = operation != "forward_backward"
-    table = data.table.copy() if training else data.table
+    table = aligned_copy(data.table) if training else data.table
     module = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(table), freeze=False,
                                                    mode="sum", sparse=True)
     if not training:
@@ -375,8 +385,9 @@ def numpy_callable(operation, data):
     if operation == "forward_backward":
         return functools.partial(numpy_bag_sum_and_grad, data, data.table)
     update = functools.partial(NUMPY_UPDATES[operation], **STEP_OPTIMIZERS[operation][2])
-    weight = data.table.copy()
-    states = [np.zeros_like(weight) for _ in range(step_state_arrays(operation))]
+    weight = aligned_copy(data.table)
+    states = [aligned_full(weight.shape, 0, weight.dtype)
+              for _ in range(step_state_arrays(operation))]
     steps_taken = 0
 
     def step():
@@ -393,7 +404,7 @@ SPEED_OF_LIGHT_SOURCE = r"""
 /* Speed-of-light references (fastemb/bench.py): plain OpenMP loops that move the bytes of
  * looked-up table rows and do as little else as possible. Every cache line of the row
  * `distance` positions ahead is prefetched (a row that does not start on a line boundary spans
- * one line more), with about 8 KB in flight, as fastemb's kernels do. */
+ * one line more), with about 8 KB in flight. */
 #include <stdint.h>
 #include <string.h>
 
@@ -567,8 +578,9 @@ def speed_of_light_callable(operation, data):
             return values
 
         return forward_backward
-    arrays = [data.table.copy()]
-    arrays += [np.zeros_like(data.table) for _ in range(step_state_arrays(operation))]
+    arrays = [aligned_copy(data.table)]
+    arrays += [aligned_full(data.table.shape, 0, data.table.dtype)
+               for _ in range(step_state_arrays(operation))]
     pointers = (ctypes.c_void_p * len(arrays))(*(array.ctypes.data for array in arrays))
 
     def step():

@@ -8,6 +8,7 @@ import numbers
 
 import numpy as np
 
+from ._memory import aligned_full
 from ._validation import FLOAT_DTYPES, as_real, as_weight, normalize_padding_idx
 from .backward import bag_grads, lookup_grad
 from .functional import NO_PADDING, bag_forward, check_mode, lookup_forward
@@ -39,8 +40,8 @@ class _TableModule:
         self.norm_type = as_real(norm_type, "norm_type")
         self.scale_grad_by_freq = bool(scale_grad_by_freq)
         if _weight is None:
-            rng = np.random.default_rng(seed)
-            _weight = rng.standard_normal((num_embeddings, embedding_dim), dtype=dtype)
+            _weight = aligned_full((num_embeddings, embedding_dim), 0, dtype)
+            np.random.default_rng(seed).standard_normal(dtype=dtype, out=_weight)
             if self.padding_idx is not None:
                 _weight[self.padding_idx] = 0
         self.weight = _weight

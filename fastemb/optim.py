@@ -14,6 +14,7 @@ import numpy as np
 
 from ._kernels import kernels as _core
 from ._config import threads_for
+from ._memory import aligned_full
 from ._validation import as_real, check_writable_table
 from .sparse import SparseGrad
 
@@ -55,8 +56,8 @@ class _SparseOptimizer:
         return {"step": 0} | {name: self._new_array(module, name) for name in self.state_arrays}
 
     def _new_array(self, module, name):
-        """A state array of zeros (np.zeros: pages are only touched when a row is)."""
-        return np.zeros(self._state_shape(module.weight), dtype=module.weight.dtype)
+        """A state array of zeros, cache-line aligned (pages are only touched when a row is)."""
+        return aligned_full(self._state_shape(module.weight), 0, module.weight.dtype)
 
     def _state_shape(self, weight):
         """The shape of each state array for a table."""
@@ -165,7 +166,7 @@ class _SparseOptimizer:
                         f"state[{position}][{name!r}] is {array.dtype} {array.shape}, expected "
                         f"{expected[name].dtype} {expected[name].shape}"
                     )
-                expected[name] = np.array(array, order="C", copy=True)
+                np.copyto(expected[name], array)  # (into the fresh, aligned array)
         self.hyperparameters, self.state = fresh.hyperparameters, fresh.state
 
     def __repr__(self):
@@ -214,8 +215,9 @@ class Adagrad(_SparseOptimizer):
         )
 
     def _new_array(self, module, name):
-        return np.full(self._state_shape(module.weight),
-                       self.hyperparameters["initial_accumulator_value"], dtype=module.weight.dtype)
+        return aligned_full(self._state_shape(module.weight),
+                            self.hyperparameters["initial_accumulator_value"],
+                            module.weight.dtype)
 
     def _scalars(self, step):
         h = self.hyperparameters

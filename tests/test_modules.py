@@ -27,6 +27,18 @@ def test_init_is_seeded_standard_normal(module_class, dtype):
     assert not np.array_equal(module_class(2000, 50, dtype=dtype, seed=124).weight, weight)
     assert not np.array_equal(module_class(2000, 50, dtype=dtype).weight,
                               module_class(2000, 50, dtype=dtype).weight)
+    # the values are the generator's standard normals in C order, the data cache-line aligned
+    expected = np.random.default_rng(123).standard_normal((2000, 50), dtype=dtype)
+    assert_same_bits(weight, expected)
+    assert weight.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0), (0, 0), (1, 1), (7, 5), (3, 33)])
+def test_small_and_empty_tables_are_aligned_too(module_class, shape):
+    weight = module_class(*shape, seed=0).weight
+    assert weight.shape == shape and weight.flags.c_contiguous and weight.flags.writeable
+    assert weight.size == 0 or weight.ctypes.data % 64 == 0  # (no elements: no data to align)
 
 
 @pytest.mark.parametrize("module_class", MODULES)

@@ -109,6 +109,21 @@ def test_other_optimizers_validate(make):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_state_arrays_are_cache_line_aligned_before_and_after_a_reload(name, dtype):
+    # a 64-float row then spans 4 cache lines, not 5 (NumPy's own arrays start 16 bytes in)
+    module = fastemb.EmbeddingBag(50, 16, mode="sum", dtype=dtype, seed=0)
+    optimizer = OPTIMIZERS[name](module)
+    module(np.array([[1, 2, 2]])); module.backward(np.ones((1, 16), dtype)); optimizer.step()
+    saved = optimizer.state_dict()
+    optimizer.load_state_dict(saved)
+    for array_name in optimizer.state_arrays:
+        array = optimizer.state[module][array_name]
+        assert array.ctypes.data % 64 == 0 and array.flags.c_contiguous and array.flags.writeable
+        assert_bitwise(array, saved["state"][0][array_name])
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_optimizer_rejects_read_only_or_non_contiguous_weight(name):
     weight = np.ones((4, 3), np.float32)
     weight.flags.writeable = False
