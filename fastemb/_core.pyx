@@ -594,7 +594,9 @@ def renorm_rows(floating[:, ::1] weight, const int64_t[::1] rows, double max_nor
 #                             in that order)
 # Each pass: per-chunk digit histograms, a serial prefix over (digit, chunk), then each chunk
 # scatters its elements in order. A stable sort has one answer, so the result does not depend
-# on how many chunks (threads) were used. Memory is O(n), never O(V).
+# on how many chunks (threads) were used. Memory is O(n), never O(V). When a row and a position
+# fit in 63 bits together they travel as one int64 (row in the high bits): half the memory
+# traffic of a pair (mission backward, 1 thread: 2.3 -> 1.85 ms).
 # --------------------------------------------------------------------------------------------
 
 cdef inline Py_ssize_t chunk_start(Py_ssize_t chunk, Py_ssize_t num_chunks,
@@ -603,8 +605,11 @@ cdef inline Py_ssize_t chunk_start(Py_ssize_t chunk, Py_ssize_t num_chunks,
 
 
 cdef void radix_pass(const int64_t[::1] keys_in, const int64_t[::1] values_in,
-                     int64_t[::1] keys_out, int64_t[::1] values_out, int64_t[:, ::1] histogram,
-                     int shift, int64_t mask, int num_threads) noexcept nogil:
+                     int64_t[::1] keys_out, int64_t[::1] values_out, bint with_values,
+                     int64_t[:, ::1] histogram, int shift, int64_t mask,
+                     int num_threads) noexcept nogil:
+    """One stable pass on the digit ``(key >> shift) & mask``, carrying the values along if
+    ``with_values``."""
     cdef Py_ssize_t num_chunks = histogram.shape[0], num_bins = histogram.shape[1]
     cdef Py_ssize_t n = keys_in.shape[0], chunk, i, digit, slot
     cdef int64_t running = 0, count
@@ -623,7 +628,8 @@ cdef void radix_pass(const int64_t[::1] keys_in, const int64_t[::1] values_in,
             slot = histogram[chunk, digit]
             histogram[chunk, digit] = slot + 1
             keys_out[slot] = keys_in[i]
-            values_out[slot] = values_in[i]
+            if with_values:
+                values_out[slot] = values_in[i]
 
 
 def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_idx,
@@ -639,7 +645,19 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
     if has_payload and payload.shape[0] != n:
         raise ValueError("group_by_row: payload needs one entry per index")
     cdef Py_ssize_t chunk, i, kept, u, num_groups
-    cdef int64_t row
+    cdef int64_t row, value, smallest_value = 0, largest_value = max(n - 1, 0)
+    if has_payload:
+        with nogil:
+            for i in range(n):
+                smallest_value = min(smallest_value, payload[i])
+                largest_value = max(largest_value, payload[i])
+    # Packed: when row and value fit in 63 bits together, each element is one int64,
+    # row << value_bits | value, and the sort moves one array instead of two.
+    cdef int key_bits = int(num_rows - 1).bit_length() if num_rows > 1 else 0
+    cdef int value_bits = int(largest_value).bit_length()
+    cdef bint packed = smallest_value >= 0 and key_bits + value_bits <= 63
+    cdef int64_t value_mask = (<int64_t>1 << value_bits) - 1 if packed else 0
+    cdef int first_shift = value_bits if packed else 0
     cdef int64_t[::1] kept_per_chunk = np.zeros(num_chunks + 1, dtype=np.int64)
     with nogil:
         for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
@@ -651,7 +669,8 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
         for chunk in range(num_chunks):
             kept_per_chunk[chunk + 1] += kept_per_chunk[chunk]
     cdef Py_ssize_t m = kept_per_chunk[num_chunks]
-    keys_array, positions_array = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
+    keys_array = np.empty(m, dtype=np.int64)
+    positions_array = np.empty(0 if packed else m, dtype=np.int64)
     cdef int64_t[::1] keys = keys_array, positions = positions_array
     with nogil:
         for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
@@ -659,11 +678,14 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
             for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
                 row = indices[i]
                 if row != padding_idx and 0 <= row < num_rows:
-                    keys[kept] = row
-                    positions[kept] = payload[i] if has_payload else i
+                    value = payload[i] if has_payload else i
+                    if packed:
+                        keys[kept] = row << value_bits | value
+                    else:
+                        keys[kept] = row
+                        positions[kept] = value
                     kept = kept + 1
 
-    cdef int key_bits = int(num_rows - 1).bit_length() if num_rows > 1 else 0
     cdef int num_passes = (key_bits + 10) // 11
     cdef int digit_bits = (key_bits + num_passes - 1) // num_passes if num_passes else 0
     cdef int pass_number
@@ -672,10 +694,17 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
     cdef int64_t[::1] keys_out = spare_keys, positions_out = spare_positions
     for pass_number in range(num_passes):
         with nogil:
-            radix_pass(keys, positions, keys_out, positions_out, histogram,
-                       pass_number * digit_bits, (1 << digit_bits) - 1, num_threads)
+            radix_pass(keys, positions, keys_out, positions_out, not packed, histogram,
+                       first_shift + pass_number * digit_bits, (1 << digit_bits) - 1,
+                       num_threads)
         keys, keys_out = keys_out, keys
         positions, positions_out = positions_out, positions
+    if packed:  # unpack: the values go to the spare array, the rows stay in keys
+        positions = keys_out
+        with nogil:
+            for i in prange(m, schedule="static", num_threads=team_size(num_threads)):
+                positions[i] = keys[i] & value_mask
+                keys[i] = keys[i] >> value_bits
 
     num_groups = 0
     with nogil:

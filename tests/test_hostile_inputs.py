@@ -1990,10 +1990,14 @@ for side in ("after", "before"):
                     groups = [[p for v, p in kept if v == r] for r in want_rows]
                     assert starts.tolist() == list(np.cumsum([0] + [len(g) for g in groups]))
                     assert order.tolist() == [p for g in groups for p in g]
-                    payload = I([100 + 7 * p for p in range(len(values))])
-                    rows, starts, carried = K.group_by_row(I(values), num_rows, padding, threads,
-                                                           payload)
-                    assert carried.tolist() == [100 + 7 * p for g in groups for p in g]
+                    # small payloads are packed with the row into one int64 for the sort;
+                    # negative or huge ones (and rows near 2**62) take the two-array sort
+                    for carry in (lambda p: 100 + 7 * p, lambda p: p - 5,
+                                  lambda p: INT64_MAX - p, lambda p: INT64_MIN + p):
+                        payload = I([carry(p) for p in range(len(values))])
+                        rows, starts, carried = K.group_by_row(I(values), num_rows, padding,
+                                                               threads, payload)
+                        assert carried.tolist() == [carry(p) for g in groups for p in g]
             for wrong in (I(range(len(values) - 1)), I(range(len(values) + 1))):
                 expect(ValueError, lambda: K.group_by_row(I(values), 5, -1, threads, wrong))
 
