@@ -11,6 +11,7 @@ import numpy as np
 
 from ._kernels import kernels as _core
 from ._config import threads_for
+from ._memory import reused_memory
 from ._validation import (
     as_index_array,
     as_real,
@@ -77,7 +78,8 @@ def lookup_forward(input, weight, padding_idx=None, max_norm=None, norm_type=2.0
     check_index_range(flat, indices.shape, num_embeddings)
     _renorm(weight, flat, renorm)
     table, table_indices, _ = _lookup_table(weight, flat)
-    out = np.empty((flat.size, dim), dtype=weight.dtype)
+    with reused_memory():  # a loop's next output reuses this one's pages once it is freed
+        out = np.empty((flat.size, dim), dtype=weight.dtype)
     _core.gather_rows(table, table_indices, out, threads_for(out.size))
     return out.reshape(indices.shape + (dim,)), flat
 
@@ -164,7 +166,8 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
         at = np.searchsorted(rows, padding)
         table_padding = int(at) if at < rows.size and rows[at] == padding else NO_PADDING
     num_bags = bounds.size - 1
-    out = np.empty((num_bags, dim), dtype=weight.dtype)
+    with reused_memory():
+        out = np.empty((num_bags, dim), dtype=weight.dtype)
     winners = None
     if mode == "max" and record_winners:
         winners = np.empty((num_bags, dim), dtype=np.int64)

@@ -147,6 +147,39 @@ def test_a_training_step_reuses_the_last_steps_memory(rng):
     assert faults_per_step < 100
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Linux page faults")
+@pytest.mark.parametrize("lookup", ["embedding", "embedding_bag"])
+def test_a_loop_of_lookups_reuses_the_last_output(rng, lookup):
+    """A forward output comes from the cache too: once the caller drops it, the next call of
+    the same shape writes into those pages instead of faulting in fresh ones (for a gather of
+    the mission shape, 32 MB and 8,000 faults, that was over a third of its time)."""
+    weight = rng.standard_normal((10_000, 64)).astype(np.float32)
+    indices = rng.integers(0, 10_000, 40_000)
+    offsets = np.arange(0, indices.size, 4)
+
+    def call():
+        if lookup == "embedding":
+            return fastemb.embedding(indices, weight)
+        return fastemb.embedding_bag(indices, weight, offsets, mode="sum")
+
+    first = call()
+    owner = first if first.base is None else first.base  # (embedding returns a reshaped view)
+    assert get_handler_name(owner) == "fastemb_block_cache"
+    del owner
+    expected = first.copy()
+    del first
+    for _ in range(3):
+        call()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        out = call()
+        assert np.array_equal(out, expected)
+        del out
+    faults_per_call = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+    # the output alone spans 40,000 * 64 * 4 bytes = 2,500 pages (embedding)
+    assert faults_per_call < 50
+
+
 def test_release_memory_hands_back_what_backward_kept(rng):
     bags = fastemb.EmbeddingBag(1000, 64, mode="sum", seed=0)
     indices = rng.integers(0, 1000, 50_000)
