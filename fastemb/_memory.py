@@ -1,8 +1,9 @@
 """Memory for tables and for the arrays a training step makes afresh on every call.
 
 ``reused_memory`` makes NumPy allocate, in the current context only, from fastemb's cache of
-freed blocks (the allocator at the end of ``_core.pyx``): a training step's sort buffers and
-gradient plan then reuse the last step's memory instead of faulting in new pages.
+freed blocks (the allocator at the end of ``_core.pyx``): lookup outputs and a training step's
+sort buffers and gradient plan then reuse the last call's memory instead of faulting in new
+pages.
 
 ``aligned_full`` gives the tables fastemb allocates (module weights, optimizer state) a first
 row on a cache-line boundary.
