@@ -77,7 +77,8 @@ cdef Py_ssize_t UPDATE_PREFETCH_ROWS = 32
 # Gradient sums follow a chain of loads per unique row (order -> source -> grad row) that the
 # CPU cannot run ahead on: they prefetch the source entry 2x and the grad row 1x this many
 # unique rows ahead. On the mission shape this took the SGD update from 3.1x to 1.7x the time
-# of a plain C loop that updates the same rows.
+# of a plain C loop that updates the same rows; since the tables are cache-line aligned and
+# the threads' buffers apart, it is neutral on uniform rows (kept for skewed ones).
 cdef Py_ssize_t GRADIENT_PREFETCH_GROUPS = 16
 # Within one unique row's positions (a frequent row has thousands), the grad row this many
 # positions ahead is prefetched.
@@ -404,47 +405,58 @@ cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
             winner_row[column + j] = winner[j]
 
 
-cdef inline void sum_bag(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
-                         const index_t *indices, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
-                         const floating *sample_weights, int64_t padding_idx, floating *out_row,
-                         Py_ssize_t distance) noexcept nogil:
-    """One bag's sum (weighted unless sample_weights is NULL), block by block over the columns:
-    wide blocks, then at most one narrow block, both of compile-time width, then the rest."""
+# The bag kernels are also specialised on what they reduce, through a second type tag.
+cdef struct SumReduction:
+    char unused
+
+cdef struct MaxReduction:
+    char unused
+
+ctypedef fused reduction_t:
+    SumReduction
+    MaxReduction
+
+
+cdef inline void reduce_block(reduction_t *reduction, const floating *table,
+                              Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
+                              Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
+                              const floating *sample_weights, int64_t padding_idx,
+                              Py_ssize_t column, columns_t *columns, Py_ssize_t any_width,
+                              floating *out_row, int64_t *winner_row,
+                              Py_ssize_t distance) noexcept nogil:
+    """One block of columns of one bag: sum_block or max_block."""
+    if reduction_t is MaxReduction:
+        max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column, columns,
+                  any_width, out_row, winner_row, distance)
+    else:
+        sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
+                  column, columns, any_width, out_row, distance)
+
+
+cdef inline void reduce_bag(reduction_t *reduction, const floating *table, Py_ssize_t num_rows,
+                            Py_ssize_t dim, const index_t *indices, Py_ssize_t n,
+                            Py_ssize_t start, Py_ssize_t end, const floating *sample_weights,
+                            int64_t padding_idx, floating *out_row, int64_t *winner_row,
+                            Py_ssize_t distance) noexcept nogil:
+    """One bag's sum (weighted unless sample_weights is NULL) or max, block by block over the
+    columns: wide blocks, then at most one narrow block, both of compile-time width, then the
+    rest."""
     cdef Py_ssize_t wide = BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t narrow = NARROW_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t column = 0
     while dim - column >= wide:
-        sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
-                  column, <WideColumns *>NULL, 0, out_row, distance)
+        reduce_block(reduction, table, num_rows, dim, indices, n, start, end, sample_weights,
+                     padding_idx, column, <WideColumns *>NULL, 0, out_row, winner_row, distance)
         column += wide
     if dim - column >= narrow:
-        sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
-                  column, <NarrowColumns *>NULL, 0, out_row, distance)
+        reduce_block(reduction, table, num_rows, dim, indices, n, start, end, sample_weights,
+                     padding_idx, column, <NarrowColumns *>NULL, 0, out_row, winner_row,
+                     distance)
         column += narrow
     if column < dim:
-        sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
-                  column, <AnyColumns *>NULL, dim - column, out_row, distance)
-
-
-cdef inline void max_bag(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
-                         const index_t *indices, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
-                         int64_t padding_idx, floating *out_row, int64_t *winner_row,
-                         Py_ssize_t distance) noexcept nogil:
-    """One bag's max, block by block over the columns as sum_bag does."""
-    cdef Py_ssize_t wide = BLOCK_BYTES // sizeof(floating)
-    cdef Py_ssize_t narrow = NARROW_BLOCK_BYTES // sizeof(floating)
-    cdef Py_ssize_t column = 0
-    while dim - column >= wide:
-        max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column,
-                  <WideColumns *>NULL, 0, out_row, winner_row, distance)
-        column += wide
-    if dim - column >= narrow:
-        max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column,
-                  <NarrowColumns *>NULL, 0, out_row, winner_row, distance)
-        column += narrow
-    if column < dim:
-        max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column,
-                  <AnyColumns *>NULL, dim - column, out_row, winner_row, distance)
+        reduce_block(reduction, table, num_rows, dim, indices, n, start, end, sample_weights,
+                     padding_idx, column, <AnyColumns *>NULL, dim - column, out_row, winner_row,
+                     distance)
 
 
 cdef inline void divide_by_bag_size(Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
@@ -510,15 +522,16 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
             if table == NULL:
                 end = start
             if mode_code == 2:
-                max_bag(table, num_rows, dim, index_data, n, start, end, padding_idx, &out[b, 0],
-                        winner_data + b * dim if winner_data != NULL else NULL, distance)
+                reduce_bag(<MaxReduction *>NULL, table, num_rows, dim, index_data, n, start, end,
+                           NULL, padding_idx, &out[b, 0],
+                           winner_data + b * dim if winner_data != NULL else NULL, distance)
                 continue
             if weights_data == NULL:  # a literal NULL lets the compiler drop the weight code
-                sum_bag(table, num_rows, dim, index_data, n, start, end, NULL, padding_idx,
-                        &out[b, 0], distance)
+                reduce_bag(<SumReduction *>NULL, table, num_rows, dim, index_data, n, start, end,
+                           NULL, padding_idx, &out[b, 0], NULL, distance)
             else:
-                sum_bag(table, num_rows, dim, index_data, n, start, end, weights_data,
-                        padding_idx, &out[b, 0], distance)
+                reduce_bag(<SumReduction *>NULL, table, num_rows, dim, index_data, n, start, end,
+                           weights_data, padding_idx, &out[b, 0], NULL, distance)
             if mode_code == 1:
                 divide_by_bag_size(num_rows, dim, index_data, start, end, weights_data,
                                    padding_idx, &out[b, 0])
