@@ -796,6 +796,8 @@ def bag_gradient_factors(floating[::1] coefficients, floating[::1] totals,
 # EmbeddingBag) and c_p = coefficient[p] (1 if none), divided by the row's frequency
 # (starts[u+1] - starts[u]) with scale_grad_by_freq. In max mode each bag gives each row at
 # most once, and only the columns the row won: values[u, d] += G[b, d] if winners[b, d] == rows[u].
+# The sum starts from its first term (max mode: from 0), as torch's coalesce() does, so a row
+# looked up once gets exactly c_p * G[source[p]] (a -0 stays -0).
 # check_plan rejects starts that leave order or go backwards and arrays of the wrong size; an
 # order or source entry that names no position or grad row is skipped, so no plan, however
 # inconsistent, reads out of bounds (the Python layer only builds consistent ones).
@@ -897,7 +899,9 @@ cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
     cdef double frequency = end - start
     cdef floating factor
     cdef bint plain = coefficients == NULL and not scale_by_frequency
-    memset(out_row, 0, dim * sizeof(floating))
+    cdef bint started = winners != NULL  # max mode adds into zeros, column by column
+    if started:
+        memset(out_row, 0, dim * sizeof(floating))
     for k in range(start, end):
         if k + GRADIENT_PREFETCH_POSITIONS < end:
             if source != NULL:  # its grad row is one load further: start with the entry
@@ -919,8 +923,11 @@ cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
                 if winners[grad_row * dim + j] == row:
                     out_row[j] += grad_source[j]
         elif plain:
-            for j in range(dim):
-                out_row[j] += grad_source[j]
+            if started:
+                for j in range(dim):
+                    out_row[j] += grad_source[j]
+            else:
+                memcpy(out_row, grad_source, dim * sizeof(floating))
         else:
             if coefficients == NULL:
                 factor = <floating>(1.0 / frequency)
@@ -928,8 +935,33 @@ cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
                 factor = <floating>(coefficients[position] / frequency)
             else:
                 factor = coefficients[position]
-            for j in range(dim):
-                out_row[j] += factor * grad_source[j]
+            if started:
+                for j in range(dim):
+                    out_row[j] += factor * grad_source[j]
+            else:
+                for j in range(dim):
+                    out_row[j] = factor * grad_source[j]
+        started = True
+    if not started:  # no contribution: a zero gradient
+        memset(out_row, 0, dim * sizeof(floating))
+
+
+cdef inline const floating *single_gradient_row(const floating *grad, Py_ssize_t dim,
+                                                const PlanView *plan,
+                                                Py_ssize_t group) noexcept nogil:
+    """The grad row that is group ``group``'s whole gradient when the group has one position
+    (a plain plan: no coefficients, frequency scaling or winners); NULL otherwise."""
+    cdef Py_ssize_t start = plan.starts[group]
+    cdef int64_t position, grad_row
+    if plan.starts[group + 1] - start != 1:
+        return NULL
+    position = plan.order[start]
+    if <uint64_t>position >= <uint64_t>plan.num_positions:
+        return NULL
+    grad_row = plan.source[position] if plan.source != NULL else position
+    if <uint64_t>grad_row >= <uint64_t>plan.grad_rows:
+        return NULL
+    return grad + grad_row * dim
 
 
 def accumulate_rows(const floating[:, ::1] grad, const int64_t[::1] rows not None,
@@ -1026,7 +1058,7 @@ cdef inline floating square_root(floating x) noexcept nogil:
 
 
 cdef void update_row(int method, floating *w, floating *state_a, floating *state_b,
-                     floating *g, Py_ssize_t dim, floating lr, floating one_minus_beta1,
+                     const floating *g, Py_ssize_t dim, floating lr, floating one_minus_beta1,
                      floating one_minus_beta2, floating eps) noexcept nogil:
     cdef Py_ssize_t j
     cdef floating m, v, denominator
@@ -1075,8 +1107,10 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
     cdef PlanView view
     cdef floating *state_a_row
     cdef floating *state_b_row
-    cdef floating *g
+    cdef floating *buffer
+    cdef const floating *g
     cdef int64_t row, ahead
+    cdef bint direct
     cdef Py_ssize_t state_a_width = 0 if state_a is None else state_a.shape[1]
     # one gradient-row buffer per thread (threadid() < num_threads), each followed by a cache
     # line that nobody writes, so no two threads ever write the same line (the false sharing
@@ -1099,6 +1133,8 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
         raise ValueError("sparse_step: row-wise Adagrad needs (V, 1) state")
     if num_groups == 0 or dim == 0 or grad.shape[0] == 0:
         return
+    direct = (not maximize and view.coefficients == NULL and not view.scale_by_frequency
+              and view.winners == NULL)
     with nogil:
         # dynamic: a frequent row's sum has thousands of positions, a static split would
         # leave the other threads waiting (2 threads on the Zipf workload: 1.4x faster)
@@ -1116,11 +1152,15 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
             row = rows[u]
             if row < 0 or row >= num_rows:
                 continue
-            g = &buffers[threadid(), 0]
-            accumulate_one_row(&grad[0, 0], dim, row, &view, u, g)
-            if maximize:
-                for j in range(dim):
-                    g[j] = -g[j]
+            # a row looked up once (most rows of a uniform batch) reads its grad row in place
+            g = single_gradient_row(&grad[0, 0], dim, &view, u) if direct else NULL
+            if g == NULL:
+                buffer = &buffers[threadid(), 0]
+                accumulate_one_row(&grad[0, 0], dim, row, &view, u, buffer)
+                if maximize:
+                    for j in range(dim):
+                        buffer[j] = -buffer[j]
+                g = buffer
             state_a_row = &state_a[row, 0] if state_a_width else NULL
             state_b_row = &state_b[row, 0] if method_code == 3 else NULL
             update_row(method_code, &weight[row, 0], state_a_row, state_b_row, g, dim,

@@ -120,7 +120,7 @@ class SparseGrad:
     def to_dense(self):
         """The full ``(num_embeddings, D)`` gradient, zeros outside ``rows``."""
         dense = np.zeros(self.shape, dtype=self._dtype)
-        dense[self.rows] = self.values
+        dense[self.rows] += self.values  # added to zeros, as torch's to_dense(): -0 gives +0
         return dense
 
     def __add__(self, other):

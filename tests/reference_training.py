@@ -104,6 +104,13 @@ def _rows_of(flat, padding):
     return np.array(sorted({int(r) for r in flat if r != padding}), dtype=np.int64)
 
 
+def _add_term(values, started, k, term):
+    """values[k] += term, except that a row's first term is taken as it is: a gradient sum
+    starts from its first term, as torch's coalesce() does (a single -0 stays -0)."""
+    values[k] = values[k] + term if started[k] else term
+    started[k] = True
+
+
 def embedding_grad_ref(indices, grad_output, num_embeddings, padding_idx=None,
                        scale_grad_by_freq=False):
     flat = np.asarray(indices).reshape(-1)
@@ -116,6 +123,7 @@ def embedding_grad_ref(indices, grad_output, num_embeddings, padding_idx=None,
     slot = {int(r): k for k, r in enumerate(rows)}
     counts = {int(r): int(np.sum(flat == r)) for r in rows}
     values = np.zeros((rows.size, dim), dtype=dtype)
+    started = np.zeros(rows.size, dtype=bool)
     for p, r in enumerate(flat):
         r = int(r)
         if r == padding:
@@ -124,7 +132,7 @@ def embedding_grad_ref(indices, grad_output, num_embeddings, padding_idx=None,
             term = dtype.type(1.0 / counts[r]) * G[p]
         else:
             term = G[p]
-        values[slot[r]] = values[slot[r]] + term
+        _add_term(values, started, slot[r], term)
     return rows, values
 
 
@@ -206,6 +214,7 @@ def bag_grad_ref(weight, indices, grad_output, offsets=None, mode="mean",
                 values[slot[r]] = values[slot[r]] + np.where(won, G[b], dtype.type(0))
         return rows, values
     _, totals = bag_forward_ref(weight, flat, bounds, mode, psw, padding)
+    started = np.zeros(rows.size, dtype=bool)
     for b, (start, end) in enumerate(bounds):
         for k in range(start, end):
             r = int(flat[k])
@@ -222,7 +231,7 @@ def bag_grad_ref(weight, indices, grad_output, offsets=None, mode="mean",
             if scale_grad_by_freq:
                 c = dtype.type((1.0 if c is None else float(c)) / freq[r])
             term = G[b] if c is None else c * G[b]
-            values[slot[r]] = values[slot[r]] + term
+            _add_term(values, started, slot[r], term)
     return rows, values
 
 

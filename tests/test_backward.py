@@ -202,6 +202,21 @@ def test_embedding_grad_bitwise_equal_to_torch(dtype, padding_idx, rng):
     assert_bitwise(g.to_dense(), w.grad.numpy(), "embedding grad vs torch")
 
 
+def test_gradient_sum_starts_from_its_first_term():
+    """As torch's coalesce(): a row looked up once keeps its grad row's bits (-0 stays -0);
+    to_dense() adds the values to zeros, as torch's does."""
+    G = np.array([[-0.0, 1.0], [2.0, -0.0], [-0.0, -0.0]], np.float32)
+    g = fastemb.embedding_backward(G, [2, 0, 1], 3)
+    assert np.signbit(g.values).tolist() == [[False, True], [True, True], [True, False]]
+    assert not np.signbit(g.to_dense()).any()
+    if torch is not None:
+        w = torch.zeros(3, 2, requires_grad=True)
+        F.embedding(torch.tensor([2, 0, 1]), w, sparse=True).backward(torch.from_numpy(G))
+        coalesced = w.grad.coalesce()
+        assert_bitwise(g.values, coalesced.values().numpy(), "values vs torch coalesce()")
+        assert_bitwise(g.to_dense(), coalesced.to_dense().numpy(), "to_dense vs torch")
+
+
 @needs_torch
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_embedding_grad_scale_by_freq_close_to_torch(dtype, rng):
