@@ -11,7 +11,7 @@ import numpy as np
 
 from ._kernels import kernels as _core
 from ._config import threads_for
-from ._memory import reused_memory
+from ._memory import reused_memory, with_reused_memory
 from ._validation import (
     as_index_array,
     as_real,
@@ -114,6 +114,7 @@ class BagForward:
     padding_idx: int             # in [0, V), or NO_PADDING
     winners: np.ndarray          # max mode: (B, D) int64 winning rows (-1 for empty bags)
 
+    @with_reused_memory  # a training loop's next copy reuses this one's pages
     def private_copy(self):
         """A copy that shares no array a caller holds (indices and weights may be the caller's,
         the output is returned to it), keeping only what a backward reads."""

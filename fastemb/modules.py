@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-from ._memory import aligned_full
+from ._memory import aligned_full, reused_memory
 from ._validation import FLOAT_DTYPES, as_real, as_weight, normalize_padding_idx
 from .backward import bag_grads, lookup_grad
 from .functional import NO_PADDING, bag_forward, check_mode, lookup_forward
@@ -148,7 +148,8 @@ class Embedding(_TableModule):
         """Look up ``input`` (integer array of any shape); see ``fastemb.embedding``."""
         out, flat = lookup_forward(input, self.weight, self.padding_idx, self.max_norm,
                                    self.norm_type)
-        self._save((flat.copy(), out.shape))  # private: the caller may reuse its array
+        with reused_memory():  # a training loop's next copy reuses this one's pages
+            self._save((flat.copy(), out.shape))  # private: the caller may reuse its array
         return out
 
     def backward(self, grad_output):
