@@ -274,6 +274,29 @@ cdef extern from *:
     #define FASTEMB_MAX_BLOCK_ELEMENTS (FASTEMB_BLOCK_BYTES / 4)
     #define FASTEMB_NARROW_BLOCK_BYTES 256
     static const double fastemb_zero_block[FASTEMB_BLOCK_BYTES / sizeof(double)];
+
+    /* The narrow block's loops, fully unrolled: the running values become one variable per
+       column, which the compiler keeps in registers from the zeroing to the store (a plain
+       loop leaves them in a stack array that is zeroed and copied out for every bag). */
+    #if defined(__clang__)
+    #define FASTEMB_UNROLLED _Pragma("unroll")
+    #elif defined(__GNUC__)
+    #define FASTEMB_UNROLLED _Pragma("GCC unroll 64")
+    #else
+    #define FASTEMB_UNROLLED
+    #endif
+    #define FASTEMB_UNROLLED_BLOCK_LOOPS(T) \
+        static inline void fastemb_zero_##T(T *acc, Py_ssize_t width) { \
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j++) acc[j] = 0; } \
+        static inline void fastemb_add_##T(T *acc, const T *source, Py_ssize_t width) { \
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j++) acc[j] += source[j]; } \
+        static inline void fastemb_add_scaled_##T(T *acc, T weight, const T *source, \
+                                                  Py_ssize_t width) { \
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j++) acc[j] += weight * source[j]; } \
+        static inline void fastemb_store_##T(T *out, const T *acc, Py_ssize_t width) { \
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j++) out[j] = acc[j]; }
+    FASTEMB_UNROLLED_BLOCK_LOOPS(float)
+    FASTEMB_UNROLLED_BLOCK_LOOPS(double)
     """
     # Columns are reduced in blocks of this many bytes whose running values the compiler keeps
     # in vector registers for the whole bag (all 16 of them); the block width is a compile-time
@@ -284,6 +307,22 @@ cdef extern from *:
     enum: NARROW_BLOCK_BYTES "FASTEMB_NARROW_BLOCK_BYTES"
     enum: MAX_BLOCK_ELEMENTS "FASTEMB_MAX_BLOCK_ELEMENTS"
     const double ZERO_BLOCK "fastemb_zero_block"[1]  # BLOCK_BYTES of zero bits: +0 as any dtype
+    void zero_floats "fastemb_zero_float"(float *acc, Py_ssize_t width) noexcept nogil
+    void zero_doubles "fastemb_zero_double"(double *acc, Py_ssize_t width) noexcept nogil
+    void add_floats "fastemb_add_float"(float *acc, const float *source,
+                                        Py_ssize_t width) noexcept nogil
+    void add_doubles "fastemb_add_double"(double *acc, const double *source,
+                                          Py_ssize_t width) noexcept nogil
+    void add_scaled_floats "fastemb_add_scaled_float"(float *acc, float weight,
+                                                      const float *source,
+                                                      Py_ssize_t width) noexcept nogil
+    void add_scaled_doubles "fastemb_add_scaled_double"(double *acc, double weight,
+                                                        const double *source,
+                                                        Py_ssize_t width) noexcept nogil
+    void store_floats "fastemb_store_float"(float *out, const float *acc,
+                                            Py_ssize_t width) noexcept nogil
+    void store_doubles "fastemb_store_double"(double *out, const double *acc,
+                                              Py_ssize_t width) noexcept nogil
 
 # The block kernels are specialised on the block's width through a type tag (a NULL pointer of
 # one of these types), so each width is a compile-time constant in its own C function whatever
@@ -313,27 +352,96 @@ cdef inline Py_ssize_t block_width(columns_t *columns, Py_ssize_t any_width,
         return sizeof(columns_t) // item_size
 
 
+cdef inline void zero_block(floating *acc, Py_ssize_t width, bint unrolled) noexcept nogil:
+    """acc[:width] = 0 (unrolled: in the C helpers, for a compile-time width)."""
+    cdef Py_ssize_t j
+    if unrolled:
+        if floating is float:
+            zero_floats(acc, width)
+        else:
+            zero_doubles(acc, width)
+    else:
+        for j in range(width):
+            acc[j] = 0
+
+
+cdef inline void add_block(floating *acc, floating weight, const floating *source,
+                           Py_ssize_t width, bint weighted, bint unrolled) noexcept nogil:
+    """acc[:width] += source[:width] (times weight if weighted)."""
+    cdef Py_ssize_t j
+    if unrolled and not weighted:
+        if floating is float:
+            add_floats(acc, source, width)
+        else:
+            add_doubles(acc, source, width)
+    elif unrolled:
+        if floating is float:
+            add_scaled_floats(acc, weight, source, width)
+        else:
+            add_scaled_doubles(acc, weight, source, width)
+    elif not weighted:
+        for j in range(width):
+            acc[j] += source[j]
+    else:
+        for j in range(width):
+            acc[j] += weight * source[j]
+
+
+cdef inline void store_block(floating *out, const floating *acc, Py_ssize_t width,
+                             bint unrolled) noexcept nogil:
+    """out[:width] = acc[:width]."""
+    cdef Py_ssize_t j
+    if unrolled:
+        if floating is float:
+            store_floats(out, acc, width)
+        else:
+            store_doubles(out, acc, width)
+    else:
+        for j in range(width):
+            out[j] = acc[j]
+
+
 cdef inline bint is_kept(int64_t row, int64_t padding_idx, Py_ssize_t num_rows) noexcept nogil:
     """True for an entry a bag reduces: a row of the table that is not padding."""
     return <uint64_t>row < <uint64_t>num_rows and row != padding_idx
 
 
-cdef inline void sum_block(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
-                           const index_t *indices, Py_ssize_t n, Py_ssize_t start,
+# The bag kernels are also specialised on what they reduce, through a second type tag, so that
+# the weighted and the plain sum are separate functions (a runtime test lets the compiler share
+# their loads, and spill them).
+cdef struct SumReduction:
+    char unused
+
+cdef struct WeightedSumReduction:
+    char unused
+
+cdef struct MaxReduction:
+    char unused
+
+ctypedef fused reduction_t:
+    SumReduction
+    WeightedSumReduction
+    MaxReduction
+
+
+cdef inline void sum_block(reduction_t *reduction, const floating *table, Py_ssize_t num_rows,
+                           Py_ssize_t dim, const index_t *indices, Py_ssize_t n, Py_ssize_t start,
                            Py_ssize_t end, const floating *sample_weights, int64_t padding_idx,
                            Py_ssize_t column, columns_t *columns,
                            Py_ssize_t any_width, floating *out_row,
                            Py_ssize_t distance) noexcept nogil:
-    """out_row[column:column+width] = sum of the kept rows' columns (times their weights).
-    With distance > 0 it prefetches the same columns of the row ``distance`` positions ahead."""
+    """out_row[column:column+width] = sum of the kept rows' columns (times their weights, for
+    a WeightedSumReduction). With distance > 0 it prefetches the same columns of the row
+    ``distance`` positions ahead."""
     cdef Py_ssize_t width = block_width(columns, any_width, sizeof(floating))
+    cdef bint unrolled = columns_t is NarrowColumns
+    cdef bint weighted = reduction_t is WeightedSumReduction
     cdef floating acc[MAX_BLOCK_ELEMENTS]
     cdef floating weight
     cdef const floating *source
     cdef int64_t row
-    cdef Py_ssize_t k, j
-    for j in range(width):
-        acc[j] = 0
+    cdef Py_ssize_t k
+    zero_block(acc, width, unrolled)
     for k in range(start, end):
         if distance:
             prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width)
@@ -345,16 +453,10 @@ cdef inline void sum_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
         weight = 1
         if is_kept(row, padding_idx, num_rows):
             source = table + row * dim + column
-            if sample_weights != NULL:
+            if weighted:
                 weight = sample_weights[k]
-        if sample_weights == NULL:
-            for j in range(width):
-                acc[j] += source[j]
-        else:
-            for j in range(width):
-                acc[j] += weight * source[j]
-    for j in range(width):
-        out_row[column + j] = acc[j]
+        add_block(acc, weight, source, width, weighted, unrolled)
+    store_block(out_row + column, acc, width, unrolled)
 
 
 cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
@@ -405,18 +507,6 @@ cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
             winner_row[column + j] = winner[j]
 
 
-# The bag kernels are also specialised on what they reduce, through a second type tag.
-cdef struct SumReduction:
-    char unused
-
-cdef struct MaxReduction:
-    char unused
-
-ctypedef fused reduction_t:
-    SumReduction
-    MaxReduction
-
-
 cdef inline void reduce_block(reduction_t *reduction, const floating *table,
                               Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
                               Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
@@ -429,8 +519,8 @@ cdef inline void reduce_block(reduction_t *reduction, const floating *table,
         max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column, columns,
                   any_width, out_row, winner_row, distance)
     else:
-        sum_block(table, num_rows, dim, indices, n, start, end, sample_weights, padding_idx,
-                  column, columns, any_width, out_row, distance)
+        sum_block(reduction, table, num_rows, dim, indices, n, start, end, sample_weights,
+                  padding_idx, column, columns, any_width, out_row, distance)
 
 
 cdef inline void reduce_bag(reduction_t *reduction, const floating *table, Py_ssize_t num_rows,
@@ -526,12 +616,12 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
                            NULL, padding_idx, &out[b, 0],
                            winner_data + b * dim if winner_data != NULL else NULL, distance)
                 continue
-            if weights_data == NULL:  # a literal NULL lets the compiler drop the weight code
+            if weights_data == NULL:
                 reduce_bag(<SumReduction *>NULL, table, num_rows, dim, index_data, n, start, end,
                            NULL, padding_idx, &out[b, 0], NULL, distance)
             else:
-                reduce_bag(<SumReduction *>NULL, table, num_rows, dim, index_data, n, start, end,
-                           weights_data, padding_idx, &out[b, 0], NULL, distance)
+                reduce_bag(<WeightedSumReduction *>NULL, table, num_rows, dim, index_data, n,
+                           start, end, weights_data, padding_idx, &out[b, 0], NULL, distance)
             if mode_code == 1:
                 divide_by_bag_size(num_rows, dim, index_data, start, end, weights_data,
                                    padding_idx, &out[b, 0])
