@@ -11,7 +11,6 @@ row on a cache-line boundary.
 
 import functools
 import math
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -43,14 +42,17 @@ def aligned_full(shape, fill_value, dtype):
     return array
 
 
-@contextmanager
-def reused_memory():
-    """Within the block, NumPy arrays come from (and, when freed, return to) the block cache."""
-    previous = _core.set_allocator(_core.BLOCK_CACHE_HANDLER)
-    try:
-        yield
-    finally:
-        _core.set_allocator(previous)
+class reused_memory:
+    """Within the block, NumPy arrays come from (and, when freed, return to) the block cache.
+    (A class rather than a generator: this runs twice per lookup.)"""
+
+    __slots__ = ("previous",)
+
+    def __enter__(self):
+        self.previous = _core.set_allocator(_core.BLOCK_CACHE_HANDLER)
+
+    def __exit__(self, *exc_info):
+        _core.set_allocator(self.previous)
 
 
 def with_reused_memory(function):

@@ -29,6 +29,9 @@ def as_index_array(values, name="input"):
 
     Raises TypeError for non-integer dtypes and IndexError for values that do not fit int64.
     """
+    if (type(values) is np.ndarray and values.dtype in NATIVE_INDEX_DTYPES
+            and values.flags.c_contiguous):
+        return values  # the common case, without the checks below
     if isinstance(values, np.ndarray):
         array = values
     else:
@@ -141,9 +144,11 @@ def bag_bounds(offsets, num_indices, include_last_offset):
             )
         bounds = offsets
     else:
-        bounds = np.append(offsets, np.int64(num_indices))
-    if offsets.size == 0:
-        return bounds
+        bounds = np.empty(offsets.size + 1, dtype=np.int64)
+        bounds[:-1] = offsets
+        bounds[-1] = num_indices
+    if offsets.size == 0 or (bounds[0] == 0 and _core.first_decrease(bounds) < 0):
+        return bounds  # valid: from 0, non-decreasing, ending at len(input) at most
     if offsets[0] != 0:
         raise ValueError(f"offsets[0] = {offsets[0]} must be 0")
     at = _core.first_decrease(offsets)
