@@ -273,7 +273,13 @@ cdef extern from *:
     #endif
     #define FASTEMB_MAX_BLOCK_ELEMENTS (FASTEMB_BLOCK_BYTES / 4)
     #define FASTEMB_NARROW_BLOCK_BYTES 256
-    static const double fastemb_zero_block[FASTEMB_BLOCK_BYTES / sizeof(double)];
+    /* Zero bits, never written. Not static const: the compiler must not know its contents, so
+       that "add a block of it" stays a memory operand of the add (a cmov picks the address)
+       instead of becoming a separate path that adds zeroed registers. */
+    #if defined(__GNUC__)
+    __attribute__((visibility("hidden")))
+    #endif
+    double fastemb_zero_block[FASTEMB_BLOCK_BYTES / sizeof(double)];
 
     /* The narrow block's loops, fully unrolled: the running values become one variable per
        column, which the compiler keeps in registers from the zeroing to the store (a plain
