@@ -281,26 +281,51 @@ cdef extern from *:
     #endif
     double fastemb_zero_block[FASTEMB_BLOCK_BYTES / sizeof(double)];
 
-    /* The narrow block's loops, fully unrolled: the running values become one variable per
-       column, which the compiler keeps in registers from the zeroing to the store (a plain
-       loop leaves them in a stack array that is zeroed and copied out for every bag). */
+    /* The narrow block's loops, whole vectors at a time and fully unrolled: the running values
+       become one vector variable each, which the compiler keeps in registers from the zeroing
+       to the store (a plain loop leaves them in a stack array that is zeroed and copied out
+       for every bag, and gcc's own vectorisation of unrolled scalars is fragile). The width is
+       a multiple of the vector. Vector arithmetic is element by element: the same roundings. */
+    #if defined(__GNUC__) || defined(__clang__)
+    #ifdef __AVX__
+    #define FASTEMB_VECTOR_BYTES 32
+    #else
+    #define FASTEMB_VECTOR_BYTES 16
+    #endif
     #if defined(__clang__)
     #define FASTEMB_UNROLLED _Pragma("unroll")
-    #elif defined(__GNUC__)
-    #define FASTEMB_UNROLLED _Pragma("GCC unroll 64")
     #else
-    #define FASTEMB_UNROLLED
+    #define FASTEMB_UNROLLED _Pragma("GCC unroll 64")
     #endif
     #define FASTEMB_UNROLLED_BLOCK_LOOPS(T) \
+        typedef T fastemb_vector_##T __attribute__((vector_size(FASTEMB_VECTOR_BYTES), \
+                                                    aligned(sizeof(T)), may_alias)); \
         static inline void fastemb_zero_##T(T *acc, Py_ssize_t width) { \
-            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j++) acc[j] = 0; } \
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_VECTOR_BYTES / sizeof(T)) \
+                *(fastemb_vector_##T *)(acc + j) = (fastemb_vector_##T){0}; } \
         static inline void fastemb_add_##T(T *acc, const T *source, Py_ssize_t width) { \
-            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j++) acc[j] += source[j]; } \
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_VECTOR_BYTES / sizeof(T)) \
+                *(fastemb_vector_##T *)(acc + j) += *(const fastemb_vector_##T *)(source + j); } \
         static inline void fastemb_add_scaled_##T(T *acc, T weight, const T *source, \
                                                   Py_ssize_t width) { \
-            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j++) acc[j] += weight * source[j]; } \
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_VECTOR_BYTES / sizeof(T)) \
+                *(fastemb_vector_##T *)(acc + j) += \
+                    weight * *(const fastemb_vector_##T *)(source + j); } \
         static inline void fastemb_store_##T(T *out, const T *acc, Py_ssize_t width) { \
-            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j++) out[j] = acc[j]; }
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_VECTOR_BYTES / sizeof(T)) \
+                *(fastemb_vector_##T *)(out + j) = *(const fastemb_vector_##T *)(acc + j); }
+    #else  /* no vector extension: plain loops */
+    #define FASTEMB_UNROLLED_BLOCK_LOOPS(T) \
+        static inline void fastemb_zero_##T(T *acc, Py_ssize_t width) { \
+            for (Py_ssize_t j = 0; j < width; j++) acc[j] = 0; } \
+        static inline void fastemb_add_##T(T *acc, const T *source, Py_ssize_t width) { \
+            for (Py_ssize_t j = 0; j < width; j++) acc[j] += source[j]; } \
+        static inline void fastemb_add_scaled_##T(T *acc, T weight, const T *source, \
+                                                  Py_ssize_t width) { \
+            for (Py_ssize_t j = 0; j < width; j++) acc[j] += weight * source[j]; } \
+        static inline void fastemb_store_##T(T *out, const T *acc, Py_ssize_t width) { \
+            for (Py_ssize_t j = 0; j < width; j++) out[j] = acc[j]; }
+    #endif
     FASTEMB_UNROLLED_BLOCK_LOOPS(float)
     FASTEMB_UNROLLED_BLOCK_LOOPS(double)
     """
@@ -412,6 +437,23 @@ cdef inline bint is_kept(int64_t row, int64_t padding_idx, Py_ssize_t num_rows) 
     return <uint64_t>row < <uint64_t>num_rows and row != padding_idx
 
 
+cdef inline void add_entry(floating *acc, const floating *table, Py_ssize_t num_rows,
+                           Py_ssize_t dim, int64_t row, const floating *sample_weights,
+                           Py_ssize_t k, int64_t padding_idx, Py_ssize_t column,
+                           Py_ssize_t width, bint weighted, bint unrolled) noexcept nogil:
+    """Add bag entry k (row ``row``) to a block's running sums. A skipped entry adds a block of
+    +0 (weight 1), which changes no sum: a sum that starts at +0 is never -0. The adds then run
+    for every entry, so the compiler keeps acc in registers (a conditional update makes gcc
+    track, per register, whether to store it)."""
+    cdef const floating *source = <const floating *>ZERO_BLOCK
+    cdef floating weight = 1
+    if is_kept(row, padding_idx, num_rows):
+        source = table + row * dim + column
+        if weighted:
+            weight = sample_weights[k]
+    add_block(acc, weight, source, width, weighted, unrolled)
+
+
 # The bag kernels are also specialised on what they reduce, through a second type tag, so that
 # the weighted and the plain sum are separate functions (a runtime test lets the compiler share
 # their loads, and spill them).
@@ -443,25 +485,17 @@ cdef inline void sum_block(reduction_t *reduction, const floating *table, Py_ssi
     cdef bint unrolled = columns_t is NarrowColumns
     cdef bint weighted = reduction_t is WeightedSumReduction
     cdef floating acc[MAX_BLOCK_ELEMENTS]
-    cdef floating weight
-    cdef const floating *source
-    cdef int64_t row
     cdef Py_ssize_t k
     zero_block(acc, width, unrolled)
-    for k in range(start, end):
-        if distance:
+    if distance:  # two loops rather than a test per entry
+        for k in range(start, end):
             prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width)
-        row = indices[k]
-        # A skipped entry adds a block of +0 (weight 1), which changes no sum: a sum that starts
-        # at +0 is never -0. The adds then run for every entry, so the compiler keeps acc in
-        # registers (a conditional update makes gcc track, per register, whether to store it).
-        source = <const floating *>ZERO_BLOCK
-        weight = 1
-        if is_kept(row, padding_idx, num_rows):
-            source = table + row * dim + column
-            if weighted:
-                weight = sample_weights[k]
-        add_block(acc, weight, source, width, weighted, unrolled)
+            add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k, padding_idx,
+                      column, width, weighted, unrolled)
+    else:
+        for k in range(start, end):
+            add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k, padding_idx,
+                      column, width, weighted, unrolled)
     store_block(out_row + column, acc, width, unrolled)
 
 
