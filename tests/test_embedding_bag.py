@@ -60,6 +60,30 @@ def test_long_bags_and_wide_rows(seed, mode, dtype, bag_length, dim):
                                      per_sample_weights=weights, padding_idx=7))
 
 
+@pytest.mark.parametrize("dtype, dim", [(np.float32, 64), (np.float64, 32), (np.float32, 200)])
+def test_prefetching_loops_on_a_table_past_the_caches(dtype, dim, threads):
+    """Tables over 8 MB take the kernels' other loops, which prefetch the rows some positions
+    ahead (across bag ends, up to the last index): the same bits as the reference, with padding,
+    empty bags and weights, on 1 and 2 threads. (64 float32 and 32 float64 columns are one
+    narrow block; 200 columns are blocks of every kind.)"""
+    rng = np.random.default_rng(dim)
+    num_rows = (9 << 20) // (dim * np.dtype(dtype).itemsize)
+    weight = random_table(rng, num_rows, dim, dtype)
+    indices = rng.integers(0, num_rows, size=300)
+    indices[::7] = 3
+    offsets = np.sort(rng.integers(0, indices.size, size=20))
+    offsets[0] = 0
+    offsets[5] = offsets[4]  # an empty bag
+    psw = rng.standard_normal(indices.size).astype(dtype)
+    for count in (1, 2):
+        with threads(count):
+            for mode in MODES:
+                for weights in (None,) if mode == "max" else (None, psw):
+                    check_against_reference(dict(input=indices, weight=weight, offsets=offsets,
+                                                 mode=mode, per_sample_weights=weights,
+                                                 padding_idx=3))
+
+
 # --------------------------------------------------------------------------------------------
 # Fixed cases
 # --------------------------------------------------------------------------------------------
