@@ -20,7 +20,7 @@ Notation: ``V`` rows and ``D`` columns in the table (weight), ``n`` looked-up in
 from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.math cimport INFINITY, NAN, fabs, isinf, pow, sqrt, sqrtf
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -116,22 +116,34 @@ def compile_flags():
 # Small helpers shared by the kernels
 # --------------------------------------------------------------------------------------------
 
-cdef inline void prefetch_row(const floating *row, Py_ssize_t dim,
-                              bint for_write=False) noexcept nogil:
+cdef inline void prefetch_row(const floating *row, Py_ssize_t dim, bint for_write=False,
+                              bint lines_aligned=False) noexcept nogil:
     """Ask the CPU to start loading every cache line of one table row (to read or update)."""
     cdef Py_ssize_t line_elements = CACHE_LINE_BYTES // sizeof(floating)
     cdef Py_ssize_t j = 0
+    # the loop covers the lines of row[0], row[line_elements], ...: as many lines as the row
+    # has bytes, rounded up, which leave `slack` bytes spare after the row if it starts a line
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef Py_ssize_t slack = (row_bytes + CACHE_LINE_BYTES - 1) // CACHE_LINE_BYTES * CACHE_LINE_BYTES - row_bytes
     while j < dim:
         if for_write:
             FASTEMB_PREFETCH_WRITE(row + j)
         else:
             FASTEMB_PREFETCH(row + j)
         j += line_elements
-    # a row that is not line-aligned spans one more line
-    if for_write:
-        FASTEMB_PREFETCH_WRITE(row + dim - 1)
-    else:
-        FASTEMB_PREFETCH(row + dim - 1)
+    # a row that starts further into its line than that spans one line more; lines_aligned
+    # says that none does (row and row size on cache lines; a literal True at an inlined call
+    # site removes the test: a redundant prefetch per row cost a bag sum 2-8%)
+    if not lines_aligned and <Py_ssize_t>(<uintptr_t>row % CACHE_LINE_BYTES) > slack:
+        if for_write:
+            FASTEMB_PREFETCH_WRITE(row + dim - 1)
+        else:
+            FASTEMB_PREFETCH(row + dim - 1)
+
+
+cdef inline bint rows_on_lines(const void *table, Py_ssize_t row_bytes) noexcept nogil:
+    """True when every row of a table starts on a cache line."""
+    return <uintptr_t>table % CACHE_LINE_BYTES == 0 and row_bytes % CACHE_LINE_BYTES == 0
 
 
 cdef inline Py_ssize_t prefetch_distance(Py_ssize_t num_rows, Py_ssize_t dim,
@@ -145,11 +157,12 @@ cdef inline Py_ssize_t prefetch_distance(Py_ssize_t num_rows, Py_ssize_t dim,
 
 cdef inline void prefetch_ahead(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
                                 const index_t *indices, Py_ssize_t n, Py_ssize_t position,
-                                Py_ssize_t distance, Py_ssize_t column,
-                                Py_ssize_t width) noexcept nogil:
+                                Py_ssize_t distance, Py_ssize_t column, Py_ssize_t width,
+                                bint lines_aligned) noexcept nogil:
     """Prefetch columns [column, column + width) of the row ``indices[position + distance]``
     names. Without branches, as FBGEMM does: past the end it takes the current position, and an
-    index that names no row prefetches row 0 (the table is not empty when this runs)."""
+    index that names no row prefetches row 0 (the table is not empty when this runs).
+    ``lines_aligned``: every row's columns start on a cache line (see prefetch_row)."""
     cdef Py_ssize_t ahead = position + distance
     cdef int64_t row
     if ahead >= n:
@@ -157,7 +170,7 @@ cdef inline void prefetch_ahead(const floating *table, Py_ssize_t num_rows, Py_s
     row = indices[ahead]
     if <uint64_t>row >= <uint64_t>num_rows:  # one compare for "not 0 <= row < num_rows"
         row = 0
-    prefetch_row(table + row * dim + column, width)
+    prefetch_row(table + row * dim + column, width, False, lines_aligned)
 
 
 cdef inline int team_size(int num_threads) noexcept nogil:
@@ -236,14 +249,17 @@ def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
     cdef Py_ssize_t n = indices.shape[0], num_rows = weight.shape[0], dim = weight.shape[1]
     cdef Py_ssize_t i, distance = prefetch_distance(num_rows, dim, sizeof(floating))
     cdef int64_t row
+    cdef bint lines_aligned
     if out.shape[0] != n or out.shape[1] != dim:
         raise ValueError("gather_rows: out must have shape (len(indices), weight.shape[1])")
     if n == 0 or dim == 0:
         return
+    lines_aligned = num_rows > 0 and rows_on_lines(&weight[0, 0], dim * sizeof(floating))
     with nogil:
         for i in prange(n, schedule="static", num_threads=team_size(num_threads)):
             if distance:
-                prefetch_ahead(&weight[0, 0], num_rows, dim, &indices[0], n, i, distance, 0, dim)
+                prefetch_ahead(&weight[0, 0], num_rows, dim, &indices[0], n, i, distance, 0, dim,
+                               lines_aligned)
             row = indices[i]
             if 0 <= row < num_rows:
                 memcpy(&out[i, 0], &weight[row, 0], dim * sizeof(floating))
@@ -476,8 +492,8 @@ cdef inline void sum_block(reduction_t *reduction, const floating *table, Py_ssi
                            Py_ssize_t dim, const index_t *indices, Py_ssize_t n, Py_ssize_t start,
                            Py_ssize_t end, const floating *sample_weights, int64_t padding_idx,
                            Py_ssize_t column, columns_t *columns,
-                           Py_ssize_t any_width, floating *out_row,
-                           Py_ssize_t distance) noexcept nogil:
+                           Py_ssize_t any_width, floating *out_row, Py_ssize_t distance,
+                           bint lines_aligned) noexcept nogil:
     """out_row[column:column+width] = sum of the kept rows' columns (times their weights, for
     a WeightedSumReduction). With distance > 0 it prefetches the same columns of the row
     ``distance`` positions ahead."""
@@ -487,9 +503,15 @@ cdef inline void sum_block(reduction_t *reduction, const floating *table, Py_ssi
     cdef floating acc[MAX_BLOCK_ELEMENTS]
     cdef Py_ssize_t k
     zero_block(acc, width, unrolled)
-    if distance:  # two loops rather than a test per entry
+    # three loops rather than tests per entry
+    if distance and lines_aligned:
         for k in range(start, end):
-            prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width)
+            prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width, True)
+            add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k, padding_idx,
+                      column, width, weighted, unrolled)
+    elif distance:
+        for k in range(start, end):
+            prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width, False)
             add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k, padding_idx,
                       column, width, weighted, unrolled)
     else:
@@ -504,7 +526,7 @@ cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
                            Py_ssize_t end, int64_t padding_idx, Py_ssize_t column,
                            columns_t *columns,
                            Py_ssize_t any_width, floating *out_row, int64_t *winner_row,
-                           Py_ssize_t distance) noexcept nogil:
+                           Py_ssize_t distance, bint lines_aligned) noexcept nogil:
     """out_row[column:column+width] = the columns' max over the kept rows (first wins ties);
     winner_row (unless NULL) gets the winning rows. No kept row: zeros and -1."""
     cdef Py_ssize_t width = block_width(columns, any_width, sizeof(floating))
@@ -528,7 +550,8 @@ cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
         winner[j] = row
     for k in range(k + 1, end):
         if distance:
-            prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width)
+            prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width,
+                           lines_aligned)
         row = indices[k]
         if not is_kept(row, padding_idx, num_rows):
             continue
@@ -552,22 +575,22 @@ cdef inline void reduce_block(reduction_t *reduction, const floating *table,
                               Py_ssize_t n, Py_ssize_t start, Py_ssize_t end,
                               const floating *sample_weights, int64_t padding_idx,
                               Py_ssize_t column, columns_t *columns, Py_ssize_t any_width,
-                              floating *out_row, int64_t *winner_row,
-                              Py_ssize_t distance) noexcept nogil:
+                              floating *out_row, int64_t *winner_row, Py_ssize_t distance,
+                              bint lines_aligned) noexcept nogil:
     """One block of columns of one bag: sum_block or max_block."""
     if reduction_t is MaxReduction:
         max_block(table, num_rows, dim, indices, n, start, end, padding_idx, column, columns,
-                  any_width, out_row, winner_row, distance)
+                  any_width, out_row, winner_row, distance, lines_aligned)
     else:
         sum_block(reduction, table, num_rows, dim, indices, n, start, end, sample_weights,
-                  padding_idx, column, columns, any_width, out_row, distance)
+                  padding_idx, column, columns, any_width, out_row, distance, lines_aligned)
 
 
 cdef inline void reduce_bag(reduction_t *reduction, const floating *table, Py_ssize_t num_rows,
                             Py_ssize_t dim, const index_t *indices, Py_ssize_t n,
                             Py_ssize_t start, Py_ssize_t end, const floating *sample_weights,
                             int64_t padding_idx, floating *out_row, int64_t *winner_row,
-                            Py_ssize_t distance) noexcept nogil:
+                            Py_ssize_t distance, bint lines_aligned) noexcept nogil:
     """One bag's sum (weighted unless sample_weights is NULL) or max, block by block over the
     columns: wide blocks, then at most one narrow block, both of compile-time width, then the
     rest."""
@@ -576,17 +599,18 @@ cdef inline void reduce_bag(reduction_t *reduction, const floating *table, Py_ss
     cdef Py_ssize_t column = 0
     while dim - column >= wide:
         reduce_block(reduction, table, num_rows, dim, indices, n, start, end, sample_weights,
-                     padding_idx, column, <WideColumns *>NULL, 0, out_row, winner_row, distance)
+                     padding_idx, column, <WideColumns *>NULL, 0, out_row, winner_row, distance,
+                     lines_aligned)
         column += wide
     if dim - column >= narrow:
         reduce_block(reduction, table, num_rows, dim, indices, n, start, end, sample_weights,
                      padding_idx, column, <NarrowColumns *>NULL, 0, out_row, winner_row,
-                     distance)
+                     distance, lines_aligned)
         column += narrow
     if column < dim:
         reduce_block(reduction, table, num_rows, dim, indices, n, start, end, sample_weights,
                      padding_idx, column, <AnyColumns *>NULL, dim - column, out_row, winner_row,
-                     distance)
+                     distance, lines_aligned)
 
 
 cdef inline void divide_by_bag_size(Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
@@ -628,6 +652,7 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
     cdef const floating *weights_data = NULL
     cdef int64_t *winner_data = NULL
     cdef Py_ssize_t distance = prefetch_distance(num_rows, dim, sizeof(floating))
+    cdef bint lines_aligned  # (every block of columns starts a multiple of 256 bytes in)
     if num_bags < 0 or out.shape[0] != num_bags or out.shape[1] != dim:
         raise ValueError("bag_reduce: out must have shape (len(bounds) - 1, weight.shape[1])")
     if sample_weights is not None:
@@ -645,6 +670,7 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
     # With no indices or an empty table every bag is empty; the kernels then read neither.
     table = &weight[0, 0] if num_rows > 0 else NULL
     index_data = &indices[0] if n > 0 else NULL
+    lines_aligned = rows_on_lines(table, dim * sizeof(floating))
     with nogil:
         for b in prange(num_bags, schedule="static", num_threads=team_size(num_threads)):
             start = clamp(bounds[b], 0, n)
@@ -654,14 +680,16 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
             if mode_code == 2:
                 reduce_bag(<MaxReduction *>NULL, table, num_rows, dim, index_data, n, start, end,
                            NULL, padding_idx, &out[b, 0],
-                           winner_data + b * dim if winner_data != NULL else NULL, distance)
+                           winner_data + b * dim if winner_data != NULL else NULL, distance,
+                           lines_aligned)
                 continue
             if weights_data == NULL:
                 reduce_bag(<SumReduction *>NULL, table, num_rows, dim, index_data, n, start, end,
-                           NULL, padding_idx, &out[b, 0], NULL, distance)
+                           NULL, padding_idx, &out[b, 0], NULL, distance, lines_aligned)
             else:
                 reduce_bag(<WeightedSumReduction *>NULL, table, num_rows, dim, index_data, n,
-                           start, end, weights_data, padding_idx, &out[b, 0], NULL, distance)
+                           start, end, weights_data, padding_idx, &out[b, 0], NULL, distance,
+                           lines_aligned)
             if mode_code == 1:
                 divide_by_bag_size(num_rows, dim, index_data, start, end, weights_data,
                                    padding_idx, &out[b, 0])

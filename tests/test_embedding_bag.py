@@ -8,6 +8,7 @@ from reference import assert_same_bits, embedding_bag_ref, out_of_range, renorm_
 from strategies import MODES, bag_cases, random_table, reference_kwargs, seeds
 
 import fastemb
+from fastemb._memory import aligned_full
 from fastemb.functional import bag_forward
 
 W5 = np.array([[1, -2], [3, 4], [-5, 6], [7, -8], [0.5, 0.5]], np.float32)
@@ -63,12 +64,22 @@ def test_long_bags_and_wide_rows(seed, mode, dtype, bag_length, dim):
 @pytest.mark.parametrize("dtype, dim", [(np.float32, 64), (np.float64, 32), (np.float32, 200)])
 def test_prefetching_loops_on_a_table_past_the_caches(dtype, dim, threads):
     """Tables over 8 MB take the kernels' other loops, which prefetch the rows some positions
-    ahead (across bag ends, up to the last index): the same bits as the reference, with padding,
-    empty bags and weights, on 1 and 2 threads. (64 float32 and 32 float64 columns are one
-    narrow block; 200 columns are blocks of every kind.)"""
+    ahead (across bag ends, up to the last index), on tables whose rows start on cache lines
+    and on tables whose rows do not: the same bits as the reference, with padding, empty bags
+    and weights, on 1 and 2 threads. (64 float32 and 32 float64 columns are one narrow block;
+    200 columns are blocks of every kind.)"""
     rng = np.random.default_rng(dim)
     num_rows = (9 << 20) // (dim * np.dtype(dtype).itemsize)
-    weight = random_table(rng, num_rows, dim, dtype)
+    storage = aligned_full((num_rows * dim + 1,), 0, dtype)
+    storage[:] = rng.standard_normal(storage.size)
+    assert storage.ctypes.data % 64 == 0  # so rows of 256 bytes start on lines, one element on do not
+    for weight in (storage[:-1].reshape(num_rows, dim), storage[1:].reshape(num_rows, dim)):
+        check_bag_modes_against_reference(rng, weight, threads)
+
+
+def check_bag_modes_against_reference(rng, weight, threads):
+    """Every mode, with and without weights, padding and an empty bag, on 1 and 2 threads."""
+    num_rows, dtype = weight.shape[0], weight.dtype
     indices = rng.integers(0, num_rows, size=300)
     indices[::7] = 3
     offsets = np.sort(rng.integers(0, indices.size, size=20))
