@@ -124,7 +124,8 @@ cdef inline void prefetch_row(const floating *row, Py_ssize_t dim, bint for_writ
     # the loop covers the lines of row[0], row[line_elements], ...: as many lines as the row
     # has bytes, rounded up, which leave `slack` bytes spare after the row if it starts a line
     cdef Py_ssize_t row_bytes = dim * sizeof(floating)
-    cdef Py_ssize_t slack = (row_bytes + CACHE_LINE_BYTES - 1) // CACHE_LINE_BYTES * CACHE_LINE_BYTES - row_bytes
+    cdef Py_ssize_t lines = (row_bytes + CACHE_LINE_BYTES - 1) // CACHE_LINE_BYTES
+    cdef Py_ssize_t slack = lines * CACHE_LINE_BYTES - row_bytes
     while j < dim:
         if for_write:
             FASTEMB_PREFETCH_WRITE(row + j)
@@ -290,8 +291,8 @@ cdef extern from *:
     #define FASTEMB_MAX_BLOCK_ELEMENTS (FASTEMB_BLOCK_BYTES / 4)
     #define FASTEMB_NARROW_BLOCK_BYTES 256
     /* Zero bits, never written. Not static const: the compiler must not know its contents, so
-       that "add a block of it" stays a memory operand of the add (a cmov picks the address)
-       instead of becoming a separate path that adds zeroed registers. */
+       that "add a block of it" stays a memory operand of the adds (each entry only picks the
+       address to add from) instead of becoming a separate path that adds zeroed registers. */
     #if defined(__GNUC__)
     __attribute__((visibility("hidden")))
     #endif
@@ -313,22 +314,23 @@ cdef extern from *:
     #else
     #define FASTEMB_UNROLLED _Pragma("GCC unroll 64")
     #endif
+    #define FASTEMB_LANES(T) (FASTEMB_VECTOR_BYTES / sizeof(T))
     #define FASTEMB_UNROLLED_BLOCK_LOOPS(T) \
         typedef T fastemb_vector_##T __attribute__((vector_size(FASTEMB_VECTOR_BYTES), \
                                                     aligned(sizeof(T)), may_alias)); \
         static inline void fastemb_zero_##T(T *acc, Py_ssize_t width) { \
-            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_VECTOR_BYTES / sizeof(T)) \
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_LANES(T)) \
                 *(fastemb_vector_##T *)(acc + j) = (fastemb_vector_##T){0}; } \
         static inline void fastemb_add_##T(T *acc, const T *source, Py_ssize_t width) { \
-            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_VECTOR_BYTES / sizeof(T)) \
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_LANES(T)) \
                 *(fastemb_vector_##T *)(acc + j) += *(const fastemb_vector_##T *)(source + j); } \
         static inline void fastemb_add_scaled_##T(T *acc, T weight, const T *source, \
                                                   Py_ssize_t width) { \
-            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_VECTOR_BYTES / sizeof(T)) \
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_LANES(T)) \
                 *(fastemb_vector_##T *)(acc + j) += \
                     weight * *(const fastemb_vector_##T *)(source + j); } \
         static inline void fastemb_store_##T(T *out, const T *acc, Py_ssize_t width) { \
-            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_VECTOR_BYTES / sizeof(T)) \
+            FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_LANES(T)) \
                 *(fastemb_vector_##T *)(out + j) = *(const fastemb_vector_##T *)(acc + j); }
     #else  /* no vector extension: plain loops */
     #define FASTEMB_UNROLLED_BLOCK_LOOPS(T) \
@@ -591,7 +593,7 @@ cdef inline void reduce_bag(reduction_t *reduction, const floating *table, Py_ss
                             Py_ssize_t start, Py_ssize_t end, const floating *sample_weights,
                             int64_t padding_idx, floating *out_row, int64_t *winner_row,
                             Py_ssize_t distance, bint lines_aligned) noexcept nogil:
-    """One bag's sum (weighted unless sample_weights is NULL) or max, block by block over the
+    """One bag's sum (weighted for a WeightedSumReduction) or max, block by block over the
     columns: wide blocks, then at most one narrow block, both of compile-time width, then the
     rest."""
     cdef Py_ssize_t wide = BLOCK_BYTES // sizeof(floating)
@@ -824,7 +826,7 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
     cdef bint has_payload = payload is not None
     if has_payload and payload.shape[0] != n:
         raise ValueError("group_by_row: payload needs one entry per index")
-    cdef Py_ssize_t chunk, i, kept, slot, m = 0, u, num_groups = 0
+    cdef Py_ssize_t chunk, i, end, kept, slot, m = 0, group_starts, u, num_groups = 0
     cdef int64_t row, value, lowest, highest, smallest_value = 0, largest_value = max(n - 1, 0)
     num_rows = max(num_rows, 0)  # (is_kept reads a negative count as a huge one)
     cdef int key_bits = int(num_rows - 1).bit_length() if num_rows > 1 else 0
@@ -841,7 +843,8 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
             kept = 0
             lowest = 0
             highest = 0
-            for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
+            end = chunk_start(chunk + 1, num_chunks, n)
+            for i in range(chunk_start(chunk, num_chunks, n), end):
                 row = indices[i]
                 if is_kept(row, padding_idx, num_rows):
                     kept = kept + 1
@@ -872,7 +875,8 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
     # 2. The first pass scatters straight from indices (and payload) into the keys.
     with nogil:
         for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
-            for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
+            end = chunk_start(chunk + 1, num_chunks, n)
+            for i in range(chunk_start(chunk, num_chunks, n), end):
                 row = indices[i]
                 if is_kept(row, padding_idx, num_rows):
                     value = payload[i] if has_payload else i
@@ -898,12 +902,14 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
         positions = keys_out
     with nogil:
         for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
-            kept = 0
-            for i in range(chunk_start(chunk, num_chunks, m), chunk_start(chunk + 1, num_chunks, m)):
-                kept = kept + (i == 0 or (keys[i] >> first_shift) != (keys[i - 1] >> first_shift))
+            group_starts = 0
+            end = chunk_start(chunk + 1, num_chunks, m)
+            for i in range(chunk_start(chunk, num_chunks, m), end):
+                group_starts = group_starts + (
+                    i == 0 or (keys[i] >> first_shift) != (keys[i - 1] >> first_shift))
                 if packed:
                     positions[i] = keys[i] & value_mask
-            chunk_facts[chunk, 0] = kept
+            chunk_facts[chunk, 0] = group_starts
         for chunk in range(num_chunks):
             chunk_facts[chunk, 1] = num_groups
             num_groups = num_groups + chunk_facts[chunk, 0]
@@ -913,7 +919,8 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
     with nogil:
         for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
             u = chunk_facts[chunk, 1]
-            for i in range(chunk_start(chunk, num_chunks, m), chunk_start(chunk + 1, num_chunks, m)):
+            end = chunk_start(chunk + 1, num_chunks, m)
+            for i in range(chunk_start(chunk, num_chunks, m), end):
                 if i == 0 or (keys[i] >> first_shift) != (keys[i - 1] >> first_shift):
                     rows[u] = keys[i] >> first_shift
                     starts[u] = i
