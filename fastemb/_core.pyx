@@ -1053,14 +1053,22 @@ cdef inline void prefetch_source_entry(const PlanView *plan, Py_ssize_t k) noexc
         FASTEMB_PREFETCH(plan.source + position)
 
 
+cdef inline int64_t grad_row_of(const PlanView *plan, int64_t position) noexcept nogil:
+    """The grad row a position reads (through its source entry, if any), or -1 when the
+    position or its source entry names none."""
+    cdef int64_t grad_row
+    if <uint64_t>position >= <uint64_t>plan.num_positions:
+        return -1
+    grad_row = plan.source[position] if plan.source != NULL else position
+    return grad_row if <uint64_t>grad_row < <uint64_t>plan.grad_rows else -1
+
+
 cdef inline void prefetch_grad_row(const floating *grad, Py_ssize_t dim, const PlanView *plan,
                                    Py_ssize_t k) noexcept nogil:
-    """Prefetch the grad row that order[k] reads (through its source entry, if any)."""
-    cdef int64_t position = plan.order[k], grad_row
-    if <uint64_t>position < <uint64_t>plan.num_positions:
-        grad_row = plan.source[position] if plan.source != NULL else position
-        if <uint64_t>grad_row < <uint64_t>plan.grad_rows:
-            prefetch_row(grad + grad_row * dim, dim)
+    """Prefetch the grad row that order[k] reads."""
+    cdef int64_t grad_row = grad_row_of(plan, plan.order[k])
+    if grad_row >= 0:
+        prefetch_row(grad + grad_row * dim, dim)
 
 
 cdef inline void prefetch_group_gradient(const floating *grad, Py_ssize_t dim,
@@ -1101,10 +1109,8 @@ cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
             else:
                 prefetch_grad_row(grad, dim, plan, k + GRADIENT_PREFETCH_POSITIONS)
         position = plan.order[k]
-        if <uint64_t>position >= <uint64_t>plan.num_positions:
-            continue
-        grad_row = source[position] if source != NULL else position
-        if <uint64_t>grad_row >= <uint64_t>plan.grad_rows:
+        grad_row = grad_row_of(plan, position)
+        if grad_row < 0:
             continue
         grad_source = grad + grad_row * dim
         if winners != NULL:
@@ -1144,16 +1150,11 @@ cdef inline const floating *single_gradient_row(const floating *grad, Py_ssize_t
     """The grad row that is group ``group``'s whole gradient when the group has one position
     (a plain plan: no coefficients, frequency scaling or winners); NULL otherwise."""
     cdef Py_ssize_t start = plan.starts[group]
-    cdef int64_t position, grad_row
+    cdef int64_t grad_row
     if plan.starts[group + 1] - start != 1:
         return NULL
-    position = plan.order[start]
-    if <uint64_t>position >= <uint64_t>plan.num_positions:
-        return NULL
-    grad_row = plan.source[position] if plan.source != NULL else position
-    if <uint64_t>grad_row >= <uint64_t>plan.grad_rows:
-        return NULL
-    return grad + grad_row * dim
+    grad_row = grad_row_of(plan, plan.order[start])
+    return grad + grad_row * dim if grad_row >= 0 else NULL
 
 
 def accumulate_rows(const floating[:, ::1] grad, const int64_t[::1] rows not None,
