@@ -77,12 +77,23 @@ def test_prefetching_loops_on_a_table_past_the_caches(dtype, dim, threads):
         check_bag_modes_against_reference(rng, weight, threads)
 
 
-def check_bag_modes_against_reference(rng, weight, threads):
+# The kernel reduces bags in chunks of 64 per parallel iteration: 150 bags end in a partial one.
+@pytest.mark.parametrize("dtype, dim", [(np.float32, 64), (np.float32, 128), (np.float64, 16),
+                                        (np.float32, 100), (np.float64, 7)])
+def test_many_bags_across_the_kernels_chunks_of_bags(dtype, dim, threads):
+    """Every bag of several chunks, on rows of one column block (where a block's loop runs
+    over a chunk's bags) and of several (bag by bag): the same bits as the reference."""
+    rng = np.random.default_rng(dim)
+    check_bag_modes_against_reference(rng, random_table(rng, 500, dim, dtype), threads,
+                                      num_bags=150)
+
+
+def check_bag_modes_against_reference(rng, weight, threads, num_bags=20):
     """Every mode, with and without weights, padding and an empty bag, on 1 and 2 threads."""
     num_rows, dtype = weight.shape[0], weight.dtype
-    indices = rng.integers(0, num_rows, size=300)
+    indices = rng.integers(0, num_rows, size=15 * num_bags)
     indices[::7] = 3
-    offsets = np.sort(rng.integers(0, indices.size, size=20))
+    offsets = np.sort(rng.integers(0, indices.size, size=num_bags))
     offsets[0] = 0
     offsets[5] = offsets[4]  # an empty bag
     psw = rng.standard_normal(indices.size).astype(dtype)
