@@ -1422,7 +1422,31 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
 # all, the oldest going back to libc to make room; a request takes the smallest kept block that
 # holds it without wasting more than half of it.
 # Every block starts with a BLOCK_HEADER_BYTES header that records its capacity.
+# Like NumPy's own allocator, it asks Linux for huge pages on blocks of 4 MB and more: without
+# that advice a fresh 128 MB output faulted in 4 KB pages (32,769 faults, 3x the lookup's time)
+# where NumPy's np.empty took 576 faults.
 # --------------------------------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #endif
+    /* madvise(MADV_HUGEPAGE) on the whole 4 KB pages of [start, start + size) when the range
+       is 4 MB or more (NumPy's rule and threshold). Only advice: errors are ignored. */
+    static void fastemb_advise_huge_pages(void *start, size_t size) {
+    #if defined(__linux__) && defined(MADV_HUGEPAGE)
+        const uintptr_t page = 4096;
+        uintptr_t first = ((uintptr_t)start + page - 1) & ~(page - 1);
+        uintptr_t end = ((uintptr_t)start + size) & ~(page - 1);
+        if (size >= ((size_t)1 << 22) && end > first)
+            (void)madvise((void *)first, end - first, MADV_HUGEPAGE);
+    #else
+        (void)start; (void)size;
+    #endif
+    }
+    """
+    void advise_huge_pages "fastemb_advise_huge_pages"(void *start, size_t size) noexcept nogil
 
 from cpython.pycapsule cimport PyCapsule_New
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
@@ -1512,6 +1536,7 @@ cdef void *new_block(size_t size, bint zeroed) noexcept nogil:
     block = calloc(1, BLOCK_HEADER_BYTES + size) if zeroed else malloc(BLOCK_HEADER_BYTES + size)
     if block != NULL:
         block_capacity(block)[0] = size
+        advise_huge_pages(block_data(block), size)
     return block
 
 
@@ -1548,6 +1573,7 @@ cdef void *cache_realloc(void *context, void *data, size_t size) noexcept nogil:
     if block == NULL:
         return NULL
     block_capacity(block)[0] = size
+    advise_huge_pages(block_data(block), size)
     return block_data(block)
 
 
