@@ -831,6 +831,29 @@ def test_huge_num_embeddings_groups_rows_correctly(rng):
     assert_bitwise(g.values, values)
 
 
+@pytest.mark.parametrize("num_embeddings", [1, 2, 10_000, (1 << 14) + 1, 1 << 22])
+def test_many_lookups_group_rows_correctly(rng, threads, num_embeddings):
+    """From 65,536 entries the radix sort takes digits of up to 14 bits (a 10,000-row table in
+    one pass, 2^14 + 1 rows in two of 8 bits, 2^22 in two of 11): rows, their stable grouping
+    and the payload it carries match a stable argsort, with padding, on 1 and 2 threads."""
+    from fastemb._kernels import kernels
+    idx = rng.integers(0, num_embeddings, 70_000)
+    idx[::5] = num_embeddings - 1
+    payload = rng.integers(0, 1 << 20, idx.size)
+    padding = num_embeddings // 2 if num_embeddings > 1 else -1
+    kept = np.flatnonzero(idx != padding)
+    by_row = kept[np.argsort(idx[kept], kind="stable")]
+    expected_rows, expected_starts = np.unique(idx[by_row], return_index=True)
+    for count in (1, 2):
+        with threads(count):
+            rows, starts, order = kernels.group_by_row(idx, num_embeddings, padding, count)
+            carried = kernels.group_by_row(idx, num_embeddings, padding, count, payload)[2]
+        assert rows.tolist() == expected_rows.tolist()
+        assert starts.tolist() == expected_starts.tolist() + [by_row.size]
+        assert order.tolist() == by_row.tolist()
+        assert carried.tolist() == payload[by_row].tolist()
+
+
 def test_sparse_grad_constructor_validation():
     with pytest.raises(ValueError):
         fastemb.SparseGrad([3, 1], np.ones((2, 2), np.float32), 5)  # unsorted
