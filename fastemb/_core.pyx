@@ -879,10 +879,10 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
     cdef int64_t row, value, lowest, highest, smallest_value = 0, largest_value = max(n - 1, 0)
     num_rows = max(num_rows, 0)  # (is_kept reads a negative count as a huge one)
     cdef int key_bits = int(num_rows - 1).bit_length() if num_rows > 1 else 0
-    # Digits of up to 11 bits, or 14 once there are 4 entries per bin of those: a pass costs
-    # O(n + 2^digit_bits), and a 10,000-row table sorted in one pass instead of two took 1.15
-    # instead of 1.46 ms for 131,072 entries (1 thread). The first pass also runs for a
-    # one-row table (a digit of 0 bits): it builds the keys.
+    # Digits of up to 11 bits, or up to 14 once there are 4 entries for each of 2^14 bins: a
+    # pass costs O(n + 2^digit_bits), and a 10,000-row table sorted in one pass instead of
+    # two took 1.15 instead of 1.46 ms for 131,072 entries (1 thread). The first pass also
+    # runs for a one-row table (a digit of 0 bits): it builds the keys.
     cdef int max_digit_bits = 14 if n >= 4 << 14 else 11
     cdef int num_passes = max(1, (key_bits + max_digit_bits - 1) // max_digit_bits)
     cdef int digit_bits = (key_bits + num_passes - 1) // num_passes

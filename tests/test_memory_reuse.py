@@ -1,6 +1,7 @@
 """The block cache: the NumPy allocator (end of ``_core.pyx``) that training steps allocate
 their per-call arrays from, so that a step reuses the last step's memory."""
 
+import os
 import resource
 import sys
 import threading
@@ -98,7 +99,8 @@ def advised_huge_pages(array):
     raise AssertionError("the array's page is in no mapping")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are Linux advice")
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"),
+                    reason="needs Linux with transparent huge pages")
 def test_blocks_of_4_mb_and_more_are_advised_to_use_huge_pages():
     """A fresh large output must not fault in 4 KB at a time (a 128 MB lookup output took 3x
     the lookup's time that way): like NumPy, blocks of 4 MB and more get MADV_HUGEPAGE,
