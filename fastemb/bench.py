@@ -763,6 +763,15 @@ class Measurement:
 
 
 WARMUP_SECONDS = 0.1
+SETTLE_SECONDS = 0.02
+
+
+def call_for(function, seconds):
+    """Call ``function`` once, then again until ``seconds`` have passed since the first call."""
+    end = time.perf_counter() + seconds
+    function()
+    while time.perf_counter() < end:
+        function()
 
 
 def time_calls(functions, repeat):
@@ -770,18 +779,18 @@ def time_calls(functions, repeat):
     untimed warm-up calls (at least one each, for at least :data:`WARMUP_SECONDS`: the first
     calls that allocate large outputs can be ten times slower while the allocator and page
     tables settle). The functions take turns, a round at a time, so that a slow spell of a
-    shared machine slows them all alike and their ratios stay fair; in its turn a function is
-    called twice and the second call timed, so it runs with its data in the caches, as in a
-    loop of back-to-back calls, not after the other functions have evicted them."""
+    shared machine slows them all alike and their ratios stay fair. In its turn a function is
+    first called untimed, for at least :data:`SETTLE_SECONDS`, so that the timed call runs as in
+    a loop of back-to-back calls: with its data in the caches, and past the wake of the function
+    before it. (A large NumPy reference slows the next 5 or so millisecond-long calls of any
+    implementation, by up to 2x on the first: with a single untimed call, whichever
+    implementation came first in a round looked 10-25% slower on the Zipf bag sum.)"""
     for function in functions.values():
-        warmup_end = time.perf_counter() + WARMUP_SECONDS
-        function()
-        while time.perf_counter() < warmup_end:
-            function()
+        call_for(function, WARMUP_SECONDS)
     times = {name: [] for name in functions}
     for _ in range(repeat):
         for name, function in functions.items():
-            function()
+            call_for(function, SETTLE_SECONDS)
             start = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - start)

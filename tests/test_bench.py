@@ -5,6 +5,7 @@ JSON and a PNG, and says how to get matplotlib when --plot cannot draw."""
 import doctest
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,9 +22,10 @@ TINY_WORKLOADS = (
 @pytest.fixture
 def tiny_sizes(monkeypatch):
     """Make the tiny workloads the only ones ``--sizes`` knows (``--sizes tiny`` runs both), and
-    warm up with one call instead of for 0.1 s."""
+    warm up and settle with one call instead of for 0.1 s and 0.02 s."""
     monkeypatch.setattr(bench, "WORKLOADS", TINY_WORKLOADS)
     monkeypatch.setattr(bench, "WARMUP_SECONDS", 0.0)
+    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.0)
 
 
 def run_bench(*arguments):
@@ -105,6 +107,27 @@ def test_sizes_select_every_skew_of_a_name():
         "small-uniform", "mission-zipf"]
     with pytest.raises(ValueError, match="unknown sizes huge"):
         bench.select_workloads(["huge"])
+
+
+def test_the_timed_call_is_past_the_wake_of_the_function_before_it(monkeypatch):
+    """A function that slows the next few calls of any other (as a large NumPy reference does)
+    must not decide the times: each turn's untimed calls absorb its wake, whatever the order."""
+    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.05)
+    wake = {"slow_calls_left": 0}
+
+    def polluter():
+        wake["slow_calls_left"] = 3
+
+    def victim():
+        if wake["slow_calls_left"]:
+            wake["slow_calls_left"] -= 1
+            time.sleep(0.01)
+
+    for order in (("victim", "polluter"), ("polluter", "victim")):
+        functions = {"victim": victim, "polluter": polluter}
+        times = bench.time_calls({name: functions[name] for name in order}, repeat=3)
+        assert len(times["victim"]) == 3
+        assert max(times["victim"]) < 0.005  # a slow call sleeps 10 ms
 
 
 def test_doctests():
