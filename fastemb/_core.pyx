@@ -726,7 +726,9 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
         n = 0
     lines_aligned = rows_on_lines(table, dim * sizeof(floating))
     with nogil:
-        for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
+        # Chunks go to whichever thread is free: on a shared machine one core can run slower
+        # than the other for a while, and a static split then waits for it.
+        for chunk in prange(num_chunks, schedule="dynamic", num_threads=team_size(num_threads)):
             first = chunk * BAGS_PER_CHUNK
             last = min(first + BAGS_PER_CHUNK, num_bags)
             if mode_code == 2:
