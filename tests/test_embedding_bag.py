@@ -63,8 +63,8 @@ def test_long_bags_and_wide_rows(seed, mode, dtype, bag_length, dim):
 
 @pytest.mark.parametrize("dtype, dim", [(np.float32, 64), (np.float64, 32), (np.float32, 200)])
 def test_prefetching_loops_on_a_table_past_the_caches(dtype, dim, threads):
-    """Tables over 8 MB take the kernels' other loops, which prefetch the rows some positions
-    ahead (across bag ends, up to the last index), on tables whose rows start on cache lines
+    """Tables past the caches (here 9 MB; the bag kernels prefetch from 256 KB on) take the
+    kernels' other loops, which prefetch the rows some positions ahead (across bag ends, up to the last index), on tables whose rows start on cache lines
     and on tables whose rows do not: the same bits as the reference, with padding, empty bags
     and weights, on 1 and 2 threads. (64 float32 and 32 float64 columns are one narrow block;
     200 columns are blocks of every kind.)"""
