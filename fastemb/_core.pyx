@@ -299,7 +299,6 @@ cdef extern from *:
     #define FASTEMB_BLOCK_BYTES 256  /* 16 xmm registers */
     #endif
     #define FASTEMB_MAX_BLOCK_ELEMENTS (FASTEMB_BLOCK_BYTES / 4)
-    #define FASTEMB_NARROW_BLOCK_BYTES 256
     /* Zero bits, never written. Not static const: the compiler must not know its contents, so
        that "add a block of it" stays a memory operand of the adds (each entry only picks the
        address to add from) instead of becoming a separate path that adds zeroed registers. */
@@ -308,7 +307,7 @@ cdef extern from *:
     #endif
     double fastemb_zero_block[FASTEMB_BLOCK_BYTES / sizeof(double)];
 
-    /* The narrow block's loops, whole vectors at a time and fully unrolled: the running values
+    /* The narrow blocks' loops, whole vectors at a time and fully unrolled: the running values
        become one vector variable each, which the compiler keeps in registers from the zeroing
        to the store (a plain loop leaves them in a stack array that is zeroed and copied out
        for every bag, and gcc's own vectorisation of unrolled scalars is fragile). The width is
@@ -361,9 +360,9 @@ cdef extern from *:
     # in vector registers for the whole bag (all 16 of them); the block width is a compile-time
     # constant, so the loops over a block unroll. A row wider than a block is reduced in
     # several passes over the bag, each prefetching its own columns of the rows ahead. What is left
-    # after the wide blocks goes in a narrow block (also unrolled), then a last partial one.
+    # after the wide blocks goes in narrow blocks of 256, 128, 64 and 32 bytes (at most one of
+    # each, also unrolled), then a last partial one.
     enum: BLOCK_BYTES "FASTEMB_BLOCK_BYTES"
-    enum: NARROW_BLOCK_BYTES "FASTEMB_NARROW_BLOCK_BYTES"
     enum: MAX_BLOCK_ELEMENTS "FASTEMB_MAX_BLOCK_ELEMENTS"
     const double ZERO_BLOCK "fastemb_zero_block"[1]  # BLOCK_BYTES of zero bits: +0 as any dtype
     void zero_floats "fastemb_zero_float"(float *acc, Py_ssize_t width) noexcept nogil
@@ -386,19 +385,32 @@ cdef extern from *:
 # The block kernels are specialised on the block's width through a type tag (a NULL pointer of
 # one of these types), so each width is a compile-time constant in its own C function whatever
 # the compiler's inlining and cloning heuristics decide (gcc 12 once compiled the narrow block
-# as the generic one, with its accumulators in memory).
+# as the generic one, with its accumulators in memory). Rows of 16 or 32 float32 columns once
+# went to the generic block: their bag sums ran at 0.53-0.66x of torch's.
 cdef struct WideColumns:
     char bytes[BLOCK_BYTES]
 
-cdef struct NarrowColumns:
-    char bytes[NARROW_BLOCK_BYTES]
+cdef struct Columns256:
+    char bytes[256]
+
+cdef struct Columns128:
+    char bytes[128]
+
+cdef struct Columns64:
+    char bytes[64]
+
+cdef struct Columns32:
+    char bytes[32]
 
 cdef struct AnyColumns:  # the width is given at run time
     char bytes[1]
 
 ctypedef fused columns_t:
     WideColumns
-    NarrowColumns
+    Columns256
+    Columns128
+    Columns64
+    Columns32
     AnyColumns
 
 
@@ -517,7 +529,7 @@ cdef inline void sum_block(reduction_t *reduction, const floating *table, Py_ssi
     weights, for a WeightedSumReduction), for the bags b in [first_bag, end_bag). With
     distance > 0 it prefetches the same columns of the row ``distance`` positions ahead."""
     cdef Py_ssize_t width = block_width(columns, any_width, sizeof(floating))
-    cdef bint unrolled = columns_t is NarrowColumns
+    cdef bint unrolled = not (columns_t is WideColumns or columns_t is AnyColumns)
     cdef bint weighted = reduction_t is WeightedSumReduction
     cdef floating acc[MAX_BLOCK_ELEMENTS]
     cdef Py_ssize_t b, k, start, end
@@ -618,6 +630,23 @@ cdef inline void reduce_block(reduction_t *reduction, const floating *table,
                   lines_aligned)
 
 
+cdef inline Py_ssize_t reduce_block_if_it_fits(
+        reduction_t *reduction, const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+        const index_t *indices, Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
+        Py_ssize_t end_bag, const floating *sample_weights, int64_t padding_idx,
+        Py_ssize_t column, columns_t *columns, floating *out, int64_t *winners,
+        Py_ssize_t distance, bint lines_aligned) noexcept nogil:
+    """reduce_block on a block of this (compile-time) width at ``column``, if the row has that
+    many columns left; returns the column after the block (``column`` when it did not fit)."""
+    cdef Py_ssize_t width = sizeof(columns_t) // sizeof(floating)
+    if dim - column < width:
+        return column
+    reduce_block(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
+                 sample_weights, padding_idx, column, columns, 0, out, winners, distance,
+                 lines_aligned)
+    return column + width
+
+
 cdef inline void reduce_columns(reduction_t *reduction, const floating *table,
                                 Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
                                 Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
@@ -625,24 +654,35 @@ cdef inline void reduce_columns(reduction_t *reduction, const floating *table,
                                 int64_t padding_idx, floating *out, int64_t *winners,
                                 Py_ssize_t distance, bint lines_aligned) noexcept nogil:
     """Bags [first_bag, end_bag), block by block over the columns: wide blocks, then at most
-    one narrow block, both of compile-time width, then the rest."""
-    cdef Py_ssize_t wide = BLOCK_BYTES // sizeof(floating)
-    cdef Py_ssize_t narrow = NARROW_BLOCK_BYTES // sizeof(floating)
-    cdef Py_ssize_t column = 0
+    one narrow block of each width, all of compile-time width, then the rest."""
+    cdef Py_ssize_t column = 0, wide = BLOCK_BYTES // sizeof(floating)
     while dim - column >= wide:
-        reduce_block(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
-                     sample_weights, padding_idx, column, <WideColumns *>NULL, 0, out, winners,
-                     distance, lines_aligned)
-        column += wide
-    if dim - column >= narrow:
-        reduce_block(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
-                     sample_weights, padding_idx, column, <NarrowColumns *>NULL, 0, out,
-                     winners, distance, lines_aligned)
-        column += narrow
+        column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
+                                         first_bag, end_bag, sample_weights, padding_idx,
+                                         column, <WideColumns *>NULL, out, winners, distance,
+                                         lines_aligned)
+    column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
+                                     first_bag, end_bag, sample_weights, padding_idx, column,
+                                     <Columns256 *>NULL, out, winners, distance, lines_aligned)
+    column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
+                                     first_bag, end_bag, sample_weights, padding_idx, column,
+                                     <Columns128 *>NULL, out, winners, distance, lines_aligned)
+    column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
+                                     first_bag, end_bag, sample_weights, padding_idx, column,
+                                     <Columns64 *>NULL, out, winners, distance, lines_aligned)
+    column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
+                                     first_bag, end_bag, sample_weights, padding_idx, column,
+                                     <Columns32 *>NULL, out, winners, distance, lines_aligned)
     if column < dim:
         reduce_block(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
                      sample_weights, padding_idx, column, <AnyColumns *>NULL, dim - column, out,
                      winners, distance, lines_aligned)
+
+
+cdef inline bint is_one_block(Py_ssize_t row_bytes) noexcept nogil:
+    """True when reduce_columns reduces a row of this many bytes in a single block."""
+    return (row_bytes == BLOCK_BYTES or row_bytes == 256 or row_bytes == 128 or row_bytes == 64
+            or row_bytes <= 32)
 
 
 cdef inline void reduce_bags(reduction_t *reduction, const floating *table,
@@ -654,9 +694,10 @@ cdef inline void reduce_bags(reduction_t *reduction, const floating *table,
     """The sums (weighted for a WeightedSumReduction) or maxima of bags [first_bag, end_bag).
     A row of one block of columns is reduced for all these bags in one call, the bag loop
     inside the block's loop function (a call per bag cost about 5% of a bag sum of 32 rows);
-    a wider row bag by bag, so that its blocks read their lines of a row close together."""
+    a row of several blocks bag by bag, so that its blocks read their lines of a row close
+    together."""
     cdef Py_ssize_t b
-    if dim * sizeof(floating) <= NARROW_BLOCK_BYTES or dim * sizeof(floating) == BLOCK_BYTES:
+    if is_one_block(dim * sizeof(floating)):
         reduce_columns(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
                        sample_weights, padding_idx, out, winners, distance, lines_aligned)
     else:

@@ -61,13 +61,15 @@ def test_long_bags_and_wide_rows(seed, mode, dtype, bag_length, dim):
                                      per_sample_weights=weights, padding_idx=7))
 
 
-@pytest.mark.parametrize("dtype, dim", [(np.float32, 64), (np.float64, 32), (np.float32, 200)])
+@pytest.mark.parametrize("dtype, dim", [(np.float32, 64), (np.float64, 32), (np.float32, 200),
+                                        (np.float32, 16), (np.float32, 120)])
 def test_prefetching_loops_on_a_table_past_the_caches(dtype, dim, threads):
     """Tables past the caches (here 9 MB; the bag kernels prefetch from 256 KB on) take the
     kernels' other loops, which prefetch the rows some positions ahead (across bag ends, up to the last index), on tables whose rows start on cache lines
     and on tables whose rows do not: the same bits as the reference, with padding, empty bags
-    and weights, on 1 and 2 threads. (64 float32 and 32 float64 columns are one narrow block;
-    200 columns are blocks of every kind.)"""
+    and weights, on 1 and 2 threads. (64 float32 and 32 float64 columns are one block of 256
+    bytes, 16 float32 one of 64; 200 float32 are a wide block, one of 256 and one of 32; 120
+    float32 one narrow block of each width.)"""
     rng = np.random.default_rng(dim)
     num_rows = (9 << 20) // (dim * np.dtype(dtype).itemsize)
     storage = aligned_full((num_rows * dim + 1,), 0, dtype)
@@ -78,8 +80,14 @@ def test_prefetching_loops_on_a_table_past_the_caches(dtype, dim, threads):
 
 
 # The kernel reduces bags in chunks of 64 per parallel iteration: 150 bags end in a partial one.
+# Rows of one block: 64 float32 (256 bytes), 128 (512: the AVX2 wide block), 16 float64 (128),
+# 16 float32 (64), 8 float32 (32), 3 float32 (a partial block only). Rows of several: 100
+# float32 (256 + 128 + 16), 7 float64 (32 + 24), 48 float32 (128 + 64), 120 float32 (256 + 128
+# + 64 + 32).
 @pytest.mark.parametrize("dtype, dim", [(np.float32, 64), (np.float32, 128), (np.float64, 16),
-                                        (np.float32, 100), (np.float64, 7)])
+                                        (np.float32, 16), (np.float32, 8), (np.float32, 3),
+                                        (np.float32, 100), (np.float64, 7), (np.float32, 48),
+                                        (np.float32, 120)])
 def test_many_bags_across_the_kernels_chunks_of_bags(dtype, dim, threads):
     """Every bag of several chunks, on rows of one column block (where a block's loop runs
     over a chunk's bags) and of several (bag by bag): the same bits as the reference."""
