@@ -1338,7 +1338,9 @@ def sample_weights_grad(const floating[:, ::1] weight, const index_t[::1] indice
 # Sparse optimizer steps, fused with the gradient accumulation: one prange iteration per
 # unique row u sums that row's gradient g (accumulate_one_row, into a per-thread buffer) and
 # updates the row's weight w and state in the same pass, reading and writing each once.
-# With maximize, g is negated first. Scalars arrive in the table dtype (torch's rounding):
+# With maximize, g is negated first; then L2 weight decay (lazy: on the updated rows only, as
+# torch's weight_decay in SGD, Adagrad and Adam) replaces g by g + weight_decay * w, where w is
+# the row's weight before the step. Scalars arrive in the table dtype (torch's rounding):
 #   SGD:              w = w + (-lr) * g
 #   Adagrad:          s = s + g*g;  w = w + (-clr) * (g / (sqrt(s) + eps))
 #   row-wise Adagrad: a = a + dtype(mean(g*g));  w = w - lr * (g / (sqrt(a) + eps))   (a: 1 per row)
@@ -1390,12 +1392,12 @@ cdef void update_row(int method, floating *w, floating *state_a, floating *state
 def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] state_a,
                 floating[:, ::1] state_b, const int64_t[::1] rows not None, plan, double lr,
                 double one_minus_beta1, double one_minus_beta2, double eps, bint maximize,
-                int num_threads):
+                double weight_decay, int num_threads):
     """Apply one optimizer step to the rows of a gradient given by ``plan`` (a GradientPlan).
 
     ``lr`` is the signed factor of the formula above (-lr, -clr, lr or -step_size); state_a /
     state_b are the per-row state (None where the method has none; row-wise Adagrad's
-    accumulator is (V, 1)).
+    accumulator is (V, 1)); ``weight_decay`` is the L2 factor (0: none).
     """
     cdef int method_code = code_of(OPTIMIZERS, method, "optimizer method")
     cdef Py_ssize_t num_groups = rows.shape[0], dim = weight.shape[1]
@@ -1412,6 +1414,8 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
     cdef const floating *g
     cdef int64_t row, ahead
     cdef bint direct
+    cdef floating decay = <floating>weight_decay
+    cdef floating *w
     cdef Py_ssize_t state_a_width = 0 if state_a is None else state_a.shape[1]
     # one gradient-row buffer per thread (threadid() < num_threads), each followed by a cache
     # line that nobody writes, so no two threads ever write the same line (the false sharing
@@ -1434,8 +1438,8 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
         raise ValueError("sparse_step: row-wise Adagrad needs (V, 1) state")
     if num_groups == 0 or dim == 0 or grad.shape[0] == 0:
         return
-    direct = (not maximize and view.coefficients == NULL and not view.scale_by_frequency
-              and view.winners == NULL)
+    direct = (not maximize and decay == 0 and view.coefficients == NULL
+              and not view.scale_by_frequency and view.winners == NULL)
     with nogil:
         # dynamic: a frequent row's sum has thousands of positions, a static split would
         # leave the other threads waiting (2 threads on the Zipf workload: 1.4x faster)
@@ -1455,16 +1459,20 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
                 continue
             # a row looked up once (most rows of a uniform batch) reads its grad row in place
             g = single_gradient_row(&grad[0, 0], dim, &view, u) if direct else NULL
+            w = &weight[row, 0]
             if g == NULL:
                 buffer = &buffers[threadid(), 0]
                 accumulate_one_row(&grad[0, 0], dim, row, &view, u, buffer)
                 if maximize:
                     for j in range(dim):
                         buffer[j] = -buffer[j]
+                if decay != 0:
+                    for j in range(dim):
+                        buffer[j] = buffer[j] + decay * w[j]
                 g = buffer
             state_a_row = &state_a[row, 0] if state_a_width else NULL
             state_b_row = &state_b[row, 0] if method_code == 3 else NULL
-            update_row(method_code, &weight[row, 0], state_a_row, state_b_row, g, dim,
+            update_row(method_code, w, state_a_row, state_b_row, g, dim,
                        <floating>lr, <floating>one_minus_beta1, <floating>one_minus_beta2,
                        <floating>eps)
 

@@ -1,5 +1,10 @@
 """Lazy optimizers: each ``step()`` updates only the rows in the modules' gradients.
 
+Every optimizer takes ``weight_decay`` (default 0): L2 weight decay, the gradient of
+``weight_decay / 2 * ||w[r]||**2`` added to each updated row's gradient (``g + weight_decay *
+w``) before the update, as torch's ``weight_decay`` in SGD, Adagrad and Adam and FBGEMM's
+``WeightDecayMode.L2`` do. It is lazy: rows absent from the gradient do not decay.
+
 The update runs fused with the gradient's accumulation (``_core.sparse_step``): one pass reads
 and writes each touched row's weight and state once, and nothing of table size is written.
 Rows absent from the gradient keep their weights and state bit for bit.
@@ -37,7 +42,7 @@ class _SparseOptimizer:
     method = None
     state_arrays = ()  # names of the per-module state arrays, in kernel order
 
-    def __init__(self, modules, **hyperparameters):
+    def __init__(self, modules, weight_decay=0.0, **hyperparameters):
         if not isinstance(modules, (list, tuple)):
             modules = [modules]
         if not modules:
@@ -49,7 +54,8 @@ class _SparseOptimizer:
                 raise TypeError(f"expected fastemb modules, got {type(module).__name__}")
             check_writable_table(module.weight, purpose="the optimizer")
         self.modules = list(modules)
-        self.hyperparameters = hyperparameters
+        self.hyperparameters = hyperparameters | {
+            "weight_decay": _check_range(weight_decay, "weight_decay value", 0.0)}
         self.state = {module: self._initial_state(module) for module in self.modules}
 
     def _initial_state(self, module):
@@ -111,6 +117,7 @@ class _SparseOptimizer:
             _core.sparse_step(self.method, module.weight, *arrays, grad.rows, plan, lr,
                               one_minus_beta1, one_minus_beta2, eps,
                               self.hyperparameters.get("maximize", False),
+                              self.hyperparameters["weight_decay"],
                               threads_for(plan.order.size * module.weight.shape[1]))
 
     def zero_grad(self):
@@ -179,13 +186,13 @@ class SGD(_SparseOptimizer):
 
     >>> import fastemb
     >>> fastemb.optim.SGD(fastemb.Embedding(5, 2), lr=0.5)
-    SGD(1 modules, lr=0.5)
+    SGD(1 modules, lr=0.5, weight_decay=0.0)
     """
 
     method = "sgd"
 
-    def __init__(self, modules, lr):
-        super().__init__(modules, lr=_check_range(lr, "learning rate", 0.0))
+    def __init__(self, modules, lr, weight_decay=0.0):
+        super().__init__(modules, weight_decay, lr=_check_range(lr, "learning rate", 0.0))
 
     def _scalars(self, step):
         return -self.hyperparameters["lr"], 0.0, 0.0, 0.0
@@ -204,9 +211,11 @@ class Adagrad(_SparseOptimizer):
     method = "adagrad"
     state_arrays = ("sum",)
 
-    def __init__(self, modules, lr=1e-2, lr_decay=0.0, eps=1e-10, initial_accumulator_value=0.0):
+    def __init__(self, modules, lr=1e-2, lr_decay=0.0, eps=1e-10, initial_accumulator_value=0.0,
+                 weight_decay=0.0):
         super().__init__(
             modules,
+            weight_decay,
             lr=_check_range(lr, "learning rate", 0.0),
             lr_decay=_check_range(lr_decay, "lr_decay", 0.0),
             eps=_check_range(eps, "epsilon value", 0.0),
@@ -237,8 +246,8 @@ class RowWiseAdagrad(_SparseOptimizer):
     method = "rowwise_adagrad"
     state_arrays = ("sum",)
 
-    def __init__(self, modules, lr=1e-2, eps=1e-10):
-        super().__init__(modules, lr=_check_range(lr, "learning rate", 0.0),
+    def __init__(self, modules, lr=1e-2, eps=1e-10, weight_decay=0.0):
+        super().__init__(modules, weight_decay, lr=_check_range(lr, "learning rate", 0.0),
                          eps=_check_range(eps, "epsilon value", 0.0))
 
     def _state_shape(self, weight):
@@ -251,17 +260,19 @@ class RowWiseAdagrad(_SparseOptimizer):
 class LazyAdam(_SparseOptimizer):
     """Lazy Adam, exactly torch's SparseAdam: only the rows in the gradient have their weight
     and both moments updated, with one step counter per table and ``eps`` added to the
-    uncorrected ``sqrt(v)``.
+    uncorrected ``sqrt(v)``. ``weight_decay`` (which SparseAdam lacks) is L2, as in torch's
+    Adam: ``g + weight_decay * w`` enters both moments.
 
     >>> import fastemb
-    >>> fastemb.optim.LazyAdam(fastemb.Embedding(5, 2), lr=0.01)
-    LazyAdam(1 modules, lr=0.01, betas=(0.9, 0.999), eps=1e-08, maximize=False)
+    >>> fastemb.optim.LazyAdam(fastemb.Embedding(5, 2), lr=0.01, weight_decay=1e-4)  # doctest: +ELLIPSIS
+    LazyAdam(1 modules, lr=0.01, betas=(0.9, 0.999), ..., weight_decay=0.0001)
     """
 
     method = "adam"
     state_arrays = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, modules, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
+    def __init__(self, modules, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False,
+                 weight_decay=0.0):
         try:
             betas = tuple(betas)
         except TypeError:
@@ -270,7 +281,8 @@ class LazyAdam(_SparseOptimizer):
             raise ValueError(f"betas must be a pair, got {betas!r}")
         betas = tuple(_check_range(beta, f"beta parameter at index {i}", 0.0, 1.0)
                       for i, beta in enumerate(betas))
-        super().__init__(modules, lr=_check_range(lr, "learning rate", 0.0, low_open=True),
+        super().__init__(modules, weight_decay,
+                         lr=_check_range(lr, "learning rate", 0.0, low_open=True),
                          betas=betas, eps=_check_range(eps, "epsilon value", 0.0, low_open=True),
                          maximize=bool(maximize))
 

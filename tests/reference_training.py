@@ -275,26 +275,38 @@ def dense(rows, values, num_embeddings):
 
 # --------------------------------------------------------------------------------------------
 # Optimizer steps on (weight, state) given a coalesced gradient (rows, g); in place, in dtype.
+# L2 weight decay replaces g by g + dtype(weight_decay) * w[rows] (after maximize's negation).
 # --------------------------------------------------------------------------------------------
 
 
-def sgd_step_ref(weight, rows, g, lr):
+def decayed(weight, rows, g, weight_decay):
+    """The gradient with L2 weight decay: g + wd * w (rounded twice, no fused multiply-add)."""
+    if weight_decay == 0:
+        return g
+    return g + weight.dtype.type(weight_decay) * weight[rows]
+
+
+def sgd_step_ref(weight, rows, g, lr, weight_decay=0.0):
     dtype = weight.dtype
+    g = decayed(weight, rows, g, weight_decay)
     weight[rows] = weight[rows] + dtype.type(-lr) * g
 
 
-def adagrad_step_ref(weight, state_sum, rows, g, step, lr=1e-2, lr_decay=0.0, eps=1e-10):
+def adagrad_step_ref(weight, state_sum, rows, g, step, lr=1e-2, lr_decay=0.0, eps=1e-10,
+                     weight_decay=0.0):
     """torch's Adagrad on a sparse gradient; ``step`` is the already incremented counter."""
     dtype = weight.dtype
+    g = decayed(weight, rows, g, weight_decay)
     clr = lr / (1 + (step - 1) * lr_decay)
     s = state_sum[rows] + g * g
     state_sum[rows] = s
     weight[rows] = weight[rows] + dtype.type(-clr) * (g / (np.sqrt(s) + dtype.type(eps)))
 
 
-def rowwise_adagrad_step_ref(weight, acc, rows, g, lr=1e-2, eps=1e-10):
+def rowwise_adagrad_step_ref(weight, acc, rows, g, lr=1e-2, eps=1e-10, weight_decay=0.0):
     """acc[r] += dtype(mean(g[r]**2) in double, summed left to right); w -= lr * g/(sqrt+eps)."""
     dtype = weight.dtype
+    g = decayed(weight, rows, g, weight_decay)
     dim = weight.shape[1]
     for k, r in enumerate(rows):
         mean_square = 0.0
@@ -307,7 +319,7 @@ def rowwise_adagrad_step_ref(weight, acc, rows, g, lr=1e-2, eps=1e-10):
 
 
 def lazy_adam_step_ref(weight, exp_avg, exp_avg_sq, rows, g, step, lr=1e-3, betas=(0.9, 0.999),
-                       eps=1e-8, maximize=False):
+                       eps=1e-8, maximize=False, weight_decay=0.0):
     """torch's SparseAdam (``step`` already incremented), with a correctly rounded sqrt."""
     import math
 
@@ -315,6 +327,7 @@ def lazy_adam_step_ref(weight, exp_avg, exp_avg_sq, rows, g, step, lr=1e-3, beta
     beta1, beta2 = betas
     if maximize:
         g = -g
+    g = decayed(weight, rows, g, weight_decay)
     m_old, v_old = exp_avg[rows], exp_avg_sq[rows]
     m = m_old + (g - m_old) * dtype.type(1 - beta1)
     v = v_old + (g * g - v_old) * dtype.type(1 - beta2)

@@ -2107,7 +2107,7 @@ for side in ("after", "before"):
                 g = guarded(np.ones((3, D)), dtype)
                 plan = GradientPlan(g, I([0, 1, 2, 3]), I([0, 1, 2]))
                 K.sparse_step(method, target, state_a, state_b, I([-1, 2, INT64_MAX]), plan,
-                              -0.5, 0.1, 0.01, 1e-8, False, threads)
+                              -0.5, 0.1, 0.01, 1e-8, False, 0.0, threads)
                 changed = np.flatnonzero((np.asarray(target) != table).any(axis=1)).tolist()
                 assert changed == [2], (method, changed)
                 wrong = {"sgd": [], "adagrad": [(np.zeros((V, 1)), None), (np.zeros((V - 1, D)),
@@ -2122,17 +2122,17 @@ for side in ("after", "before"):
                     expect(ValueError, lambda: K.sparse_step(
                         method, target, None if a is None else guarded(a, dtype),
                         None if b is None else guarded(b, dtype), I([0]), plan, -0.5, 0.1, 0.01,
-                        1e-8, False, threads))
+                        1e-8, False, 0.0, threads))
                     assert_same_bits(target, before)
                 expect(ValueError, lambda: K.sparse_step(
                     method, target, state_a, state_b, I([0, 1]), plan, -0.5, 0.1, 0.01, 1e-8,
-                    False, threads))
+                    False, 0.0, threads))
                 expect(ValueError, lambda: K.sparse_step(
                     method, target, state_a, state_b, I([0]), GradientPlan(
                         guarded(np.ones((3, D + 1)), dtype), I([0, 3]), I([0, 1, 2])),
-                    -0.5, 0.1, 0.01, 1e-8, False, threads))
+                    -0.5, 0.1, 0.01, 1e-8, False, 0.0, threads))
             expect(ValueError, lambda: K.sparse_step("momentum", guarded(table), None, None,
-                                                     I([0]), plan, -0.5, 0, 0, 0, False, 1))
+                                                     I([0]), plan, -0.5, 0, 0, 0, False, 0.0, 1))
 print("ALL OK", flush=True)
 """
 
@@ -2153,31 +2153,31 @@ KERNEL_CRASH_CASES = {
     "sparse_step: winners narrower than grad": (
         "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([0, 1]), I([0]),"
-        " winners=I([0]).reshape(1, 1)), -0.1, 0, 0, 0, False, 1)"),
+        " winners=I([0]).reshape(1, 1)), -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: starts past the order array": (
         "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([0, 2**40]), I([0])),"
-        " -0.1, 0, 0, 0, False, 1)"),
+        " -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: negative starts": (
         "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([-2**40, 1]), I([0])),"
-        " -0.1, 0, 0, 0, False, 1)"),
+        " -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: an order entry past grad": (
         "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([0, 1]), I([1])),"
-        " -0.1, 0, 0, 0, False, 1)"),
+        " -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: a source entry past grad": (
         "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([0, 1]), I([0]),"
-        " source=I([2**40])), -0.1, 0, 0, 0, False, 1)"),
+        " source=I([2**40])), -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: fewer coefficients than positions": (
         "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((3, 3), np.float32)), I([0, 1]), I([2]),"
-        " coefficients=guarded(np.ones(1, np.float32))), -0.1, 0, 0, 0, False, 1)"),
+        " coefficients=guarded(np.ones(1, np.float32))), -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: a group but an empty order array": (
         "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([0, 1]), I([])),"
-        " -0.1, 0, 0, 0, False, 1)"),
+        " -0.1, 0, 0, 0, False, 0.0, 1)"),
 }
 # Thread counts below 1: each once crashed (0 ran OpenMP's default team over sparse_step's
 # single gradient buffer; a negative count made libgomp abort the process).
@@ -2185,7 +2185,7 @@ THREAD_CRASH_CASES = {
     "sparse_step: num_threads=0": (
         "V, D = 4096, 16; rows = np.arange(V, dtype=np.int64); w = np.zeros((V, D), np.float32)\n"
         "K.sparse_step('sgd', w, None, None, rows, GradientPlan(np.ones((V, D), np.float32),"
-        " np.arange(V + 1, dtype=np.int64), rows.copy()), -1.0, 0, 0, 0, False, 0)\n"
+        " np.arange(V + 1, dtype=np.int64), rows.copy()), -1.0, 0, 0, 0, False, 0.0, 0)\n"
         "assert (w == -1).all()"),
     "gather_rows: num_threads=-1": (
         "out = np.empty((5000, 3), np.float32)\n"

@@ -47,7 +47,17 @@ OPTIMIZERS = {
     "adam": lambda m: fastemb.optim.LazyAdam(m, lr=0.05),
     "adam_max": lambda m: fastemb.optim.LazyAdam(m, lr=0.05, betas=(0.8, 0.99), eps=1e-6,
                                                  maximize=True),
+    # L2 weight decay (lazy: the looked-up rows only)
+    "sgd_decay": lambda m: fastemb.optim.SGD(m, lr=0.3, weight_decay=0.7),
+    "adagrad_decay": lambda m: fastemb.optim.Adagrad(m, lr=0.2, lr_decay=0.05,
+                                                     initial_accumulator_value=0.1,
+                                                     weight_decay=0.3),
+    "rowwise_decay": lambda m: fastemb.optim.RowWiseAdagrad(m, lr=0.2, weight_decay=0.3),
+    "adam_max_decay": lambda m: fastemb.optim.LazyAdam(m, lr=0.05, betas=(0.8, 0.99), eps=1e-6,
+                                                       maximize=True, weight_decay=0.3),
 }
+WEIGHT_DECAY = {"sgd_decay": 0.7, "adagrad_decay": 0.3, "rowwise_decay": 0.3,
+                "adam_max_decay": 0.3}
 
 
 def snapshot(optimizer):
@@ -236,21 +246,26 @@ def test_step_rejects_gradient_of_another_table():
 
 
 def reference_step(name, weight, state, rows, g, step):
+    decay = WEIGHT_DECAY.get(name, 0.0)
+    name = name.removesuffix("_decay")
     if name == "sgd":
-        sgd_step_ref(weight, rows, g, lr=0.3)
+        sgd_step_ref(weight, rows, g, lr=0.3, weight_decay=decay)
     elif name == "adagrad":
-        adagrad_step_ref(weight, state["sum"], rows, g, step, lr=0.2, lr_decay=0.05)
+        adagrad_step_ref(weight, state["sum"], rows, g, step, lr=0.2, lr_decay=0.05,
+                         weight_decay=decay)
     elif name == "rowwise":
-        rowwise_adagrad_step_ref(weight, state["sum"], rows, g, lr=0.2)
+        rowwise_adagrad_step_ref(weight, state["sum"], rows, g, lr=0.2, weight_decay=decay)
     elif name == "adam":
         lazy_adam_step_ref(weight, state["exp_avg"], state["exp_avg_sq"], rows, g, step,
-                           lr=0.05)
+                           lr=0.05, weight_decay=decay)
     else:
         lazy_adam_step_ref(weight, state["exp_avg"], state["exp_avg_sq"], rows, g, step,
-                           lr=0.05, betas=(0.8, 0.99), eps=1e-6, maximize=True)
+                           lr=0.05, betas=(0.8, 0.99), eps=1e-6, maximize=True,
+                           weight_decay=decay)
 
 
 def initial_reference_state(name, shape, dtype):
+    name = name.removesuffix("_decay")
     if name == "adagrad":
         return {"sum": np.full(shape, 0.1, dtype)}
     if name == "rowwise":
@@ -288,7 +303,7 @@ def test_embedding_steps_match_reference(name, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["adagrad", "rowwise", "adam_max"])
+@pytest.mark.parametrize("name", ["adagrad", "rowwise", "adam_max", "adam_max_decay"])
 @pytest.mark.parametrize("mode, weighted, sgbf", [("mean", True, False), ("max", False, False),
                                                   ("sum", False, True), ("mean", False, True)])
 def test_bag_steps_match_reference(name, dtype, mode, weighted, sgbf, rng):
@@ -401,14 +416,17 @@ def test_step_after_two_backwards_uses_the_summed_gradient(rng):
 # --------------------------------------------------------------------------------------------
 
 
-def _torch_run(dtype, make_torch_opt, make_fast_opt, steps, rng, V=40, D=6, coalesced=True):
+def _torch_run(dtype, make_torch_opt, make_fast_opt, steps, rng, V=40, D=6, coalesced=True,
+               weight_decay=0.0):
     """Train a torch nn.Embedding and a fastemb Embedding side by side.
 
     With ``coalesced`` torch's optimizer gets the sparse gradient built from torch's *dense*
     embedding gradient restricted to the looked-up rows (bitwise what fastemb computes), so
     only the optimizer arithmetic is compared; torch's own ``coalesce()`` of a sparse=True
     gradient sums duplicates in an unspecified order. Without it, torch gets the raw
-    uncoalesced sparse=True gradient.
+    uncoalesced sparse=True gradient. ``weight_decay`` is added to torch's gradient as the
+    maths of lazy L2 decay says, ``g + wd * w`` on the looked-up rows (torch's sparse
+    optimizers have no weight_decay of their own).
     """
     tdtype = torch.float32 if dtype == np.float32 else torch.float64
     initial = rng.standard_normal((V, D)).astype(dtype)
@@ -424,8 +442,10 @@ def _torch_run(dtype, make_torch_opt, make_fast_opt, steps, rng, V=40, D=6, coal
         temb(torch.from_numpy(idx)).backward(torch.from_numpy(G))
         if coalesced:
             rows = torch.from_numpy(np.unique(idx))
-            temb.weight.grad = torch.sparse_coo_tensor(
-                rows[None], temb.weight.grad[rows], (V, D)).coalesce()
+            values = temb.weight.grad[rows]
+            if weight_decay:
+                values = values + weight_decay * temb.weight.detach()[rows]
+            temb.weight.grad = torch.sparse_coo_tensor(rows[None], values, (V, D)).coalesce()
         topt.step()
         topt.zero_grad()
         before = m.weight.astype(np.float64)
@@ -468,6 +488,70 @@ def test_lazy_adam_matches_torch_sparse_adam(dtype, max_ulp, maximize, rng):
     assert_weights_close(m.weight, temb.weight.detach().numpy(), budget, max_ulp)
     # rows 15.. were never in a gradient: untouched in both
     assert not opt.state[m]["exp_avg"][15:].any()
+
+
+@needs_torch
+@quiet_torch_sparse
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lazy_adam_weight_decay_matches_sparse_adam_on_decayed_gradients(dtype, rng):
+    m, opt, temb, topt, budget = _torch_run(
+        dtype, lambda p: torch.optim.SparseAdam(p, lr=0.05),
+        lambda mod: fastemb.optim.LazyAdam(mod, lr=0.05, weight_decay=0.2), 6, rng,
+        weight_decay=0.2)
+    tstate = topt.state[temb.weight]
+    assert_weights_close(opt.state[m]["exp_avg"], tstate["exp_avg"].numpy(), budget, 4)
+    assert_weights_close(m.weight, temb.weight.detach().numpy(), budget, 4)
+    assert not opt.state[m]["exp_avg"][15:].any()
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["sgd", "adagrad"])
+def test_weight_decay_matches_torch_when_every_row_is_looked_up(name, dtype, rng):
+    """Lazy decay equals torch's dense ``weight_decay`` when each step touches every row."""
+    V, D = 12, 5
+    initial = rng.standard_normal((V, D)).astype(dtype)
+    weight = torch.from_numpy(initial.copy()).requires_grad_()
+    make = {"sgd": (torch.optim.SGD, fastemb.optim.SGD, {"lr": 0.3}),
+            "adagrad": (torch.optim.Adagrad, fastemb.optim.Adagrad, {"lr": 0.2})}[name]
+    topt = make[0]([weight], weight_decay=0.25, **make[2])
+    m = fastemb.Embedding.from_pretrained(initial.copy(), freeze=False)
+    opt = make[1](m, weight_decay=0.25, **make[2])
+    budget = np.zeros((V, D))
+    for _ in range(5):
+        idx = np.concatenate([np.arange(V), rng.integers(0, V, 7)])
+        G = rng.standard_normal((idx.size, D)).astype(dtype)
+        torch.nn.functional.embedding(torch.from_numpy(idx), weight).backward(
+            torch.from_numpy(G))
+        topt.step()
+        topt.zero_grad()
+        before = m.weight.astype(np.float64)
+        m(idx)
+        m.backward(G)
+        opt.step()
+        opt.zero_grad()
+        budget += np.abs(before) + np.abs(m.weight - before)
+    assert_weights_close(m.weight, weight.detach().numpy(), budget, 4)
+
+
+def test_weight_decay_shrinks_only_the_looked_up_rows():
+    m = fastemb.Embedding(6, 3, seed=0)
+    before = m.weight.copy()
+    opt = fastemb.optim.SGD(m, lr=0.5, weight_decay=0.2)
+    m([1, 4])
+    m.backward(np.zeros((2, 3), np.float32))
+    opt.step()
+    np.testing.assert_array_equal(m.weight[[0, 2, 3, 5]], before[[0, 2, 3, 5]])
+    expected = before[[1, 4]] + np.float32(-0.5) * (np.float32(0.2) * before[[1, 4]])
+    np.testing.assert_array_equal(m.weight[[1, 4]], expected)
+
+
+@pytest.mark.parametrize("make", [fastemb.optim.SGD, fastemb.optim.Adagrad,
+                                  fastemb.optim.RowWiseAdagrad, fastemb.optim.LazyAdam])
+def test_weight_decay_is_validated(make):
+    with pytest.raises(ValueError, match="weight_decay"):
+        make(fastemb.Embedding(3, 2), lr=0.1, weight_decay=-1.0)
+    assert make(fastemb.Embedding(3, 2), lr=0.1).hyperparameters["weight_decay"] == 0.0
 
 
 @needs_torch

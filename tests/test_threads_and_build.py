@@ -264,7 +264,7 @@ def test_avx2_and_portable_kernels_agree_bitwise(dtype, dim):
         state = [np.full_like(weight, 0.5), np.full_like(weight, 0.25)]
         table = weight.copy()
         plan = fastemb.sparse.GradientPlan(grad, starts, order)
-        build.sparse_step("adam", table, *state, rows, plan, -0.01, 0.1, 0.001, 1e-8, False, 2)
+        build.sparse_step("adam", table, *state, rows, plan, -0.01, 0.1, 0.001, 1e-8, False, 0.0, 2)
         outputs += [table, *state]
         results.append(outputs)
     for portable, avx2 in zip(*results):
