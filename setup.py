@@ -130,7 +130,8 @@ extensions = cythonize(
         Extension(name, [source], include_dirs=[numpy.get_include()],
                   define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")])
         for name, source in (("fastemb._core", "fastemb/_core.pyx"),
-                             ("fastemb._core_avx2", "fastemb/_core_avx2.pyx"))
+                             ("fastemb._core_avx2", "fastemb/_core_avx2.pyx"),
+                             ("fastemb._text", "fastemb/_text.pyx"))
     ],
     compiler_directives={
         "language_level": 3,

@@ -1,15 +1,19 @@
 """``python -m fastemb``: the command line."""
 
 import argparse
+import math
+import os
 import sys
 
 import numpy as np
 
 from . import bench, get_num_threads, set_num_threads, show_config
 from . import train as training
+from .data import DATASETS, load_ratings
 
 DEFAULT_BENCH_REPEAT = 10
-DEFAULT_LR = {"lazyadam": 0.01, "sgd": 3.0, "adagrad": 0.1, "rowwise-adagrad": 0.1}
+DEFAULT_LR = {"lazyadam": 0.003, "sgd": 3.0, "adagrad": 0.1, "rowwise-adagrad": 0.1}
+DEFAULT_WEIGHT_DECAY = 4e-4
 
 
 def positive_int(text):
@@ -23,6 +27,13 @@ def non_negative_int(text):
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -41,7 +52,8 @@ def positive_float(text):
 
 
 def run_train(args):
-    """Train the rating model and print, per epoch, its RMSE next to the mean predictor's."""
+    """Train the rating model; print, per epoch, its RMSE next to the mean predictor's, then
+    the best epoch (kept in --save)."""
     from tqdm import tqdm
 
     if args.lr is None:
@@ -51,11 +63,19 @@ def run_train(args):
                          "(lazyadam, sgd or adagrad)")
     if args.compare_torch and args.resume:
         raise ValueError("--compare-torch compares whole runs; it cannot be combined with --resume")
+    if args.save:
+        training.check_writable(args.save)
+    cores = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cores:
+        print(f"warning: --threads {args.threads} is more than this machine's {cores} cores; "
+              f"the extra threads only wait for a core", file=sys.stderr)
     set_num_threads(args.threads)
     if args.data:
-        data = training.read_ratings(args.data)
+        data = load_ratings(args.data, args.columns)
         source = args.data
     else:
+        check_model_fits(args, args.users, args.items,
+                         extra=training.synthetic_bytes(args.users, args.items, args.ratings))
         data = training.synthetic_ratings(args.users, args.items, args.ratings, seed=args.seed)
         source = "synthetic (built in)"
     train, test = data.split(args.holdout, args.seed)
@@ -63,24 +83,33 @@ def run_train(args):
         raise ValueError(f"{len(data)} ratings are too few to split into a training and a "
                          f"held-out set with --holdout {args.holdout}")
     global_mean = float(train.ratings.mean())
+    if args.y_range is None:
+        args.y_range = training.default_y_range(data.ratings)
     print(f"data: {source}: {len(data):,} ratings, {data.num_users:,} users, "
           f"{data.num_items:,} items; {len(train):,} to train, {len(test):,} held out")
+    check_model_fits(args, data.num_users, data.num_items)
     bags = training.UserBags(train, args.seed) if args.model == "bag" else None
     model = training.RatingModel(data.num_users, data.num_items, args.dim, args.seed,
-                                 global_mean, kind=args.model, bags=bags)
-    optimizer = training.make_optimizer(args.optimizer, model.modules, args.lr)
+                                 global_mean, kind=args.model, bags=bags, y_range=args.y_range)
+    optimizer = training.make_optimizer(args.optimizer, model.modules, args.lr,
+                                        args.weight_decay)
     initial_weights = [module.weight.copy() for module in model.modules]
-    first_epoch = 0
+    mean_rmse = float(np.sqrt(np.mean((test.ratings.astype(np.float64) - global_mean) ** 2)))
+    print(f"model: {args.model}, dim {args.dim}, output range {args.y_range[0]:g}..",
+          f"{args.y_range[1]:g}, {args.optimizer} lr {args.lr} weight decay {args.weight_decay}, "
+          f"batch {args.batch_size}, {get_num_threads()} thread(s); held-out RMSE of predicting "
+          f"the mean: {mean_rmse:.4f}", sep="")
+    first_epoch, best = 0, (math.inf, 0)
     if args.resume:
         first_epoch = training.resume_checkpoint(args.resume, model, optimizer, args)
-        print(f"resumed from {args.resume} after epoch {first_epoch}")
+        best = (training.rmse(model, test), first_epoch)
+        print(f"resumed from {args.resume} after epoch {first_epoch} (held-out RMSE "
+              f"{best[0]:.4f})")
+        if args.save:
+            training.save_checkpoint(args.save, model, optimizer, args, first_epoch)
         if first_epoch >= args.epochs:
             print(f"nothing to train: the checkpoint has done {first_epoch} epoch(s) and "
                   f"--epochs is {args.epochs}")
-    mean_rmse = float(np.sqrt(np.mean((test.ratings.astype(np.float64) - global_mean) ** 2)))
-    print(f"model: {args.model}, dim {args.dim}, {args.optimizer} lr {args.lr}, batch "
-          f"{args.batch_size}, {get_num_threads()} thread(s); held-out RMSE of predicting the mean: "
-          f"{mean_rmse:.4f}")
     epoch_seconds = []
     for epoch in range(first_epoch, args.epochs):
         with tqdm(total=len(train), unit=" ratings", unit_scale=True, leave=False,
@@ -88,29 +117,50 @@ def run_train(args):
             train_rmse, seconds = training.train_epoch(model, optimizer, train, args.batch_size,
                                                        args.seed, epoch, progress)
         epoch_seconds.append(seconds)
+        held_out = training.rmse(model, test)
+        improved = held_out < best[0]
+        if improved:
+            best = (held_out, epoch + 1)
+            if args.save:
+                training.save_checkpoint(args.save, model, optimizer, args, epoch + 1)
         print(f"epoch {epoch + 1}/{args.epochs}: train RMSE {train_rmse:.4f}, held-out RMSE "
-              f"{training.rmse(model, test):.4f} (mean predictor {mean_rmse:.4f}), "
-              f"{len(train) / seconds:,.0f} ratings/s, {seconds:.1f} s")
-        if args.save:
-            training.save_checkpoint(args.save, model, optimizer, args, epoch + 1)
+              f"{held_out:.4f} (mean predictor {mean_rmse:.4f}), "
+              f"{len(train) / seconds:,.0f} ratings/s, {seconds:.2f} s" + (" *" if improved else ""))
+    if epoch_seconds:
+        print(f"best: epoch {best[1]}, held-out RMSE {best[0]:.4f} (mean predictor "
+              f"{mean_rmse:.4f}); {len(epoch_seconds)} epoch(s) of training took "
+              f"{sum(epoch_seconds):.2f} s")
     if args.save:
-        print(f"saved tables and optimizer state to {args.save}")
+        print(f"saved the tables and optimizer state of epoch {best[1]} (the best) to {args.save}")
     if args.compare_torch:
         compare_with_torch(args, initial_weights, model, train, test, global_mean, epoch_seconds)
     return 0
 
 
+def check_model_fits(args, num_users, num_items, extra=0):
+    """Refuse, before allocating, a model (and synthetic data) that memory cannot hold."""
+    training.check_fits_in_memory(
+        training.bytes_needed(num_users, num_items, args.dim, args.optimizer, args.model) + extra,
+        f"tables of {args.dim} columns for {num_users:,} users and {num_items:,} items, with "
+        f"{args.optimizer}'s state" + (" and the synthetic ratings," if extra else ","))
+
+
 def compare_with_torch(args, initial_weights, model, train, test, global_mean, epoch_seconds):
+    from tqdm import tqdm
+
     try:
         import torch  # noqa: F401
     except ImportError:
         raise SystemExit("--compare-torch needs torch: pip install torch==2.13.0") from None
     print("training the same model with torch (same initial weights and batches) ...")
-    torch_seconds, torch_rmse, torch_tables = training.train_with_torch(
-        initial_weights, train, test, args, global_mean)
+    with tqdm(total=len(train) * args.epochs, unit=" ratings", unit_scale=True, leave=False,
+              desc="torch", disable=args.quiet) as progress:
+        torch_seconds, torch_rmse, torch_tables = training.train_with_torch(
+            initial_weights, train, test, args, global_mean, progress)
     for epoch, (ours, theirs) in enumerate(zip(epoch_seconds, torch_seconds), start=1):
-        print(f"epoch {epoch}: fastemb {ours:.2f} s, torch {theirs:.2f} s, "
-              f"fastemb is {theirs / ours:.1f}x faster")
+        verdict = (f"fastemb is {theirs / ours:.1f}x faster" if theirs >= ours
+                   else f"fastemb is {ours / theirs:.1f}x slower")
+        print(f"epoch {epoch}: fastemb {ours:.2f} s, torch {theirs:.2f} s, {verdict}")
     difference = max(float(np.max(np.abs(ours.weight - theirs), initial=0.0))
                      for ours, theirs in zip(model.modules, torch_tables))
     print(f"final held-out RMSE: fastemb {training.rmse(model, test):.4f}, torch "
@@ -121,36 +171,57 @@ def add_train_command(commands):
     train = commands.add_parser(
         "train",
         help="train a recommender (users x items embeddings) end to end and report its RMSE",
-        description="Train mean + dot(user, item) + biases on ratings with a lazy optimizer. "
-                    "Default data: a built-in synthetic set (100,000 users, 50,000 items, "
-                    "5,000,000 ratings, Zipf-skewed item popularity).",
+        description="Train the fastai book's DotProductBias model (mean + dot(user, item) + "
+                    "biases, squashed into the rating range) on ratings with a lazy optimizer "
+                    "and L2 weight decay, report each epoch's held-out RMSE and the best "
+                    "epoch. Data: MovieLens 100k (--data ml-100k), a ratings file, or by "
+                    "default a built-in synthetic set (100,000 users, 50,000 items, 5,000,000 "
+                    "ratings, Zipf-skewed item popularity).",
     )
     train.add_argument("--data", metavar="PATH",
-                       help="ratings file: MovieLens u.data (tab-separated) or a CSV with a "
-                            "user,item,rating header (default: the synthetic set)")
+                       help="ratings: " + ", ".join(DATASETS) + " (MovieLens 100k from "
+                            "recbole's wheel: pip install --no-deps recbole==1.2.1), or a "
+                            "file: MovieLens u.data, ratings.dat, ratings.csv, or any CSV "
+                            "(default: the synthetic set)")
+    train.add_argument("--columns", metavar="USER,ITEM,RATING",
+                       help="which columns of --data hold the user, the item and the rating: "
+                            "three header names (e.g. userId,movieId,rating) or 0-based "
+                            "positions (e.g. 0,1,2) (default: found by header name, else the "
+                            "first three)")
     train.add_argument("--model", choices=["dot", "bag"], default="dot",
                        help="dot: a user is a row of a table; bag: a user is the rating-weighted "
                             "mean of the items they rated (EmbeddingBag) (default dot)")
-    train.add_argument("--epochs", type=positive_int, default=3, help="passes over the data (default 3)")
+    train.add_argument("--epochs", type=positive_int, default=10,
+                       help="passes over the data (default 10)")
     train.add_argument("--dim", type=positive_int, default=32, help="embedding size (default 32)")
-    train.add_argument("--batch-size", type=positive_int, default=4096,
-                       help="ratings per step (default 4096)")
+    train.add_argument("--batch-size", type=positive_int, default=1024,
+                       help="ratings per step (default 1024)")
     train.add_argument("--optimizer", choices=list(training.OPTIMIZERS), default="lazyadam",
                        help="lazy optimizer (default lazyadam)")
     train.add_argument("--lr", type=positive_float, default=None,
                        help="learning rate (default: " + ", ".join(
                            f"{name} {lr}" for name, lr in DEFAULT_LR.items()) + ")")
+    train.add_argument("--weight-decay", type=non_negative_float, default=DEFAULT_WEIGHT_DECAY,
+                       help="L2 weight decay on the rows each step updates "
+                            f"(default {DEFAULT_WEIGHT_DECAY})")
+    train.add_argument("--y-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       help="output range of the sigmoid (default: from the lowest rating - "
+                            "span/4 to the highest + span/8, 0..5.5 for ratings 1..5)")
     train.add_argument("--threads", type=positive_int, default=None,
                        help="OpenMP threads (default: all cores, or OMP_NUM_THREADS)")
     train.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed for data, init and shuffling (default 0)")
     train.add_argument("--holdout", type=fraction, default=0.1,
                        help="fraction of ratings held out to measure RMSE (default 0.1)")
-    train.add_argument("--users", type=positive_int, default=100_000, help="synthetic users (default 100000)")
-    train.add_argument("--items", type=positive_int, default=50_000, help="synthetic items (default 50000)")
+    train.add_argument("--users", type=positive_int, default=100_000,
+                       help="synthetic users (default 100000)")
+    train.add_argument("--items", type=positive_int, default=50_000,
+                       help="synthetic items (default 50000)")
     train.add_argument("--ratings", type=positive_int, default=5_000_000,
                        help="synthetic ratings (default 5000000)")
-    train.add_argument("--save", metavar="PATH", help="write tables + optimizer state here after each epoch")
+    train.add_argument("--save", metavar="PATH",
+                       help="keep the tables + optimizer state of the best epoch (lowest "
+                            "held-out RMSE) here")
     train.add_argument("--resume", metavar="PATH", help="continue from a checkpoint written by --save")
     train.add_argument("--compare-torch", action="store_true",
                        help="also train the same model with torch from the same initial weights "
@@ -221,7 +292,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (OSError, ValueError) as error:  # bad files or options: a message, not a traceback
+    except (OSError, ValueError, MemoryError) as error:  # a message, not a traceback
         raise SystemExit(f"python -m fastemb {args.command}: error: {error}") from None
 
 

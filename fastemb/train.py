@@ -1,22 +1,26 @@
 """The main job: train a collaborative-filtering model on the CPU with fastemb tables.
 
-A rating is predicted as ``mean + dot(user, item) + user_bias + item_bias`` (the ``DotProduct``
-model with biases of the fastai book), where users and items are rows of embedding tables. With
-``kind="bag"`` a user is instead the weighted mean of the items they rated (an ``EmbeddingBag``
-with the ratings as per-sample weights). Training minimises the squared error with a lazy
-optimizer that only touches the rows of each batch.
-
-The data is a deterministic synthetic ratings set (``synthetic_ratings``) or a ratings file
-(``read_ratings``: MovieLens ``u.data`` or a ``user,item,rating`` CSV).
+A rating is predicted as ``low + (high - low) * sigmoid(offset + dot(user, item) + user_bias +
+item_bias)``: the ``DotProductBias`` model of the fastai book, whose output is squashed into
+the rating range ``y_range = (low, high)``, with ``offset`` the logit of the training mean, so
+an untrained model predicts the mean. Without a ``y_range`` the prediction is the plain
+``mean + dot + biases``. Users and items are rows of embedding tables; with ``kind="bag"`` a
+user is instead the weighted mean of the items they rated (an ``EmbeddingBag`` with the
+ratings as per-sample weights). Training minimises the squared error with a lazy optimizer
+that only touches the rows of each batch, and L2 weight decay on those rows keeps the tables
+from overfitting. The data comes from ``fastemb.data``.
 """
 
+import math
+import os
+import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import optim
 from .checkpoint import load, read_metadata, save
+from .data import Ratings, load_ratings, read_ratings, synthetic_ratings  # noqa: F401
 from .modules import Embedding, EmbeddingBag
 
 OPTIMIZERS = {
@@ -29,100 +33,40 @@ INIT_SCALE = 0.01      # tables start N(0, INIT_SCALE^2), as in the fastai book
 MAX_BAG_ITEMS = 64     # a user's bag holds at most this many of their training items
 
 
-@dataclass
-class Ratings:
-    """Ratings as parallel arrays; users and items are 0-based rows."""
+def default_y_range(ratings):
+    """The output range for ratings from ``lo`` to ``hi``: ``(lo - span / 4, hi + span / 8)``,
+    the fastai book's ``(0, 5.5)`` for ratings 1..5 (a sigmoid never reaches its ends, so the
+    range reaches past the ratings; more room below, where MovieLens ratings are rarer).
 
-    users: np.ndarray    # int64
-    items: np.ndarray    # int64
-    ratings: np.ndarray  # float32
-    num_users: int
-    num_items: int
-
-    def __len__(self):
-        return self.ratings.size
-
-    def subset(self, selection):
-        return Ratings(self.users[selection], self.items[selection], self.ratings[selection],
-                       self.num_users, self.num_items)
-
-    def split(self, holdout_fraction, seed):
-        """(train, held-out) split of the ratings, at random but deterministic in ``seed``."""
-        order = np.random.default_rng([seed, 1]).permutation(len(self))
-        cut = len(self) - int(round(len(self) * holdout_fraction))
-        return self.subset(np.sort(order[:cut])), self.subset(np.sort(order[cut:]))
-
-
-def _skewed_choice(rng, count, size, exponent):
-    """``size`` draws from ``range(count)`` where the k-th most popular id has probability
-    proportional to ``k ** -exponent``; which ids are popular is a random permutation."""
-    weights = np.arange(1, count + 1, dtype=np.float64) ** -exponent
-    cumulative = np.cumsum(weights / weights.sum())
-    ranks = np.minimum(np.searchsorted(cumulative, rng.random(size)), count - 1)
-    return rng.permutation(count)[ranks]
-
-
-def synthetic_ratings(num_users=100_000, num_items=50_000, num_ratings=5_000_000, rank=8,
-                      noise=0.5, seed=0):
-    """A deterministic ratings set with a realistic shape: Zipf-skewed item popularity, skewed
-    user activity, ratings 1..5 from a planted low-rank model plus biases and Gaussian noise.
-
-    >>> data = synthetic_ratings(1000, 500, 20_000, seed=0)
-    >>> len(data), int(data.ratings.min()), int(data.ratings.max())
-    (20000, 1, 5)
+    >>> default_y_range(np.array([1.0, 3.0, 5.0]))
+    (0.0, 5.5)
     """
-    rng = np.random.default_rng(seed)
-    users = _skewed_choice(rng, num_users, num_ratings, exponent=0.5)
-    items = _skewed_choice(rng, num_items, num_ratings, exponent=1.0)
-    user_factors = rng.standard_normal((num_users, rank)) / rank ** 0.25
-    item_factors = rng.standard_normal((num_items, rank)) / rank ** 0.25
-    user_bias = rng.normal(0.0, 0.4, num_users)
-    item_bias = rng.normal(0.0, 0.6, num_items)
-    affinity = np.einsum("ij,ij->i", user_factors[users], item_factors[items])
-    scores = 3.4 + user_bias[users] + item_bias[items] + affinity
-    scores += rng.normal(0.0, noise, num_ratings)
-    ratings = np.clip(np.rint(scores), 1, 5).astype(np.float32)
-    return Ratings(users.astype(np.int64), items.astype(np.int64), ratings, num_users, num_items)
+    low, high = float(ratings.min()), float(ratings.max())
+    span = max(high - low, 1.0)
+    return low - span / 4, high + span / 8
 
 
-def read_ratings(path):
-    """Read MovieLens ``u.data`` (``user<TAB>item<TAB>rating[<TAB>timestamp]``, no header) or a
-    CSV with a header naming ``user``, ``item`` and ``rating`` columns. Ids may be any strings
-    or numbers; they are mapped to rows 0..n-1. A malformed line raises ValueError naming it.
+def score_offset(global_mean, y_range):
+    """The constant of the score: the mean itself, or the logit that makes the squashed
+    output the mean.
+
+    >>> float(score_offset(2.75, (0.0, 5.5)))
+    0.0
     """
-    with open(path, encoding="utf-8-sig") as file:  # -sig: spreadsheets write a BOM
-        lines = file.read().splitlines()
-    first = lines[0].strip().lower() if lines else ""
-    if "," in first and "user" in first:
-        header = [name.strip() for name in first.split(",")]
-        missing = {"user", "item", "rating"} - set(header)
-        if missing:
-            raise ValueError(f"{path}:1: the CSV header lacks column(s) {', '.join(sorted(missing))}")
-        columns = [header.index(name) for name in ("user", "item", "rating")]
-        separator, body_start = ",", 1
-    else:
-        columns, separator, body_start = [0, 1, 2], "\t", 0
-    users, items, ratings = [], [], []
-    for number, line in enumerate(lines[body_start:], start=body_start + 1):
-        if not line.strip():
-            continue
-        fields = line.split(separator)
-        try:
-            user, item, rating = (fields[c].strip() for c in columns)
-            value = float(rating)
-            if not np.isfinite(value):
-                raise ValueError("rating is not finite")
-        except (IndexError, ValueError) as error:
-            raise ValueError(f"{path}:{number}: malformed line {line!r} ({error})") from None
-        users.append(user)
-        items.append(item)
-        ratings.append(value)
-    if not ratings:
-        raise ValueError(f"{path}: no ratings found")
-    user_ids, user_rows = np.unique(np.array(users), return_inverse=True)
-    item_ids, item_rows = np.unique(np.array(items), return_inverse=True)
-    return Ratings(user_rows.astype(np.int64), item_rows.astype(np.int64),
-                   np.array(ratings, dtype=np.float32), user_ids.size, item_ids.size)
+    if y_range is None:
+        return np.float32(global_mean)
+    low, high = y_range
+    if not low < global_mean < high:
+        raise ValueError(f"the mean rating {global_mean:.4g} lies outside the output range "
+                         f"{low:g}..{high:g} (--y-range)")
+    fraction = (global_mean - low) / (high - low)
+    return np.float32(math.log(fraction / (1 - fraction)))
+
+
+def sigmoid(z):
+    """1 / (1 + exp(-z)) without overflow warnings, in z's dtype."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(z.dtype, copy=False)
 
 
 class UserBags:
@@ -144,9 +88,11 @@ class UserBags:
 
 
 class RatingModel:
-    """``mean + dot(user, item) + user_bias + item_bias`` on fastemb tables."""
+    """``low + (high - low) * sigmoid(offset + dot(user, item) + user_bias + item_bias)`` on
+    fastemb tables (``mean + dot + biases`` when ``y_range`` is None)."""
 
-    def __init__(self, num_users, num_items, dim, seed, global_mean, kind="dot", bags=None):
+    def __init__(self, num_users, num_items, dim, seed, global_mean, kind="dot", bags=None,
+                 y_range=None):
         if kind not in ("dot", "bag"):
             raise ValueError(f"kind must be 'dot' or 'bag', got {kind!r}")
         rng_seeds = np.random.SeedSequence(seed).spawn(4)
@@ -160,6 +106,7 @@ class RatingModel:
         for module in self.modules:
             module.weight *= INIT_SCALE
         self.kind, self.bags, self.global_mean = kind, bags, np.float32(global_mean)
+        self.y_range, self.offset = y_range, score_offset(global_mean, y_range)
 
     @property
     def modules(self):
@@ -172,11 +119,17 @@ class RatingModel:
         return self.users(indices, offsets, per_sample_weights=weights)
 
     def forward(self, users, items):
-        """Predictions for (users[k], items[k]), remembering what the backward needs."""
+        """(predictions for (users[k], items[k]), d prediction / d score, user vectors, item
+        vectors), remembering in the tables what the backward needs."""
         user_vectors, item_vectors = self._user_vectors(users), self.items(items)
-        prediction = (self.global_mean + np.einsum("ij,ij->i", user_vectors, item_vectors)
-                      + self.user_bias(users)[:, 0] + self.item_bias(items)[:, 0])
-        return prediction, user_vectors, item_vectors
+        score = (self.offset + np.einsum("ij,ij->i", user_vectors, item_vectors)
+                 + self.user_bias(users)[:, 0] + self.item_bias(items)[:, 0])
+        if self.y_range is None:
+            return score, np.float32(1), user_vectors, item_vectors
+        low, high = (np.float32(x) for x in self.y_range)
+        squashed = sigmoid(score)
+        slope = (high - low) * squashed * (1 - squashed)
+        return low + (high - low) * squashed, slope, user_vectors, item_vectors
 
     def predict(self, users, items, batch_size=65536):
         """Predictions in batches, without keeping anything for a backward."""
@@ -185,9 +138,9 @@ class RatingModel:
 
     def train_step(self, users, items, ratings, optimizer):
         """One step of mean squared error; returns the batch's sum of squared errors."""
-        prediction, user_vectors, item_vectors = self.forward(users, items)
+        prediction, slope, user_vectors, item_vectors = self.forward(users, items)
         error = prediction - ratings
-        grad = (2.0 / error.size) * error.astype(np.float32)
+        grad = ((2.0 / error.size) * error * slope).astype(np.float32)
         self.users.backward(grad[:, None] * item_vectors)
         self.items.backward(grad[:, None] * user_vectors)
         self.user_bias.backward(grad[:, None])
@@ -203,11 +156,11 @@ def rmse(model, data):
     return float(np.sqrt(np.mean(error.astype(np.float64) ** 2)))
 
 
-def make_optimizer(name, modules, lr):
+def make_optimizer(name, modules, lr, weight_decay=0.0):
     """An optimizer from its command-line name."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](modules, lr=lr)
+    return OPTIMIZERS[name](modules, lr=lr, weight_decay=weight_decay)
 
 
 def batches(num_ratings, batch_size, seed, epoch):
@@ -234,8 +187,9 @@ def checkpoint_metadata(args, epoch):
     """What a resumed run must share with the run that saved the checkpoint."""
     data = args.data or f"synthetic {args.users} {args.items} {args.ratings}"
     return {"epoch": epoch, "model": args.model, "dim": args.dim, "optimizer": args.optimizer,
-            "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-            "holdout": args.holdout, "data": data}
+            "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size,
+            "seed": args.seed, "holdout": args.holdout, "data": data,
+            "y_range": list(args.y_range) if args.y_range else None}
 
 
 def save_checkpoint(path, model, optimizer, args, epoch):
@@ -256,10 +210,11 @@ def resume_checkpoint(path, model, optimizer, args):
     return saved["epoch"]
 
 
-def train_with_torch(initial_weights, train, test, args, global_mean):
-    """Train the same dot model with torch (sparse embeddings, the matching torch optimizer)
-    from the same initial weights and batches; returns (seconds per epoch, final held-out RMSE,
-    final tables as NumPy arrays)."""
+def train_with_torch(initial_weights, train, test, args, global_mean, progress=None):
+    """Train the same dot model with torch (sparse embeddings, the matching torch optimizer,
+    the same lazy L2 weight decay added to the looked-up rows' gradients) from the same
+    initial weights and batches; returns (seconds per epoch, final held-out RMSE, final tables
+    as NumPy arrays). ``progress`` (a tqdm bar, optional) advances by each batch's ratings."""
     import torch
 
     if args.threads is not None:
@@ -275,10 +230,21 @@ def train_with_torch(initial_weights, train, test, args, global_mean):
         "sgd": lambda: torch.optim.SGD(parameters, lr=args.lr),
         "adagrad": lambda: torch.optim.Adagrad(parameters, lr=args.lr),
     }[args.optimizer]()
-    mean = torch.tensor(global_mean, dtype=torch.float32)
+    offset = torch.tensor(score_offset(global_mean, args.y_range), dtype=torch.float32)
 
     def predict(u, i):
-        return mean + (users(u) * items(i)).sum(1) + user_bias(u)[:, 0] + item_bias(i)[:, 0]
+        score = offset + (users(u) * items(i)).sum(1) + user_bias(u)[:, 0] + item_bias(i)[:, 0]
+        if args.y_range is None:
+            return score
+        low, high = (torch.tensor(x, dtype=torch.float32) for x in args.y_range)
+        return low + (high - low) * torch.sigmoid(score)
+
+    def decay_looked_up_rows():
+        for parameter in parameters:
+            grad = parameter.grad.coalesce()
+            rows = grad.indices()[0]
+            values = grad.values() + args.weight_decay * parameter.detach()[rows]
+            parameter.grad = torch.sparse_coo_tensor(grad.indices(), values, grad.shape)
 
     epoch_seconds = []
     for epoch in range(args.epochs):
@@ -289,9 +255,66 @@ def train_with_torch(initial_weights, train, test, args, global_mean):
             loss = ((predict(u, i) - torch.from_numpy(train.ratings[selection])) ** 2).mean()
             optimizer.zero_grad()
             loss.backward()
+            if args.weight_decay:
+                decay_looked_up_rows()
             optimizer.step()
+            if progress is not None:
+                progress.update(selection.size)
         epoch_seconds.append(time.perf_counter() - started)
     with torch.no_grad():
         error = predict(torch.from_numpy(test.users), torch.from_numpy(test.items)).numpy()
     final_rmse = float(np.sqrt(np.mean((error.astype(np.float64) - test.ratings) ** 2)))
     return epoch_seconds, final_rmse, [p.detach().numpy() for p in parameters]
+
+
+def bytes_needed(num_users, num_items, dim, optimizer, kind="dot"):
+    """Bytes of the float32 tables and optimizer state a model of this size allocates."""
+    rows = (num_items if kind == "bag" else num_users) * dim + num_items * dim
+    rows += num_users + num_items  # the bias tables
+    state_copies = len(OPTIMIZERS[optimizer].state_arrays)
+    if OPTIMIZERS[optimizer] is optim.RowWiseAdagrad:
+        state_copies = 1 / max(dim, 1)
+    return int(rows * 4 * (1 + state_copies))
+
+
+def synthetic_bytes(num_users, num_items, num_ratings):
+    """Bytes that ``synthetic_ratings`` holds at its peak (a generous estimate)."""
+    return 8 * (6 * num_ratings + 24 * (num_users + num_items))
+
+
+def available_memory():
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(needed, what):
+    """Refuse (MemoryError, one line) before allocating ``needed`` bytes that are not free."""
+    free = available_memory()
+    if free is not None and needed > free:
+        raise MemoryError(f"{what} need {needed / 1e9:,.1f} GB, but only {free / 1e9:,.1f} GB "
+                          f"of memory is available; use fewer users, items or a smaller --dim")
+
+
+def check_writable(path):
+    """Refuse (OSError naming ``path``) a checkpoint path that cannot be written, before any
+    training: its folder must exist and take a new file, and it must not be a folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save to {path}: it is a folder")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save to {path}: the folder {folder} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"cannot save to {path}: {error.strerror or error}") from None

@@ -6,6 +6,7 @@ error on the command line must end in a clean exit (SystemExit with a message), 
 uncaught exception (which would print a traceback).
 """
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 import fastemb
+import fastemb.data
 from fastemb import train as training
 from fastemb.__main__ import DEFAULT_LR, build_parser, main
 
@@ -68,11 +70,12 @@ def mean_rmse(data, holdout=0.1, seed=0):
                                   - float(train.ratings.mean())) ** 2)))
 
 
-def build_model(data, kind, dim, seed=0, holdout=0.1):
+def build_model(data, kind, dim, seed=0, holdout=0.1, y_range=None):
     train, test = data.split(holdout, seed)
     bags = training.UserBags(train, seed) if kind == "bag" else None
     model = training.RatingModel(data.num_users, data.num_items, dim, seed,
-                                 float(train.ratings.mean()), kind=kind, bags=bags)
+                                 float(train.ratings.mean()), kind=kind, bags=bags,
+                                 y_range=y_range)
     return model, train, test
 
 
@@ -198,11 +201,12 @@ def test_sgd_at_its_default_lr_does_not_diverge(capsys):
     assert final < baseline, out
 
 
+@pytest.mark.parametrize("y_range", [None, (0.0, 5.5)])
 @pytest.mark.parametrize("kind", ["dot", "bag"])
-def test_train_step_is_one_sgd_step_on_the_squared_error(kind):
+def test_train_step_is_one_sgd_step_on_the_squared_error(kind, y_range):
     """Check the model's hand-written backward against a float64 NumPy derivation."""
     data = training.synthetic_ratings(40, 30, 600, seed=5)
-    model, train, _ = build_model(data, kind, dim=3, seed=2)
+    model, train, _ = build_model(data, kind, dim=3, seed=2, y_range=y_range)
     for module in model.modules:  # make the weights large enough to matter
         module.weight *= 30
     before = [m.weight.astype(np.float64) for m in model.modules]
@@ -222,9 +226,17 @@ def test_train_step_is_one_sgd_step_on_the_squared_error(kind):
             w = weights[bounds[b]:bounds[b + 1]].astype(np.float64)
             if w.sum() != 0:
                 user_vectors[b] = w @ U[indices[bounds[b]:bounds[b + 1]]] / w.sum()
-    error = (float(model.global_mean) + np.sum(user_vectors * V[items], axis=1)
-             + bu[users, 0] + bi[items, 0] - ratings)
-    d = 2.0 / users.size * error
+    score = (float(model.offset) + np.sum(user_vectors * V[items], axis=1)
+             + bu[users, 0] + bi[items, 0])
+    if y_range is None:
+        prediction, slope = score, 1.0
+    else:
+        low, high = y_range
+        squashed = 1 / (1 + np.exp(-score))
+        prediction = low + (high - low) * squashed
+        slope = (high - low) * squashed * (1 - squashed)
+    error = prediction - ratings
+    d = 2.0 / users.size * error * slope
     gU, gV, gbu, gbi = (np.zeros_like(x) for x in before)
     if kind == "dot":
         np.add.at(gU, users, d[:, None] * V[items])
@@ -315,7 +327,7 @@ def test_read_malformed_line_names_file_and_line(tmp_path, name, text):
 
 
 def test_read_csv_header_lacking_a_column(tmp_path):
-    path = write(tmp_path / "r.csv", "user,item,score\n1,2,3\n")
+    path = write(tmp_path / "r.csv", "user,item,grade\n1,2,3\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}:1:") + ".*rating"):
         training.read_ratings(path)
     path = write(tmp_path / "s.csv", "item,rating,customer\n1,2,3\n")
@@ -369,8 +381,8 @@ def test_tiny_run_prints_each_epochs_rmse_and_the_mean_predictor(capsys, tmp_pat
         assert np.isfinite(train_rmse) and 0 < train_rmse < 3
         assert mean == baseline
     assert epochs[1][3] < epochs[0][3] < baseline
-    # the printed held-out RMSE is that of the saved model
-    model, _, test = build_model(data, "dot", dim=8)
+    # the printed held-out RMSE is that of the saved model (the best epoch's)
+    model, _, test = build_model(data, "dot", dim=8, y_range=(0.0, 5.5))
     fastemb.load(tmp_path / "a.npz", model.modules)
     assert training.rmse(model, test) == pytest.approx(epochs[-1][3], abs=1e-4)
 
@@ -514,15 +526,17 @@ def test_resume_from_a_missing_checkpoint_is_a_clean_error(capsys, tmp_path):
 
 # ---------------------------------------------------------------- the torch comparison
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 @pytest.mark.parametrize("optimizer, lr", [("lazyadam", 0.01), ("sgd", 1.0), ("adagrad", 0.1)])
-def test_train_with_torch_matches_fastemb(optimizer, lr):
+@pytest.mark.parametrize("y_range, weight_decay", [(None, 0.0), ((0.0, 5.5), 0.05)])
+def test_train_with_torch_matches_fastemb(optimizer, lr, y_range, weight_decay):
     pytest.importorskip("torch")
     data = training.synthetic_ratings(300, 200, 5000, seed=3)
-    model, train, test = build_model(data, "dot", dim=6)
+    model, train, test = build_model(data, "dot", dim=6, y_range=y_range)
     initial = [m.weight.copy() for m in model.modules]
-    opt = training.make_optimizer(optimizer, model.modules, lr)
+    opt = training.make_optimizer(optimizer, model.modules, lr, weight_decay)
     args = SimpleNamespace(threads=1, optimizer=optimizer, lr=lr, epochs=1, batch_size=256,
-                           seed=0)
+                           seed=0, y_range=y_range, weight_decay=weight_decay)
     training.train_epoch(model, opt, train, args.batch_size, args.seed, 0)
     seconds, torch_rmse, tables = training.train_with_torch(
         [w.copy() for w in initial], train, test, args, float(model.global_mean))
@@ -566,3 +580,71 @@ def test_cli_compare_torch_without_threads_option(capsys):
 def test_compare_torch_refuses_what_torch_cannot_train(capsys, args):
     message = cli_error(TINY + ["--compare-torch"] + args, capsys)
     assert "--compare-torch" in message and "dot" in message, message
+
+
+# ---------------------------------------------------------------- MovieLens 100k, the main job
+
+BEST_LINE = re.compile(r"^best: epoch (\d+), held-out RMSE (\S+) \(mean predictor (\S+)\); "
+                       r"(\d+) epoch\(s\) of training took (\S+) s$", re.M)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("recbole") is None,
+                    reason="recbole is not installed (pip install --no-deps recbole==1.2.1)")
+def test_movielens_100k_beats_the_mean_and_keeps_the_best_epoch(capsys, tmp_path):
+    best_path = tmp_path / "best.npz"
+    out = run_cli(["train", "--data", "ml-100k", "--epochs", "12", "--quiet", "--threads", "1",
+                   "--save", best_path], capsys)
+    baseline, epochs = parse_run(out)
+    best = BEST_LINE.search(out)
+    assert best, out
+    best_epoch, best_rmse = int(best.group(1)), float(best.group(2))
+    held_out = [e[3] for e in epochs]
+    assert len(held_out) == 12 and best_rmse == min(held_out)
+    assert held_out[best_epoch - 1] == best_rmse
+    assert best_rmse <= 0.90 < baseline, out  # the fastai book's model reaches about 0.906
+    assert held_out[-1] <= best_rmse + 0.01, out  # weight decay: more epochs do little harm
+    # the checkpoint holds the best epoch
+    assert fastemb.checkpoint.read_metadata(best_path)["epoch"] == best_epoch
+    data = fastemb.data.load_ratings("ml-100k")
+    model, _, test = build_model(data, "dot", dim=32,
+                                 y_range=training.default_y_range(data.ratings))
+    fastemb.load(best_path, model.modules)
+    assert training.rmse(model, test) == pytest.approx(best_rmse, abs=1e-4)
+
+
+# ---------------------------------------------------------------- friendly failures
+
+def test_save_to_a_path_that_cannot_be_written_is_refused_before_training(capsys, tmp_path):
+    for path in (tmp_path / "no-such-folder" / "model.npz", tmp_path):
+        message = cli_error(TINY + ["--save", path], capsys)
+        assert str(path) in message and "\n" not in message.strip(), message
+    (tmp_path / "file").write_text("x")
+    message = cli_error(TINY + ["--save", tmp_path / "file" / "model.npz"], capsys)
+    assert str(tmp_path / "file" / "model.npz") in message
+
+
+def test_tables_that_do_not_fit_are_refused_before_allocating(capsys):
+    message = cli_error(["train", "--users", str(10**12), "--items", "10", "--ratings", "10",
+                         "--quiet"], capsys)
+    assert re.search(r"need [\d,.]+ GB, but only [\d,.]+ GB of memory is available", message), \
+        message
+
+
+def test_threads_above_the_cores_warn(capsys):
+    main(TINY[:-1] + [str((os.cpu_count() or 1) + 1), "--epochs", "1"])
+    _, err = capsys.readouterr()
+    assert "warning: --threads" in err and "cores" in err
+
+
+@pytest.mark.parametrize("text, line", [("1,2,3\n1,3,1e30\n", 2), ("1,2,3\n\n1,3,nan\n", 3),
+                                        (b"1,2,3\n2,3,\xe9\n", 2)])
+def test_bad_ratings_in_a_file_are_one_line_errors(capsys, tmp_path, text, line):
+    path = tmp_path / "r.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    message = cli_error(["train", "--data", path, "--quiet"], capsys)
+    assert f"{path}:{line}:" in message and len(message.strip().splitlines()) == 1, message
+
+
+def test_rating_mean_outside_the_output_range_is_refused(capsys):
+    message = cli_error(TINY + ["--y-range", "4.5", "6"], capsys)
+    assert "--y-range" in message, message
