@@ -24,7 +24,7 @@ def expected_result():
     every implementation (fastemb at any thread count included) must agree with it.
 
     Forward results are kept for the session. A training result holds whole tables (256 MB on
-    the mission shape), so only the latest one is kept: the tests of one workload and operation
+    the large workload), so only the latest one is kept: the tests of one workload and operation
     run one after another.
     """
     results = {}

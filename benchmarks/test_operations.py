@@ -2,7 +2,7 @@
 speed of light and (for the bag sum) a plain C reference.
 
 One pytest-benchmark group per operation, workload and thread count (1 and all cores), e.g.
-``step_lazyadam-mission-zipf-2t``; compare the rows of a group. The ``speed_of_light`` row is
+``step_lazyadam-large-zipf-2t``; compare the rows of a group. The ``speed_of_light`` row is
 plain C loops that move only the table bytes the operation needs (see
 ``fastemb.bench.speed_of_light_callable``). Timings are shown, never asserted on, but every
 implementation's result is first checked against fastemb's, so a fast wrong kernel fails instead

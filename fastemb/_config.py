@@ -1,5 +1,7 @@
 """Thread count and build information."""
 
+from __future__ import annotations
+
 import platform
 import sys
 
@@ -17,7 +19,7 @@ _requested_threads = None
 PARALLEL_GRAIN = 32768
 
 
-def set_num_threads(n):
+def set_num_threads(n: int | None) -> None:
     """Set how many OpenMP threads fastemb's kernels use; ``None`` restores the default.
 
     The default is what OpenMP would use: ``OMP_NUM_THREADS``, else the CPU count, and a
@@ -40,7 +42,7 @@ def set_num_threads(n):
     _requested_threads = n
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The number of threads the next kernel call will use.
 
     >>> import fastemb
@@ -59,7 +61,7 @@ def threads_for(work):
     return get_num_threads() if work >= PARALLEL_GRAIN else 1
 
 
-def show_config(file=None):
+def show_config(file=None) -> None:
     """Print the version, whether OpenMP is compiled in, the thread count and compiler flags.
 
     >>> import fastemb

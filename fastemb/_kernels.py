@@ -5,7 +5,15 @@ import: the AVX2 build when it exists and the CPU has AVX2, unless ``FASTEMB_KER
 
 import os
 
-from . import _core as portable
+try:
+    from . import _core as portable
+except ImportError as error:  # the source folder, never built: say what to do
+    raise ImportError(
+        f"fastemb's compiled kernels are not built in {os.path.dirname(__file__)}: Python is "
+        f"importing the source folder (it comes first when you run from the repository's "
+        f"root). Build them in place with `pip install -e .`, or run from another folder "
+        f"after `pip install .`."
+    ) from error
 
 
 def _select():

@@ -6,7 +6,10 @@ per row (``_core.accumulate_rows``). Step (2) is deferred into a ``GradientPlan`
 values are read, so an optimizer can fuse it with its update.
 """
 
+from __future__ import annotations
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._kernels import kernels as _core
 from ._config import threads_for
@@ -77,8 +80,9 @@ def bag_grads(forward: BagForward, weight, grad_output, scale_grad_by_freq):
     return weight_grad, sample_grad.reshape(forward.input_shape)
 
 
-def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
-                       scale_grad_by_freq=False):
+def embedding_backward(grad_output: ArrayLike, input: ArrayLike, num_embeddings: int,
+                       padding_idx: int | None = None,
+                       scale_grad_by_freq: bool = False) -> SparseGrad:
     """The weight gradient of ``embedding(input, weight)`` given ``grad_output``
     (shape ``input.shape + (D,)``), as a coalesced SparseGrad.
 
@@ -106,9 +110,11 @@ def embedding_backward(grad_output, input, num_embeddings, padding_idx=None,
                        NO_PADDING if padding is None else padding, bool(scale_grad_by_freq))
 
 
-def embedding_bag_backward(grad_output, input, weight, offsets=None, mode="mean",
-                           per_sample_weights=None, include_last_offset=False, padding_idx=None,
-                           scale_grad_by_freq=False):
+def embedding_bag_backward(grad_output: ArrayLike, input: ArrayLike, weight: np.ndarray,
+                           offsets: ArrayLike | None = None, mode: str = "mean",
+                           per_sample_weights: ArrayLike | None = None,
+                           include_last_offset: bool = False, padding_idx: int | None = None,
+                           scale_grad_by_freq: bool = False):
     """The weight gradient of ``embedding_bag(...)`` given ``grad_output`` of shape ``(B, D)``.
 
     Takes the same arguments as the forward (it reruns the forward, without max_norm, to know

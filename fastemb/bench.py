@@ -117,7 +117,7 @@ class Workload:
 
     @property
     def label(self):
-        """A short unique name, e.g. ``"mission-zipf"``."""
+        """A short unique name, e.g. ``"large-zipf"``."""
         return f"{self.name}-{self.skew}"
 
     @property
@@ -136,15 +136,15 @@ class Workload:
                 f"{self.bag_size} {self.skew} indices")
 
 
-# "mission": the target shape, a 256 MB table far larger than the caches. "small": the same
+# "large": the reference workload, a 256 MB table far larger than the caches. "small": the same
 # batch on a 2.5 MB table, which fits the shared L3 cache but not a core's own caches.
 # "narrow": a 128 MB table of 32 float32 columns (the train command's size), where each row
 # is 2 cache lines and the per-row work weighs more. "wide": a 100 MB table of 1 KB rows,
 # where each looked-up row is many cache lines.
 WORKLOADS = (
     Workload("small", 10_000, 64, num_bags=4096, bag_size=32, skew="uniform"),
-    Workload("mission", 1_000_000, 64, num_bags=4096, bag_size=32, skew="uniform"),
-    Workload("mission", 1_000_000, 64, num_bags=4096, bag_size=32, skew="zipf"),
+    Workload("large", 1_000_000, 64, num_bags=4096, bag_size=32, skew="uniform"),
+    Workload("large", 1_000_000, 64, num_bags=4096, bag_size=32, skew="zipf"),
     Workload("narrow", 1_000_000, 32, num_bags=4096, bag_size=32, skew="uniform"),
     Workload("wide", 100_000, 256, num_bags=4096, bag_size=32, skew="uniform"),
 )
@@ -192,7 +192,7 @@ def sample_rows(rng, num_embeddings, size, skew):
 @functools.lru_cache(maxsize=2)
 def make_table(num_embeddings, dim, seed):
     """A standard-normal float32 table, the same for a given (shape, seed); cached, because the
-    mission table is 256 MB and shared by its uniform and Zipf workloads. Its data starts on a
+    large table is 256 MB and shared by its uniform and Zipf workloads. Its data starts on a
     64-byte boundary, as the tables torch and fastemb allocate themselves do."""
     table = aligned_full((num_embeddings, dim), 0, np.float32)
     return np.random.default_rng(seed).standard_normal(dtype=np.float32, out=table)
@@ -807,7 +807,7 @@ def measure(operation, data, thread_counts, repeat, expected):
     Each implementation's first call is checked against ``expected`` (fastemb's result); then
     all of them are timed in turns (see :func:`time_calls`), so a training step has one copy of
     the table and its optimizer state per implementation alive at once (about 3 GB for the
-    mission shape with LazyAdam).
+    large workload with LazyAdam).
     """
     implementations = available_implementations()
     if speed_of_light_is_available():
@@ -918,7 +918,8 @@ def cpu_model():
 
 def plot_speedups(measurements, path, machine):
     """Draw fastemb's speedup over torch as bars (one panel per workload, a bar per operation
-    and thread count, log scale, a line at 1x) into the PNG ``path``. Needs matplotlib."""
+    and thread count, log scale, bars from 1x up or down) into the PNG ``path``; returns the
+    matplotlib Figure. Needs matplotlib."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -936,7 +937,8 @@ def plot_speedups(measurements, path, machine):
             xs = [i + (position - (len(thread_counts) - 1) / 2) * width
                   for i, operation in enumerate(operations) if speedups.get(operation)]
             heights = [speedups[operation] for operation in operations if speedups.get(operation)]
-            bars = ax.bar(xs, heights, width,
+            # each bar starts at 1x: up for a speedup, hanging down for a slowdown
+            bars = ax.bar(xs, [height - 1 for height in heights], width, bottom=1,
                           label=f"{threads} thread{'s' if threads > 1 else ''}")
             ax.bar_label(bars, labels=[f"{height:.1f}" for height in heights], fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -952,13 +954,18 @@ def plot_speedups(measurements, path, machine):
                     f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['date']}",
                     fontsize=9)
     figure.savefig(path, dpi=120)
+    return figure
 
 
-def report(workloads, operations, thread_counts, repeat, json_path=None, plot_path=None):
+def report(workloads, operations, thread_counts, repeat, json_path=None, plot_path=None,
+           progress=True):
     """Benchmark ``operations`` on ``workloads`` at each of ``thread_counts``, print a table per
     workload and thread count, and optionally write the numbers with the machine's
     description to ``json_path`` and a bar chart of the speedups over torch to ``plot_path``
-    (which needs matplotlib). Returns the :class:`Measurement` list."""
+    (which needs matplotlib). A progress bar (tqdm, on stderr) counts the operations measured
+    unless ``progress`` is false. Returns the :class:`Measurement` list."""
+    from tqdm import tqdm
+
     machine = machine_info()
     print(f"fastemb {machine['fastemb']} ({machine['fastemb_kernels']} kernels), torch "
           f"{machine['torch'] or 'not installed'}, numpy {machine['numpy']}; {machine['cpu']}, "
@@ -969,18 +976,24 @@ def report(workloads, operations, thread_counts, repeat, json_path=None, plot_pa
         print("gcc is not installed: no speed-of-light column")
     print(TABLE_LEGEND)
     measurements = []
+    bar = tqdm(total=len(workloads) * len(operations), unit=" ops", leave=False,
+               disable=not progress)
     for workload in workloads:
+        bar.set_description(f"{workload.label}: preparing the data")
         data = make_data(workload)
         by_threads = {threads: [] for threads in thread_counts}
         for operation in operations:
+            bar.set_description(f"{workload.label}: {operation}")
             with thread_count(1):
                 expected = benchmark_callable("fastemb", operation, data)()
             for measurement in measure(operation, data, thread_counts, repeat, expected):
                 by_threads[measurement.threads].append(measurement)
             del expected
+            bar.update()
         for threads in thread_counts:
-            print("\n" + format_table(by_threads[threads], repeat), flush=True)
+            bar.write("\n" + format_table(by_threads[threads], repeat), file=sys.stdout)
             measurements += by_threads[threads]
+    bar.close()
     if json_path is not None:
         settings = {"repeat": repeat, "thread_counts": list(thread_counts),
                     "operations": list(operations),

@@ -5,6 +5,8 @@ target, so a crash mid-write leaves the previous checkpoint in place. A load che
 file against the modules and optimizer before it changes anything.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import tempfile
@@ -25,7 +27,8 @@ def _module_list(modules):
     return module_list
 
 
-def save(path, modules, optimizer=None, metadata=None):
+def save(path: str | os.PathLike, modules, optimizer=None,
+         metadata: dict | None = None) -> None:
     """Save the tables of ``modules`` (a module or a list) and ``optimizer``'s state to ``path``;
     ``metadata`` (a JSON-serialisable dict) is stored beside them (see ``read_metadata``).
 
@@ -96,12 +99,12 @@ def _read(path, with_arrays=True):
     return arrays, metadata
 
 
-def read_metadata(path):
+def read_metadata(path: str | os.PathLike) -> dict:
     """The ``metadata`` dict a checkpoint was saved with (empty if none)."""
     return _read(path, with_arrays=False)[1]["user"]
 
 
-def load(path, modules, optimizer=None):
+def load(path: str | os.PathLike, modules, optimizer=None) -> None:
     """Load a checkpoint written by ``save`` into ``modules`` (their weights are overwritten in
     place) and, if given, ``optimizer``. Raises ValueError, changing nothing, when the file does
     not match them. Returns ``modules`` as given.

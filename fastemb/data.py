@@ -9,6 +9,8 @@ torch is not needed). ``read_ratings(path)`` reads MovieLens ``u.data`` (tab-sep
 line raises ``ValueError`` naming the file and the line.
 """
 
+from __future__ import annotations
+
 import importlib.util
 import os
 import re
@@ -108,7 +110,7 @@ def synthetic_ratings(num_users=100_000, num_items=50_000, num_ratings=5_000_000
     return Ratings(users.astype(np.int64), items.astype(np.int64), ratings, num_users, num_items)
 
 
-def dataset_path(name):
+def dataset_path(name: str) -> str:
     """The path of a dataset known by name (``DATASETS``), from the package that ships it.
 
     The package is located with importlib, not imported. Raises FileNotFoundError saying how to
@@ -127,7 +129,7 @@ def dataset_path(name):
     )
 
 
-def load_ratings(source, columns=None):
+def load_ratings(source: str | os.PathLike, columns=None) -> Ratings:
     """Ratings from a dataset name (``"ml-100k"``) or a file path (see ``read_ratings``)."""
     if source in DATASETS and not os.path.exists(source):
         return read_ratings(dataset_path(source), columns)
@@ -241,7 +243,7 @@ def _rows_of_string_ids(raw, spans, path):
     return rows.astype(np.int64), unique.size
 
 
-def read_ratings(path, columns=None):
+def read_ratings(path: str | os.PathLike, columns=None) -> Ratings:
     """Read a ratings file: one rating per line, fields split by ``::``, a tab, ``,``, ``;``
     or a space (whichever the first line has), an optional header line.
 

@@ -5,9 +5,12 @@ Each function validates and coerces every argument first (``_validation``), then
 ``max_norm`` if asked, then runs one kernel of ``fastemb._core``.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, replace
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._kernels import kernels as _core
 from ._config import threads_for
@@ -84,7 +87,8 @@ def lookup_forward(input, weight, padding_idx=None, max_norm=None, norm_type=2.0
     return out.reshape(indices.shape + (dim,)), flat
 
 
-def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0):
+def embedding(input: ArrayLike, weight: np.ndarray, padding_idx: int | None = None,
+              max_norm: float | None = None, norm_type: float = 2.0) -> np.ndarray:
     """Look up rows of ``weight``: ``out[...] = weight[input[...]]`` (torch's F.embedding).
 
     ``input`` holds integer indices of any shape; the result has shape ``input.shape + (D,)``
@@ -179,8 +183,10 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
     return BagForward(out, flat, indices.shape, bounds, mode, sample_weights, padding, winners)
 
 
-def embedding_bag(input, weight, offsets=None, mode="mean", per_sample_weights=None,
-                  include_last_offset=False, padding_idx=None, max_norm=None, norm_type=2.0):
+def embedding_bag(input: ArrayLike, weight: np.ndarray, offsets: ArrayLike | None = None,
+                  mode: str = "mean", per_sample_weights: ArrayLike | None = None,
+                  include_last_offset: bool = False, padding_idx: int | None = None,
+                  max_norm: float | None = None, norm_type: float = 2.0) -> np.ndarray:
     """Sum, average or take the max of bags of rows of ``weight`` (torch's F.embedding_bag).
 
     Bags come from a 1-D ``input`` split at ``offsets`` (bag b is

@@ -4,6 +4,8 @@ A module's forward remembers what its backward needs; ``module.weight`` is a pla
 array that you may read, write or share.
 """
 
+from __future__ import annotations
+
 import numbers
 
 import numpy as np
@@ -122,14 +124,16 @@ class Embedding(_TableModule):
     (2, 2, 3)
     """
 
-    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None,
-                 norm_type=2.0, scale_grad_by_freq=False, dtype=np.float32, seed=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 max_norm: float | None = None, norm_type: float = 2.0,
+                 scale_grad_by_freq: bool = False, dtype=np.float32, seed=None) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                          scale_grad_by_freq, dtype, seed)
 
     @classmethod
-    def from_pretrained(cls, embeddings, freeze=True, padding_idx=None, max_norm=None,
-                        norm_type=2.0, scale_grad_by_freq=False):
+    def from_pretrained(cls, embeddings: np.ndarray, freeze: bool = True,
+                        padding_idx: int | None = None, max_norm: float | None = None,
+                        norm_type: float = 2.0, scale_grad_by_freq: bool = False) -> Embedding:
         """An Embedding that uses ``embeddings`` (2-D float32/float64) as its weight, without
         copying it; frozen (no gradient) unless ``freeze=False``. The padding row is kept.
 
@@ -144,7 +148,7 @@ class Embedding(_TableModule):
                               "embeddings"), _freeze=freeze)
         return module
 
-    def __call__(self, input):
+    def __call__(self, input) -> np.ndarray:
         """Look up ``input`` (integer array of any shape); see ``fastemb.embedding``."""
         out, flat = lookup_forward(input, self.weight, self.padding_idx, self.max_norm,
                                    self.norm_type)
@@ -181,9 +185,10 @@ class EmbeddingBag(_TableModule):
     (2, 8)
     """
 
-    def __init__(self, num_embeddings, embedding_dim, mode="mean", padding_idx=None,
-                 max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
-                 include_last_offset=False, dtype=np.float32, seed=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, mode: str = "mean",
+                 padding_idx: int | None = None, max_norm: float | None = None,
+                 norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                 include_last_offset: bool = False, dtype=np.float32, seed=None) -> None:
         self._set_bag_options(mode, include_last_offset, scale_grad_by_freq)
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                          scale_grad_by_freq, dtype, seed)
@@ -196,9 +201,10 @@ class EmbeddingBag(_TableModule):
         self.include_last_offset = bool(include_last_offset)
 
     @classmethod
-    def from_pretrained(cls, embeddings, freeze=True, mode="mean", padding_idx=None,
-                        max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
-                        include_last_offset=False):
+    def from_pretrained(cls, embeddings: np.ndarray, freeze: bool = True, mode: str = "mean",
+                        padding_idx: int | None = None, max_norm: float | None = None,
+                        norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                        include_last_offset: bool = False) -> EmbeddingBag:
         """An EmbeddingBag that uses ``embeddings`` as its weight, without copying it; frozen
         unless ``freeze=False``.
 
@@ -214,7 +220,7 @@ class EmbeddingBag(_TableModule):
                               "embeddings"), _freeze=freeze)
         return module
 
-    def __call__(self, input, offsets=None, per_sample_weights=None):
+    def __call__(self, input, offsets=None, per_sample_weights=None) -> np.ndarray:
         """Reduce the bags of ``input``; see ``fastemb.embedding_bag``."""
         forward = bag_forward(input, self.weight, offsets, self.mode, per_sample_weights,
                               self.include_last_offset, self.padding_idx, self.max_norm,

@@ -12,6 +12,8 @@ Rows absent from the gradient keep their weights and state bit for bit.
 Optimizer steps on the same table must not run concurrently (they write the same rows).
 """
 
+from __future__ import annotations
+
 import math
 import numbers
 
@@ -24,6 +26,11 @@ from ._validation import as_real, check_writable_table
 from .sparse import SparseGrad
 
 __all__ = ["Adagrad", "LazyAdam", "RowWiseAdagrad", "SGD"]
+
+
+def __dir__():
+    """``dir(fastemb.optim)`` lists the optimizers, not the module's helpers and imports."""
+    return sorted(__all__)
 
 
 def _check_range(value, name, low, high=math.inf, low_open=False):
@@ -73,7 +80,7 @@ class _SparseOptimizer:
         """(signed lr factor, 1 - beta1, 1 - beta2, eps) for the kernel at this step."""
         raise NotImplementedError
 
-    def step(self):
+    def step(self) -> None:
         """Update every module that has a ``.grad``; ``.grad`` is left as it is.
 
         >>> import numpy as np, fastemb
@@ -120,12 +127,12 @@ class _SparseOptimizer:
                               self.hyperparameters["weight_decay"],
                               threads_for(plan.order.size * module.weight.shape[1]))
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         """Drop every module's gradient."""
         for module in self.modules:
             module.zero_grad()
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """A copy of the hyperparameters and per-module state (steps and arrays), by position.
 
         >>> import fastemb
@@ -142,7 +149,7 @@ class _SparseOptimizer:
             ],
         }
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict) -> None:
         """Restore a ``state_dict()``; checks everything first and changes nothing on error
         (ValueError)."""
         try:
@@ -191,7 +198,7 @@ class SGD(_SparseOptimizer):
 
     method = "sgd"
 
-    def __init__(self, modules, lr, weight_decay=0.0):
+    def __init__(self, modules, lr: float, weight_decay: float = 0.0) -> None:
         super().__init__(modules, weight_decay, lr=_check_range(lr, "learning rate", 0.0))
 
     def _scalars(self, step):
@@ -211,8 +218,8 @@ class Adagrad(_SparseOptimizer):
     method = "adagrad"
     state_arrays = ("sum",)
 
-    def __init__(self, modules, lr=1e-2, lr_decay=0.0, eps=1e-10, initial_accumulator_value=0.0,
-                 weight_decay=0.0):
+    def __init__(self, modules, lr: float = 1e-2, lr_decay: float = 0.0, eps: float = 1e-10,
+                 initial_accumulator_value: float = 0.0, weight_decay: float = 0.0) -> None:
         super().__init__(
             modules,
             weight_decay,
@@ -246,7 +253,8 @@ class RowWiseAdagrad(_SparseOptimizer):
     method = "rowwise_adagrad"
     state_arrays = ("sum",)
 
-    def __init__(self, modules, lr=1e-2, eps=1e-10, weight_decay=0.0):
+    def __init__(self, modules, lr: float = 1e-2, eps: float = 1e-10,
+                 weight_decay: float = 0.0) -> None:
         super().__init__(modules, weight_decay, lr=_check_range(lr, "learning rate", 0.0),
                          eps=_check_range(eps, "epsilon value", 0.0))
 
@@ -264,15 +272,16 @@ class LazyAdam(_SparseOptimizer):
     Adam: ``g + weight_decay * w`` enters both moments.
 
     >>> import fastemb
-    >>> fastemb.optim.LazyAdam(fastemb.Embedding(5, 2), lr=0.01, weight_decay=1e-4)  # doctest: +ELLIPSIS
+    >>> table = fastemb.Embedding(5, 2)
+    >>> fastemb.optim.LazyAdam(table, lr=0.01, weight_decay=1e-4)  # doctest: +ELLIPSIS
     LazyAdam(1 modules, lr=0.01, betas=(0.9, 0.999), ..., weight_decay=0.0001)
     """
 
     method = "adam"
     state_arrays = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, modules, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False,
-                 weight_decay=0.0):
+    def __init__(self, modules, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, maximize: bool = False, weight_decay: float = 0.0) -> None:
         try:
             betas = tuple(betas)
         except TypeError:

@@ -244,7 +244,8 @@ def train_with_torch(initial_weights, train, test, args, global_mean, progress=N
             grad = parameter.grad.coalesce()
             rows = grad.indices()[0]
             values = grad.values() + args.weight_decay * parameter.detach()[rows]
-            parameter.grad = torch.sparse_coo_tensor(grad.indices(), values, grad.shape)
+            parameter.grad = torch.sparse_coo_tensor(grad.indices(), values, grad.shape,
+                                                     check_invariants=False)
 
     epoch_seconds = []
     for epoch in range(args.epochs):

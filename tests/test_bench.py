@@ -101,10 +101,10 @@ def test_steps_are_compared_with_the_training_tolerance():
 
 
 def test_sizes_select_every_skew_of_a_name():
-    assert [w.label for w in bench.select_workloads(["mission"])] == ["mission-uniform",
-                                                                     "mission-zipf"]
-    assert [w.label for w in bench.select_workloads(["mission-zipf", "small"])] == [
-        "small-uniform", "mission-zipf"]
+    assert [w.label for w in bench.select_workloads(["large"])] == ["large-uniform",
+                                                                     "large-zipf"]
+    assert [w.label for w in bench.select_workloads(["large-zipf", "small"])] == [
+        "small-uniform", "large-zipf"]
     with pytest.raises(ValueError, match="unknown sizes huge"):
         bench.select_workloads(["huge"])
 
@@ -188,7 +188,7 @@ def test_command_runs_only_the_chosen_operations_and_threads(tiny_sizes, capsys)
 
 def test_command_rejects_an_unknown_size(tiny_sizes, capsys):
     with pytest.raises(SystemExit) as raised:
-        run_bench("--sizes", "mission")  # not among the (patched) workloads
+        run_bench("--sizes", "large")  # not among the (patched) workloads
     assert raised.value.code == 2
     assert "tiny" in capsys.readouterr().err
 
@@ -206,6 +206,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(tiny_sizes, monkeypatch,
 
 def test_plot_writes_a_png(tiny_sizes, tmp_path):
     pytest.importorskip("matplotlib")
+    pytest.importorskip("torch")  # the chart shows the speedups over torch
     path = tmp_path / "bench.png"
     assert run_bench("--sizes", "tiny", "--ops", "bag_sum", "step_lazyadam", "--repeat", "1",
                      "--plot", str(path)) == 0
@@ -217,3 +218,30 @@ def test_plot_without_torch_says_how_to_install_it(tiny_sizes, monkeypatch, tmp_
     monkeypatch.setattr(bench, "torch_is_available", lambda: False)
     with pytest.raises(SystemExit, match="pip install torch"):
         run_bench("--sizes", "tiny", "--plot", str(tmp_path / "bench.png"))
+
+
+def test_plot_bars_start_at_1x(tmp_path):
+    """A speedup rises from the 1x line, a slowdown hangs down from it."""
+    pytest.importorskip("matplotlib")
+    workload = bench.Workload("tiny", 100, 8, num_bags=4, bag_size=3)
+    measurements = []
+    for operation, torch_seconds in (("bag_sum", 3.0), ("bag_max", 0.5)):
+        measurement = bench.Measurement(operation, workload, 1)
+        measurement.runs = {"fastemb": [1.0], "torch": [torch_seconds]}
+        measurements.append(measurement)
+    machine = {"fastemb": "0", "torch": "0", "cpu": "cpu", "cpu_count": 1, "date": "today"}
+    figure = bench.plot_speedups(measurements, tmp_path / "bars.png", machine)
+    bars = [patch for patch in figure.axes[0].patches]
+    extents = sorted((bar.get_y(), bar.get_y() + bar.get_height()) for bar in bars)
+    assert extents == [(1.0, 0.5), (1.0, 3.0)]
+
+
+def test_default_run_is_the_quick_one_and_full_runs_everything(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "report", lambda workloads, ops, threads, repeat, **kwargs:
+                        calls.append(([w.label for w in workloads], repeat)))
+    assert run_bench() == 0 and run_bench("--full") == 0 and run_bench("--full", "--repeat",
+                                                                       "3") == 0
+    assert calls[0] == (["large-uniform"], 5)
+    assert calls[1] == ([w.label for w in bench.WORKLOADS], 10)
+    assert calls[2][1] == 3

@@ -156,7 +156,7 @@ def test_threads_allocating_and_freeing_at_once_each_get_their_own_memory():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Linux page faults")
 def test_a_training_step_reuses_the_last_steps_memory(rng):
     """Without the cache, each step faulted in its ~5 MB of per-call arrays afresh (about
-    2,000 page faults on the mission shape, a quarter of the step's time)."""
+    2,000 page faults on the large workload, a quarter of the step's time)."""
     num_indices = 65536
     bags = fastemb.EmbeddingBag(200_000, 32, mode="sum", seed=0)
     optimizer = optim.SGD(bags, lr=0.1)
@@ -185,7 +185,7 @@ def test_a_training_step_reuses_the_last_steps_memory(rng):
 def test_a_loop_of_lookups_reuses_the_last_output(rng, lookup):
     """A forward output comes from the cache too: once the caller drops it, the next call of
     the same shape writes into those pages instead of faulting in fresh ones (for a gather of
-    the mission shape, 32 MB and 8,000 faults, that was over a third of its time)."""
+    the large workload, 32 MB and 8,000 faults, that was over a third of its time)."""
     weight = rng.standard_normal((10_000, 64)).astype(np.float32)
     indices = rng.integers(0, 10_000, 40_000)
     offsets = np.arange(0, indices.size, 4)

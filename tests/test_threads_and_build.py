@@ -269,3 +269,41 @@ def test_avx2_and_portable_kernels_agree_bitwise(dtype, dim):
         results.append(outputs)
     for portable, avx2 in zip(*results):
         assert portable.tobytes() == avx2.tobytes()
+
+
+def test_version_option_and_public_names_only_in_dir_optim(capsys):
+    from fastemb.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastemb {fastemb.__version__}"
+    assert dir(fastemb.optim) == ["Adagrad", "LazyAdam", "RowWiseAdagrad", "SGD"]
+
+
+def test_package_ships_type_information_and_its_license():
+    import importlib.resources
+    import pathlib
+
+    assert importlib.resources.files("fastemb").joinpath("py.typed").is_file()
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert "BSD 3-Clause" in (root / "LICENSE").read_text()
+    assert 'license = "BSD-3-Clause"' in (root / "pyproject.toml").read_text()
+    hints = fastemb.embedding_bag.__annotations__
+    assert hints["return"] == "np.ndarray" and "weight" in hints
+
+
+def test_importing_the_unbuilt_source_folder_says_how_to_build_it(tmp_path):
+    """The source folder without its compiled modules (a fresh clone, run from its root)."""
+    import pathlib
+    import sys
+
+    source = pathlib.Path(fastemb.__file__).parent
+    shutil.copytree(source, tmp_path / "fastemb", ignore=shutil.ignore_patterns("*.so", "*.c"))
+    # (an editable install's import hook would find the built checkout first: drop it)
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+            "str(getattr(f, '__module__', ''))]; import fastemb")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True)
+    assert result.returncode != 0
+    assert "pip install -e ." in result.stderr and "not built" in result.stderr, result.stderr

@@ -549,11 +549,15 @@ def test_train_with_torch_matches_fastemb(optimizer, lr, y_range, weight_decay):
     assert torch_rmse == pytest.approx(training.rmse(model, test), abs=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 def test_cli_compare_torch(capsys):
     pytest.importorskip("torch")
     out = run_cli(TINY + ["--epochs", "2", "--batch-size", "1024", "--compare-torch"], capsys)
-    timings = re.findall(r"^epoch (\d): fastemb (\S+) s, torch (\S+) s", out, re.M)
+    timings = re.findall(r"^epoch (\d): fastemb (\S+) s, torch (\S+) s, fastemb is (\S+)x "
+                         r"(faster|slower)$", out, re.M)
     assert [t[0] for t in timings] == ["1", "2"], out
+    for _, ours, theirs, times, verdict in timings:  # "slower" where it is slower
+        assert verdict == ("faster" if float(theirs) >= float(ours) else "slower"), out
     final = re.search(r"final held-out RMSE: fastemb (\S+), torch (\S+); "
                       r"largest weight difference (\S+)$", out, re.M)
     assert final, out
