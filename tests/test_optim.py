@@ -448,13 +448,19 @@ def _torch_run(dtype, make_torch_opt, make_fast_opt, steps, rng, V=40, D=6, coal
             temb.weight.grad = torch.sparse_coo_tensor(rows[None], values, (V, D)).coalesce()
         topt.step()
         topt.zero_grad()
-        before = m.weight.astype(np.float64)
-        m(idx)
-        m.backward(G)
-        opt.step()
-        opt.zero_grad()
-        budget += np.abs(before) + np.abs(m.weight - before)
+        step_tracking_changes(m, opt, idx, G, budget)
     return m, opt, temb, topt, budget
+
+
+def step_tracking_changes(module, optimizer, indices, grad_output, budget):
+    """One fastemb training step; adds ``|w| + |update|`` to ``budget``, the scale of the
+    weight tolerances against torch."""
+    before = module.weight.astype(np.float64)
+    module(indices)
+    module.backward(grad_output)
+    optimizer.step()
+    optimizer.zero_grad()
+    budget += np.abs(before) + np.abs(module.weight - before)
 
 
 def assert_weights_close(ours, theirs, budget, ulps_per_step):
@@ -525,12 +531,7 @@ def test_weight_decay_matches_torch_when_every_row_is_looked_up(name, dtype, rng
             torch.from_numpy(G))
         topt.step()
         topt.zero_grad()
-        before = m.weight.astype(np.float64)
-        m(idx)
-        m.backward(G)
-        opt.step()
-        opt.zero_grad()
-        budget += np.abs(before) + np.abs(m.weight - before)
+        step_tracking_changes(m, opt, idx, G, budget)
     assert_weights_close(m.weight, weight.detach().numpy(), budget, 4)
 
 
