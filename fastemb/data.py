@@ -180,11 +180,11 @@ def _decoded_line(line, path, number):
 
 def _line_at(raw, number, first_number, first_offset):
     """The bytes of line ``number``, counting lines from ``first_offset`` (line first_number)."""
-    offset = first_offset
-    for _ in range(number - first_number):
-        offset = raw.index(b"\n", offset) + 1
-    end = raw.find(b"\n", offset)
-    return raw[offset:end if end >= 0 else len(raw)]
+    text = np.frombuffer(raw, dtype=np.uint8)[first_offset:]
+    ends = np.flatnonzero(text == ord("\n")) + first_offset
+    k = number - first_number
+    start = first_offset if k == 0 else int(ends[k - 1]) + 1
+    return raw[start:int(ends[k]) if k < ends.size else len(raw)]
 
 
 def _column_positions(header, names, positions, path, number):
