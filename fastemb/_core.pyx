@@ -211,22 +211,31 @@ cdef inline Py_ssize_t clamp(int64_t value, Py_ssize_t low, Py_ssize_t high) noe
 # Validation helper
 # --------------------------------------------------------------------------------------------
 
+cdef inline Py_ssize_t count_out_of_range(const index_t *indices, Py_ssize_t start,
+                                          Py_ssize_t end, uint64_t limit) noexcept nogil:
+    """How many of indices[start:end] lie outside [0, limit): one unsigned compare each
+    (negative ones wrap to huge), branch-free, so the compiler vectorises it."""
+    cdef Py_ssize_t i, count = 0
+    for i in range(start, end):
+        count = count + (<uint64_t>indices[i] >= limit)
+    return count
+
+
 def first_out_of_range(const index_t[::1] indices, int64_t num_embeddings, int num_threads=1):
     """Position of the first index outside ``[0, num_embeddings)``, or -1 if there is none.
 
-    Chunk by chunk, in parallel: a branch-free count of each chunk's outsiders (the compiler
-    vectorises it); then a search of the first chunk that has some.
+    Chunk by chunk, in parallel: a count of each chunk's outsiders; then a search of the first
+    chunk that has some.
     """
-    cdef Py_ssize_t n = indices.shape[0], found = -1, count, chunk, i, start
+    cdef Py_ssize_t n = indices.shape[0], found = -1, chunk, i, start
     cdef Py_ssize_t num_chunks = (n + RANGE_CHECK_CHUNK - 1) // RANGE_CHECK_CHUNK
     cdef uint64_t limit = <uint64_t>num_embeddings if num_embeddings > 0 else 0
     cdef Py_ssize_t[::1] outside = np.zeros(num_chunks, dtype=np.intp)
     with nogil:
         for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
-            count = 0
-            for i in range(chunk * RANGE_CHECK_CHUNK, min((chunk + 1) * RANGE_CHECK_CHUNK, n)):
-                count = count + (<uint64_t>indices[i] >= limit)  # negative ones wrap to huge
-            outside[chunk] = count
+            outside[chunk] = count_out_of_range(
+                &indices[0], chunk * RANGE_CHECK_CHUNK,
+                min((chunk + 1) * RANGE_CHECK_CHUNK, n), limit)
         for chunk in range(num_chunks):
             if outside[chunk]:
                 start = chunk * RANGE_CHECK_CHUNK
@@ -255,18 +264,23 @@ def first_decrease(const int64_t[::1] values):
 def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
                 floating[:, ::1] out, int num_threads):
     """Copy ``weight[indices[i]]`` into ``out[i]`` for every i (a row of zeros if out of range).
+    Returns how many indices were out of range: the caller, whose output this is, can skip a
+    separate validation pass and raise only when it is not 0.
 
     ``out`` should come from ``np.empty``: each thread then touches its own output pages first.
     """
     cdef Py_ssize_t n = indices.shape[0], num_rows = weight.shape[0], dim = weight.shape[1]
+    cdef Py_ssize_t out_of_range = 0
     cdef Py_ssize_t i, distance = prefetch_distance(num_rows, dim, sizeof(floating),
                                                     GATHER_PREFETCH_MIN_TABLE_BYTES)
     cdef int64_t row
     cdef bint lines_aligned
     if out.shape[0] != n or out.shape[1] != dim:
         raise ValueError("gather_rows: out must have shape (len(indices), weight.shape[1])")
-    if n == 0 or dim == 0:
-        return
+    if n == 0:
+        return 0
+    if dim == 0:  # nothing to copy, but the indices are still checked
+        return count_out_of_range(&indices[0], 0, n, num_rows)
     lines_aligned = num_rows > 0 and rows_on_lines(&weight[0, 0], dim * sizeof(floating))
     with nogil:
         for i in prange(n, schedule="static", num_threads=team_size(num_threads)):
@@ -278,6 +292,8 @@ def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
                 memcpy(&out[i, 0], &weight[row, 0], dim * sizeof(floating))
             else:
                 memset(&out[i, 0], 0, dim * sizeof(floating))
+                out_of_range += 1  # (an OpenMP reduction)
+    return out_of_range
 
 
 # --------------------------------------------------------------------------------------------
@@ -742,12 +758,17 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
     ``mode`` is "sum", "mean" or "max"; ``sample_weights`` (same length as indices, or None)
     weights sum and mean; ``padding_idx`` (-1 for none) marks entries to skip; ``winners``
     (shape of out, int64) receives the winning rows in max mode and may be None otherwise.
+
+    Returns how many indices of the bags were outside ``[0, V)`` (they were skipped, like
+    padding): each chunk of bags counts its indices right after reducing them, while they are
+    still in the core's cache, so the caller, whose output this is, needs no validation pass
+    before the call and raises only when the count is not 0. Indices in no bag count too.
     """
     cdef int mode_code = code_of(BAG_MODES, mode, "mode")
     cdef Py_ssize_t n = indices.shape[0], num_rows = weight.shape[0], dim = weight.shape[1]
     cdef Py_ssize_t num_bags = bounds.shape[0] - 1
     cdef Py_ssize_t num_chunks = (num_bags + BAGS_PER_CHUNK - 1) // BAGS_PER_CHUNK
-    cdef Py_ssize_t chunk, first, last
+    cdef Py_ssize_t chunk, first, last, out_of_range = 0, num_indices = n
     cdef const floating *table
     cdef const index_t *index_data
     cdef const floating *weights_data = NULL
@@ -768,8 +789,8 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
             raise ValueError("bag_reduce: winners (max mode only) must have the shape of out")
         if num_bags and dim:
             winner_data = &winners[0, 0]
-    if num_bags == 0 or dim == 0:
-        return
+    if num_bags == 0 or dim == 0:  # nothing to reduce, but the indices are still checked
+        return count_out_of_range(&indices[0], 0, n, num_rows) if n else 0
     out_data = &out[0, 0]
     # With no indices or an empty table every bag is empty (n = 0 clamps every bag to [0, 0]);
     # the kernels then read neither.
@@ -799,6 +820,17 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
             if mode_code == 1:
                 divide_by_bag_sizes(num_rows, dim, index_data, n, &bounds[0], first, last,
                                     weights_data, padding_idx, out_data)
+            if num_indices:
+                out_of_range += count_out_of_range(  # (an OpenMP reduction)
+                    &indices[0], clamp(bounds[first], 0, num_indices),
+                    clamp(bounds[last], 0, num_indices), num_rows)
+    if num_indices:  # indices before the first bag or after the last (none, with offsets
+        # that start at 0 and a last bag that runs to the end)
+        out_of_range += count_out_of_range(&indices[0], 0, clamp(bounds[0], 0, num_indices),
+                                           num_rows)
+        out_of_range += count_out_of_range(
+            &indices[0], clamp(bounds[num_bags], 0, num_indices), num_indices, num_rows)
+    return out_of_range
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,6 +70,18 @@ def _lookup_table(weight, flat_indices):
     return np.ascontiguousarray(weight[rows]), local_indices.astype(np.int64), rows
 
 
+def _check_indices_first(weight, flat_indices, shape, renorm):
+    """Check the indices before the kernel where something must not see a bad one: max_norm
+    (it writes the caller's table) and a table that is not C-contiguous (its copy of the
+    looked-up rows indexes with them). Otherwise the kernel, which fills a fresh output,
+    counts the bad indices as it reads them, and the caller raises afterwards: the same
+    IndexError, without a separate pass over the indices. Returns True if it checked."""
+    if renorm is None and weight.flags.c_contiguous:
+        return False
+    check_index_range(flat_indices, shape, weight.shape[0])
+    return True
+
+
 def lookup_forward(input, weight, padding_idx=None, max_norm=None, norm_type=2.0):
     """Validate, renorm, gather; returns (output, flat validated indices)."""
     weight = as_weight(weight)
@@ -78,12 +90,14 @@ def lookup_forward(input, weight, padding_idx=None, max_norm=None, norm_type=2.0
     normalize_padding_idx(padding_idx, num_embeddings)  # validated; the forward ignores it
     renorm = _max_norm_arguments(weight, max_norm, norm_type)
     flat = indices.reshape(-1)
-    check_index_range(flat, indices.shape, num_embeddings)
+    checked_first = _check_indices_first(weight, flat, indices.shape, renorm)
     _renorm(weight, flat, renorm)
     table, table_indices, _ = _lookup_table(weight, flat)
     with reused_memory():  # a loop's next output reuses this one's pages once it is freed
         out = np.empty((flat.size, dim), dtype=weight.dtype)
-    _core.gather_rows(table, table_indices, out, threads_for(out.size))
+    out_of_range = _core.gather_rows(table, table_indices, out, threads_for(out.size))
+    if out_of_range and not checked_first:
+        check_index_range(flat, indices.shape, num_embeddings)
     return out.reshape(indices.shape + (dim,)), flat
 
 
@@ -161,7 +175,7 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
     padding = normalize_padding_idx(padding_idx, num_embeddings)
     renorm = _max_norm_arguments(weight, max_norm, norm_type)
     flat = indices.reshape(-1)
-    check_index_range(flat, indices.shape, num_embeddings)
+    checked_first = _check_indices_first(weight, flat, indices.shape, renorm)
     _renorm(weight, flat, renorm)
 
     padding = NO_PADDING if padding is None else padding
@@ -176,8 +190,10 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
     winners = None
     if mode == "max" and record_winners:
         winners = np.empty((num_bags, dim), dtype=np.int64)
-    _core.bag_reduce(table, table_indices, bounds, mode, sample_weights, table_padding, out,
-                     winners, threads_for(flat.size * dim))
+    out_of_range = _core.bag_reduce(table, table_indices, bounds, mode, sample_weights,
+                                    table_padding, out, winners, threads_for(flat.size * dim))
+    if out_of_range and not checked_first:
+        check_index_range(flat, indices.shape, num_embeddings)
     if rows is not None and winners is not None and rows.size:  # (no rows: every winner is -1)
         winners = np.where(winners >= 0, rows[np.maximum(winners, 0)], -1).astype(np.int64)
     return BagForward(out, flat, indices.shape, bounds, mode, sample_weights, padding, winners)

@@ -1,5 +1,7 @@
 """fastemb.embedding_bag against the NumPy reference, bit for bit, plus its fixed cases."""
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -368,3 +370,48 @@ def test_bad_input_is_rejected_before_max_norm_writes(bad_call, untouched):
     with untouched(weight):
         with pytest.raises((IndexError, ValueError)):
             fastemb.embedding_bag(weight=weight, max_norm=1.0, **bad_call)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_kernels_count_the_out_of_range_indices_they_read(threads, index_dtype):
+    """gather_rows and bag_reduce count the bad indices while they read (the lookups' only
+    index check on a C-contiguous table without max_norm), including indices in no bag and
+    calls with nothing to reduce."""
+    from fastemb._kernels import kernels
+
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((50, 8)).astype(np.float32)
+    indices = rng.integers(0, 50, 5000).astype(index_dtype)
+    bad_positions = [0, 17, 2500, 4999]
+    indices[bad_positions] = np.array([50, -1, 10**6, -(2**31)], dtype=index_dtype)
+    out = np.empty((5000, 8), np.float32)
+    assert kernels.gather_rows(weight, indices, out, threads) == 4
+    assert not out[bad_positions].any()
+    for mode in ("sum", "mean", "max"):
+        for bounds in (np.arange(0, 5001, 50), np.array([100, 200, 4000]), np.array([0])):
+            bounds = bounds.astype(np.int64)
+            bag_out = np.empty((bounds.size - 1, 8), np.float32)
+            winners = np.empty(bag_out.shape, np.int64) if mode == "max" else None
+            assert kernels.bag_reduce(weight, indices, bounds, mode, None, -1, bag_out, winners,
+                                      threads) == 4, (mode, bounds)
+    assert kernels.bag_reduce(weight[:, :0], indices, np.array([0, 9], np.int64), "sum", None,
+                              -1, np.empty((1, 0), np.float32), None, threads) == 4
+    assert kernels.gather_rows(weight[:0], indices[:3], np.empty((3, 8), np.float32),
+                               threads) == 3
+
+
+@pytest.mark.parametrize("contiguous, max_norm", [(True, None), (False, None), (True, 1.0)])
+def test_a_bad_index_deep_in_a_large_call_raises_and_changes_nothing(contiguous, max_norm):
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((1000, 16)).astype(np.float32)
+    if not contiguous:
+        weight = np.asfortranarray(weight)
+    indices = rng.integers(0, 1000, 100_000)
+    indices[77_777] = 1000
+    before = weight.copy()
+    with pytest.raises(IndexError, match=re.escape("input[77777] = 1000 is out of range")):
+        fastemb.embedding(indices, weight, max_norm=max_norm)
+    with pytest.raises(IndexError, match=re.escape("input[2430, 17] = 1000 is out of range")):
+        fastemb.embedding_bag(indices.reshape(-1, 32), weight, mode="mean", max_norm=max_norm)
+    np.testing.assert_array_equal(weight, before)
