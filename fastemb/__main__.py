@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 
-from . import __version__, bench, get_num_threads, set_num_threads, show_config
+from . import __version__, bench, get_num_threads, optim, set_num_threads, show_config
 from . import train as training
 from .data import DATASETS, load_ratings
 
-DEFAULT_LR = {"lazyadam": 0.003, "sgd": 3.0, "adagrad": 0.1, "rowwise-adagrad": 0.1}
+DEFAULT_LR = {name: info.train_lr for name, info in optim.OPTIMIZERS.items()}
 DEFAULT_WEIGHT_DECAY = 4e-4
 
 
@@ -57,9 +57,11 @@ def run_train(args):
 
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
-    if args.compare_torch and (args.model != "dot" or args.optimizer == "rowwise-adagrad"):
-        raise ValueError("--compare-torch needs --model dot and an optimizer torch has "
-                         "(lazyadam, sgd or adagrad)")
+    if args.compare_torch and (args.model != "dot"
+                               or optim.OPTIMIZERS[args.optimizer].torch_name is None):
+        twins = ", ".join(name for name, info in optim.OPTIMIZERS.items() if info.torch_name)
+        raise ValueError(f"--compare-torch needs --model dot and an optimizer torch has "
+                         f"({twins})")
     if args.compare_torch and args.resume:
         raise ValueError("--compare-torch compares whole runs; it cannot be combined with --resume")
     if args.save:
@@ -196,7 +198,7 @@ def add_train_command(commands):
     train.add_argument("--dim", type=positive_int, default=32, help="embedding size (default 32)")
     train.add_argument("--batch-size", type=positive_int, default=1024,
                        help="ratings per step (default 1024)")
-    train.add_argument("--optimizer", choices=list(training.OPTIMIZERS), default="lazyadam",
+    train.add_argument("--optimizer", choices=list(optim.OPTIMIZERS), default="lazyadam",
                        help="lazy optimizer (default lazyadam)")
     train.add_argument("--lr", type=positive_float, default=None,
                        help="learning rate (default: " + ", ".join(

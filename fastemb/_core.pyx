@@ -65,28 +65,25 @@ ctypedef fused index_t:
     int64_t
 
 # Lookups prefetch the table row they will need some positions ahead: enough rows to keep about
-# PREFETCH_BYTES_IN_FLIGHT loading, 4 to 32 rows. On the 2-core test machine, against torch on
-# the mission shape, 16 rows of 256 bytes gave 0.93x and 32 rows 0.84x; rows of 128 bytes do
-# better 32 ahead than 16 (bag sum, 1,000,000 x 32 float32: 0.99-1.13x -> 1.13-1.27x of torch;
-# 48 columns +10%, 16 columns +0-17%).
+# PREFETCH_BYTES_IN_FLIGHT loading, 4 to 32 rows. Too few leaves the loads waiting on memory,
+# too many evicts rows before they are used; a fixed byte budget keeps narrow rows (fewer
+# bytes each) as far ahead in memory as wide ones. The bench's large and narrow workloads
+# measure it.
 cdef Py_ssize_t PREFETCH_BYTES_IN_FLIGHT = 4096
 cdef Py_ssize_t PREFETCH_MIN_ROWS = 4
 cdef Py_ssize_t PREFETCH_MAX_ROWS = 32
 # Prefetching starts at a table size, below which the rows a lookup needs are mostly in the
 # core's own caches and prefetch instructions are overhead. A bag's running sum waits on its
-# rows' loads: once the table is past half of a 512 KB L2 the bag kernels prefetch (10,000 x 64
-# float32, uniform: 0.70-0.88x -> 1.00-1.11x of torch's bag sum; 1,000 rows, Zipf: 1.2-1.5x
-# without, 0.9-1.2x with). A gather only copies rows, and the CPU overlaps the loads of its
-# independent copies by itself: prefetching a 2.4 MB table cost it 6-10%; it starts past 8 MB.
+# rows' loads, so the bag kernels prefetch once the table is past half of a core's L2. A gather
+# only copies rows, and the CPU overlaps the loads of its independent copies by itself, so it
+# prefetches only tables well past the L3 (the bench's small workload sits between the two).
 cdef Py_ssize_t BAG_PREFETCH_MIN_TABLE_BYTES = 256 << 10
 cdef Py_ssize_t GATHER_PREFETCH_MIN_TABLE_BYTES = 8 << 20
 # Optimizer steps walk the sorted unique rows and prefetch this many rows ahead.
 cdef Py_ssize_t UPDATE_PREFETCH_ROWS = 32
 # Gradient sums follow a chain of loads per unique row (order -> source -> grad row) that the
 # CPU cannot run ahead on: they prefetch the source entry 2x and the grad row 1x this many
-# unique rows ahead. On the mission shape this took the SGD update from 3.1x to 1.7x the time
-# of a plain C loop that updates the same rows; since the tables are cache-line aligned and
-# the threads' buffers apart, it is neutral on uniform rows (kept for skewed ones).
+# unique rows ahead, so that each link of the chain is in cache when the sum reaches it.
 cdef Py_ssize_t GRADIENT_PREFETCH_GROUPS = 16
 # Within one unique row's positions (a frequent row has thousands), the grad row this many
 # positions ahead is prefetched.
@@ -402,9 +399,9 @@ cdef extern from *:
 
 # The block kernels are specialised on the block's width through a type tag (a NULL pointer of
 # one of these types), so each width is a compile-time constant in its own C function whatever
-# the compiler's inlining and cloning heuristics decide (gcc 12 once compiled the narrow block
-# as the generic one, with its accumulators in memory). Rows of 16 or 32 float32 columns once
-# went to the generic block: their bag sums ran at 0.53-0.66x of torch's.
+# the compiler's inlining and cloning heuristics decide (left to them, gcc 12 compiled the
+# narrow block as the generic one, with its accumulators in memory). Every common row width
+# (8, 16, 32, 48, 64 float32 columns) has blocks that keep their sums in registers.
 cdef struct WideColumns:
     char bytes[BLOCK_BYTES]
 
@@ -905,7 +902,7 @@ def renorm_rows(floating[:, ::1] weight, const int64_t[::1] rows, double max_nor
 # scatters its elements in order. A stable sort has one answer, so the result does not depend
 # on how many chunks (threads) were used. Memory is O(n), never O(V). When a row and a position
 # fit in 63 bits together they travel as one int64 (row in the high bits): half the memory
-# traffic of a pair (mission backward, 1 thread: 2.3 -> 1.85 ms). The first pass reads the
+# traffic of a pair. The first pass reads the
 # indices themselves (counting, then scattering the kept entries), and the groups are found
 # in parallel, chunk by chunk.
 # --------------------------------------------------------------------------------------------
@@ -967,9 +964,9 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
     num_rows = max(num_rows, 0)  # (is_kept reads a negative count as a huge one)
     cdef int key_bits = int(num_rows - 1).bit_length() if num_rows > 1 else 0
     # Digits of up to 11 bits, or up to 14 once there are 4 entries for each of 2^14 bins: a
-    # pass costs O(n + 2^digit_bits), and a 10,000-row table sorted in one pass instead of
-    # two took 1.15 instead of 1.46 ms for 131,072 entries (1 thread). The first pass also
-    # runs for a one-row table (a digit of 0 bits): it builds the keys.
+    # pass costs O(n + 2^digit_bits), so wider digits pay once there are enough entries to
+    # fill their bins (a 10,000-row table then sorts in one pass instead of two). The first
+    # pass also runs for a one-row table (a digit of 0 bits): it builds the keys.
     cdef int max_digit_bits = 14 if n >= 4 << 14 else 11
     cdef int num_passes = max(1, (key_bits + max_digit_bits - 1) // max_digit_bits)
     cdef int digit_bits = (key_bits + num_passes - 1) // num_passes
@@ -1317,7 +1314,7 @@ def accumulate_rows(const floating[:, ::1] grad, const int64_t[::1] rows not Non
         return
     with nogil:
         # dynamic: a frequent row's sum has thousands of positions, a static split would
-        # leave the other threads waiting (2 threads on the Zipf workload: 1.4x faster)
+        # leave the other threads waiting
         for u in prange(num_groups, schedule="dynamic", chunksize=256,
                         num_threads=team_size(num_threads)):
             prefetch_group_gradient(&grad[0, 0], dim, &plan, u, num_groups)
@@ -1474,7 +1471,7 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
               and not view.scale_by_frequency and view.winners == NULL)
     with nogil:
         # dynamic: a frequent row's sum has thousands of positions, a static split would
-        # leave the other threads waiting (2 threads on the Zipf workload: 1.4x faster)
+        # leave the other threads waiting
         for u in prange(num_groups, schedule="dynamic", chunksize=256,
                         num_threads=team_size(num_threads)):
             if u + UPDATE_PREFETCH_ROWS < num_groups:
@@ -1513,8 +1510,7 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
 # A NumPy allocator that keeps freed blocks for reuse (numpy's PyDataMem_Handler API).
 # A training step allocates a handful of 1 MB-sized per-call arrays (the sort buffers, the
 # gradient plan); glibc hands such memory back to the OS when they are freed, and faulting it in
-# again on the next step cost a quarter of a step (about 2,000 page faults, 5 ms, on the mission
-# shape). The Python layer installs this allocator, for the current context only, around the
+# again on the next step costs thousands of page faults per step. The Python layer installs this allocator, for the current context only, around the
 # calls that make those arrays; an array remembers its allocator, so when it is freed, whenever
 # that is, its block comes back here. Freed blocks of BLOCK_CACHE_MIN_BYTES to
 # BLOCK_CACHE_MAX_BYTES are kept, up to BLOCK_CACHE_SLOTS blocks and BLOCK_CACHE_MAX_BYTES in
@@ -1522,8 +1518,8 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
 # holds it without wasting more than half of it.
 # Every block starts with a BLOCK_HEADER_BYTES header that records its capacity.
 # Like NumPy's own allocator, it asks Linux for huge pages on blocks of 4 MB and more: without
-# that advice a fresh 128 MB output faulted in 4 KB pages (32,769 faults, 3x the lookup's time)
-# where NumPy's np.empty took 576 faults.
+# that advice a fresh large output faults in 4 KB pages, one fault per page, where np.empty's
+# pages come 2 MB at a time.
 # --------------------------------------------------------------------------------------------
 
 cdef extern from *:

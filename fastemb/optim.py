@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from ._memory import aligned_full
 from ._validation import as_real, check_writable_table
 from .sparse import SparseGrad
 
-__all__ = ["Adagrad", "LazyAdam", "RowWiseAdagrad", "SGD"]
+__all__ = ["OPTIMIZERS", "Adagrad", "LazyAdam", "OptimizerInfo", "RowWiseAdagrad", "SGD"]
 
 
 def __dir__():
@@ -70,11 +71,12 @@ class _SparseOptimizer:
 
     def _new_array(self, module, name):
         """A state array of zeros, cache-line aligned (pages are only touched when a row is)."""
-        return aligned_full(self._state_shape(module.weight), 0, module.weight.dtype)
+        return aligned_full(self.state_shape(module.weight.shape), 0, module.weight.dtype)
 
-    def _state_shape(self, weight):
-        """The shape of each state array for a table."""
-        return weight.shape
+    @classmethod
+    def state_shape(cls, table_shape):
+        """The shape of each state array for a table of ``table_shape``."""
+        return tuple(table_shape)
 
     def _scalars(self, step):
         """(signed lr factor, 1 - beta1, 1 - beta2, eps) for the kernel at this step."""
@@ -107,7 +109,7 @@ class _SparseOptimizer:
             check_writable_table(weight, purpose="the optimizer")
             for name in self.state_arrays:
                 array = self.state[module][name]
-                if array.shape != self._state_shape(weight) or array.dtype != weight.dtype:
+                if array.shape != self.state_shape(weight.shape) or array.dtype != weight.dtype:
                     raise ValueError(f"the optimizer's {name!r} state is {array.dtype} "
                                      f"{array.shape}; it does not fit the table {weight.dtype} "
                                      f"{weight.shape} (was module.weight replaced?)")
@@ -231,7 +233,7 @@ class Adagrad(_SparseOptimizer):
         )
 
     def _new_array(self, module, name):
-        return aligned_full(self._state_shape(module.weight),
+        return aligned_full(self.state_shape(module.weight.shape),
                             self.hyperparameters["initial_accumulator_value"],
                             module.weight.dtype)
 
@@ -258,8 +260,9 @@ class RowWiseAdagrad(_SparseOptimizer):
         super().__init__(modules, weight_decay, lr=_check_range(lr, "learning rate", 0.0),
                          eps=_check_range(eps, "epsilon value", 0.0))
 
-    def _state_shape(self, weight):
-        return (weight.shape[0], 1)
+    @classmethod
+    def state_shape(cls, table_shape):
+        return (table_shape[0], 1)
 
     def _scalars(self, step):
         return self.hyperparameters["lr"], 0.0, 0.0, self.hyperparameters["eps"]
@@ -300,3 +303,32 @@ class LazyAdam(_SparseOptimizer):
         beta1, beta2 = h["betas"]
         step_size = h["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
         return -step_size, 1 - beta1, 1 - beta2, h["eps"]
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """One optimizer as the command line, the bench and the tests know it."""
+
+    name: str                # the command-line name, e.g. "lazyadam"
+    cls: type                # the fastemb.optim class
+    train_lr: float          # the train command's default learning rate
+    torch_name: str | None   # the torch.optim class with the same update on sparse gradients
+
+    def state_per_row(self, dim):
+        """How many numbers of optimizer state a table row of ``dim`` columns carries.
+
+        >>> OPTIMIZERS["lazyadam"].state_per_row(32), OPTIMIZERS["rowwise-adagrad"].state_per_row(32)
+        (64, 1)
+        """
+        return len(self.cls.state_arrays) * self.cls.state_shape((1, dim))[1]
+
+
+# The registry: every optimizer, by command-line name. Adding an optimizer here adds it to the
+# train command (--optimizer), to its torch comparison when it has a torch twin, and to the
+# tests that check each registered optimizer is covered.
+OPTIMIZERS = {info.name: info for info in (
+    OptimizerInfo("lazyadam", LazyAdam, train_lr=0.003, torch_name="SparseAdam"),
+    OptimizerInfo("sgd", SGD, train_lr=3.0, torch_name="SGD"),
+    OptimizerInfo("adagrad", Adagrad, train_lr=0.1, torch_name="Adagrad"),
+    OptimizerInfo("rowwise-adagrad", RowWiseAdagrad, train_lr=0.1, torch_name=None),
+)}

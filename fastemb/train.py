@@ -23,12 +23,6 @@ from .checkpoint import load, read_metadata, save
 from .data import Ratings, load_ratings, read_ratings, synthetic_ratings  # noqa: F401
 from .modules import Embedding, EmbeddingBag
 
-OPTIMIZERS = {
-    "lazyadam": optim.LazyAdam,
-    "sgd": optim.SGD,
-    "adagrad": optim.Adagrad,
-    "rowwise-adagrad": optim.RowWiseAdagrad,
-}
 INIT_SCALE = 0.01      # tables start N(0, INIT_SCALE^2), as in the fastai book
 MAX_BAG_ITEMS = 64     # a user's bag holds at most this many of their training items
 
@@ -158,9 +152,10 @@ def rmse(model, data):
 
 def make_optimizer(name, modules, lr, weight_decay=0.0):
     """An optimizer from its command-line name."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](modules, lr=lr, weight_decay=weight_decay)
+    if name not in optim.OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from "
+                         f"{', '.join(optim.OPTIMIZERS)}")
+    return optim.OPTIMIZERS[name].cls(modules, lr=lr, weight_decay=weight_decay)
 
 
 def batches(num_ratings, batch_size, seed, epoch):
@@ -225,11 +220,8 @@ def train_with_torch(initial_weights, train, test, args, global_mean, progress=N
         for weight in initial_weights
     )
     parameters = [users.weight, items.weight, user_bias.weight, item_bias.weight]
-    optimizer = {
-        "lazyadam": lambda: torch.optim.SparseAdam(parameters, lr=args.lr),
-        "sgd": lambda: torch.optim.SGD(parameters, lr=args.lr),
-        "adagrad": lambda: torch.optim.Adagrad(parameters, lr=args.lr),
-    }[args.optimizer]()
+    optimizer = getattr(torch.optim, optim.OPTIMIZERS[args.optimizer].torch_name)(parameters,
+                                                                                 lr=args.lr)
     offset = torch.tensor(score_offset(global_mean, args.y_range), dtype=torch.float32)
 
     def predict(u, i):
@@ -270,12 +262,11 @@ def train_with_torch(initial_weights, train, test, args, global_mean, progress=N
 
 def bytes_needed(num_users, num_items, dim, optimizer, kind="dot"):
     """Bytes of the float32 tables and optimizer state a model of this size allocates."""
-    rows = (num_items if kind == "bag" else num_users) * dim + num_items * dim
-    rows += num_users + num_items  # the bias tables
-    state_copies = len(OPTIMIZERS[optimizer].state_arrays)
-    if OPTIMIZERS[optimizer] is optim.RowWiseAdagrad:
-        state_copies = 1 / max(dim, 1)
-    return int(rows * 4 * (1 + state_copies))
+    info = optim.OPTIMIZERS[optimizer]
+    rows = (num_items if kind == "bag" else num_users) + num_items
+    per_row = dim + info.state_per_row(dim)
+    bias_rows = num_users + num_items
+    return 4 * (rows * per_row + bias_rows * (1 + info.state_per_row(1)))
 
 
 def synthetic_bytes(num_users, num_items, num_ratings):

@@ -23,9 +23,9 @@ TINY_WORKLOADS = (
 def tiny_sizes(monkeypatch):
     """Make the tiny workloads the only ones ``--sizes`` knows (``--sizes tiny`` runs both), and
     warm up and settle with one call instead of for 0.1 s and 0.02 s."""
-    monkeypatch.setattr(bench, "WORKLOADS", TINY_WORKLOADS)
-    monkeypatch.setattr(bench, "WARMUP_SECONDS", 0.0)
-    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(bench.workloads, "WORKLOADS", TINY_WORKLOADS)
+    monkeypatch.setattr(bench.harness, "WARMUP_SECONDS", 0.0)
+    monkeypatch.setattr(bench.harness, "SETTLE_SECONDS", 0.0)
 
 
 def run_bench(*arguments):
@@ -112,7 +112,7 @@ def test_sizes_select_every_skew_of_a_name():
 def test_the_timed_call_is_past_the_wake_of_the_function_before_it(monkeypatch):
     """A function that slows the next few calls of any other (as a large NumPy reference does)
     must not decide the times: each turn's untimed calls absorb its wake, whatever the order."""
-    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.05)
+    monkeypatch.setattr(bench.harness, "SETTLE_SECONDS", 0.05)
     wake = {"slow_calls_left": 0}
 
     def polluter():

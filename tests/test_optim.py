@@ -60,6 +60,14 @@ WEIGHT_DECAY = {"sgd_decay": 0.7, "adagrad_decay": 0.3, "rowwise_decay": 0.3,
                 "adam_max_decay": 0.3}
 
 
+def test_every_registered_optimizer_is_tested_here_with_and_without_decay():
+    made = [make(fastemb.Embedding(3, 2)) for make in OPTIMIZERS.values()]
+    for info in fastemb.optim.OPTIMIZERS.values():
+        decays = {opt.hyperparameters["weight_decay"] > 0 for opt in made
+                  if type(opt) is info.cls}
+        assert decays == {False, True}, f"{info.name} lacks a configuration in OPTIMIZERS"
+
+
 def snapshot(optimizer):
     """Deep copy of weights, steps and state arrays of every module of an optimizer."""
     return [(m.weight.copy(), {k: (v.copy() if isinstance(v, np.ndarray) else v)

@@ -278,7 +278,8 @@ def test_version_option_and_public_names_only_in_dir_optim(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"fastemb {fastemb.__version__}"
-    assert dir(fastemb.optim) == ["Adagrad", "LazyAdam", "RowWiseAdagrad", "SGD"]
+    assert dir(fastemb.optim) == ["Adagrad", "LazyAdam", "OPTIMIZERS", "OptimizerInfo",
+                                  "RowWiseAdagrad", "SGD"]
 
 
 def test_package_ships_type_information_and_its_license():
