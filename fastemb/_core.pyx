@@ -188,12 +188,25 @@ cdef inline int team_size(int num_threads) noexcept nogil:
     return num_threads if num_threads > 0 else 1
 
 
-cdef int code_of(dict codes, str name, str what) except -1:
-    """The integer code of a mode or method name; ValueError for an unknown one."""
-    try:
-        return codes[name]
-    except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; expected one of {sorted(codes)}") from None
+# What a bag reduces to, and which update an optimizer step applies. The public API names them
+# with strings ("sum", "adam"); the Python layer maps those to these once.
+cpdef enum BagMode:
+    BAG_SUM = 0
+    BAG_MEAN = 1
+    BAG_MAX = 2
+
+cpdef enum StepMethod:
+    STEP_SGD = 0
+    STEP_ADAGRAD = 1
+    STEP_ROWWISE_ADAGRAD = 2
+    STEP_ADAM = 3
+
+
+cdef int check_enum(int value, int last, str what) except -1:
+    """ValueError unless 0 <= value <= last (an enum argument may arrive as any int)."""
+    if not 0 <= value <= last:
+        raise ValueError(f"unknown {what} {value}; expected 0 to {last}")
+    return 0
 
 
 cdef inline Py_ssize_t clamp(int64_t value, Py_ssize_t low, Py_ssize_t high) noexcept nogil:
@@ -743,16 +756,13 @@ cdef inline void divide_by_bag_sizes(Py_ssize_t num_rows, Py_ssize_t dim, const 
             out[b * dim + j] = out[b * dim + j] / divisor if divisor != 0 else 0
 
 
-BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
-
-
 def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
-               const int64_t[::1] bounds, str mode, const floating[::1] sample_weights,
+               const int64_t[::1] bounds, BagMode mode, const floating[::1] sample_weights,
                int64_t padding_idx, floating[:, ::1] out, int64_t[:, ::1] winners,
                int num_threads):
     """Reduce each bag ``indices[bounds[b]:bounds[b+1]]`` of table rows into ``out[b]``.
 
-    ``mode`` is "sum", "mean" or "max"; ``sample_weights`` (same length as indices, or None)
+    ``mode`` is a BagMode (sum, mean or max); ``sample_weights`` (same length as indices, or None)
     weights sum and mean; ``padding_idx`` (-1 for none) marks entries to skip; ``winners``
     (shape of out, int64) receives the winning rows in max mode and may be None otherwise.
 
@@ -761,7 +771,7 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
     still in the core's cache, so the caller, whose output this is, needs no validation pass
     before the call and raises only when the count is not 0. Indices in no bag count too.
     """
-    cdef int mode_code = code_of(BAG_MODES, mode, "mode")
+    check_enum(mode, BAG_MAX, "bag mode")
     cdef Py_ssize_t n = indices.shape[0], num_rows = weight.shape[0], dim = weight.shape[1]
     cdef Py_ssize_t num_bags = bounds.shape[0] - 1
     cdef Py_ssize_t num_chunks = (num_bags + BAGS_PER_CHUNK - 1) // BAGS_PER_CHUNK
@@ -782,7 +792,7 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
         if n > 0:
             weights_data = &sample_weights[0]
     if winners is not None:
-        if mode_code != 2 or winners.shape[0] != num_bags or winners.shape[1] != dim:
+        if mode != BAG_MAX or winners.shape[0] != num_bags or winners.shape[1] != dim:
             raise ValueError("bag_reduce: winners (max mode only) must have the shape of out")
         if num_bags and dim:
             winner_data = &winners[0, 0]
@@ -802,7 +812,7 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
         for chunk in prange(num_chunks, schedule="dynamic", num_threads=team_size(num_threads)):
             first = chunk * BAGS_PER_CHUNK
             last = min(first + BAGS_PER_CHUNK, num_bags)
-            if mode_code == 2:
+            if mode == BAG_MAX:
                 reduce_bags(<MaxReduction *>NULL, table, num_rows, dim, index_data, n,
                             &bounds[0], first, last, NULL, padding_idx, out_data, winner_data,
                             distance, lines_aligned)
@@ -814,7 +824,7 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
                 reduce_bags(<WeightedSumReduction *>NULL, table, num_rows, dim, index_data, n,
                             &bounds[0], first, last, weights_data, padding_idx, out_data, NULL,
                             distance, lines_aligned)
-            if mode_code == 1:
+            if mode == BAG_MEAN:
                 divide_by_bag_sizes(num_rows, dim, index_data, n, &bounds[0], first, last,
                                     weights_data, padding_idx, out_data)
             if num_indices:
@@ -1085,12 +1095,12 @@ def bags_of_positions(const int64_t[::1] bounds, int64_t[::1] bag_of, int num_th
 
 
 def bag_gradient_factors(floating[::1] coefficients, floating[::1] totals,
-                         const index_t[::1] indices, const int64_t[::1] bounds, str mode,
+                         const index_t[::1] indices, const int64_t[::1] bounds, BagMode mode,
                          const floating[::1] sample_weights, int64_t padding_idx,
                          int num_threads):
     """Fill ``coefficients`` (each position's gradient factor) and ``totals`` (each bag's
     divisor) for mode "mean" or for per-sample weights (see the formulas above)."""
-    cdef bint mean = mode == "mean", weighted = sample_weights is not None
+    cdef bint mean = mode == BAG_MEAN, weighted = sample_weights is not None
     cdef Py_ssize_t n = indices.shape[0], num_bags = bounds.shape[0] - 1
     cdef Py_ssize_t b, k, start, end
     cdef floating total
@@ -1378,9 +1388,6 @@ def sample_weights_grad(const floating[:, ::1] weight, const index_t[::1] indice
 #                     step_size = lr * sqrt(1 - b2^t) / (1 - b1^t), folded in Python
 # --------------------------------------------------------------------------------------------
 
-OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}
-
-
 cdef inline floating square_root(floating x) noexcept nogil:
     """sqrt in the value's own precision (sqrtf for float: vectorisable, correctly rounded)."""
     if floating is float:
@@ -1389,20 +1396,20 @@ cdef inline floating square_root(floating x) noexcept nogil:
         return sqrt(x)
 
 
-cdef void update_row(int method, floating *w, floating *state_a, floating *state_b,
+cdef void update_row(StepMethod method, floating *w, floating *state_a, floating *state_b,
                      const floating *g, Py_ssize_t dim, floating lr, floating one_minus_beta1,
                      floating one_minus_beta2, floating eps) noexcept nogil:
     cdef Py_ssize_t j
     cdef floating m, v, denominator
     cdef double mean_square = 0
-    if method == 0:
+    if method == STEP_SGD:
         for j in range(dim):
             w[j] = w[j] + lr * g[j]
-    elif method == 1:
+    elif method == STEP_ADAGRAD:
         for j in range(dim):
             state_a[j] = state_a[j] + g[j] * g[j]
             w[j] = w[j] + lr * (g[j] / (square_root(state_a[j]) + eps))
-    elif method == 2:
+    elif method == STEP_ROWWISE_ADAGRAD:
         for j in range(dim):
             mean_square = mean_square + <double>g[j] * g[j]
         state_a[0] = state_a[0] + <floating>(mean_square / dim)
@@ -1418,17 +1425,17 @@ cdef void update_row(int method, floating *w, floating *state_a, floating *state
             w[j] = w[j] + lr * (m / (square_root(v) + eps))
 
 
-def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] state_a,
+def sparse_step(StepMethod method, floating[:, ::1] weight not None, floating[:, ::1] state_a,
                 floating[:, ::1] state_b, const int64_t[::1] rows not None, plan, double lr,
                 double one_minus_beta1, double one_minus_beta2, double eps, bint maximize,
                 double weight_decay, int num_threads):
     """Apply one optimizer step to the rows of a gradient given by ``plan`` (a GradientPlan).
 
-    ``lr`` is the signed factor of the formula above (-lr, -clr, lr or -step_size); state_a /
+    ``method`` is a StepMethod; ``lr`` is the signed factor of the formula above (-lr, -clr, lr or -step_size); state_a /
     state_b are the per-row state (None where the method has none; row-wise Adagrad's
     accumulator is (V, 1)); ``weight_decay`` is the L2 factor (0: none).
     """
-    cdef int method_code = code_of(OPTIMIZERS, method, "optimizer method")
+    check_enum(method, STEP_ADAM, "optimizer step method")
     cdef Py_ssize_t num_groups = rows.shape[0], dim = weight.shape[1]
     cdef Py_ssize_t num_rows = weight.shape[0], u, j
     cdef const floating[:, ::1] grad = plan.grad
@@ -1459,11 +1466,12 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
     if (state_a is not None and state_a.shape[0] != num_rows) or (
             state_b is not None and state_b.shape[0] != num_rows):
         raise ValueError("sparse_step: optimizer state does not match the table")
-    if (method_code == 1 or method_code == 3) and (state_a is None or state_a_width != dim):
+    if (method == STEP_ADAGRAD or method == STEP_ADAM) and (
+            state_a is None or state_a_width != dim):
         raise ValueError("sparse_step: this method needs (V, D) state")
-    if method_code == 3 and (state_b is None or state_b.shape[1] != dim):
+    if method == STEP_ADAM and (state_b is None or state_b.shape[1] != dim):
         raise ValueError("sparse_step: Adam needs two (V, D) states")
-    if method_code == 2 and (state_a is None or state_a_width != 1):
+    if method == STEP_ROWWISE_ADAGRAD and (state_a is None or state_a_width != 1):
         raise ValueError("sparse_step: row-wise Adagrad needs (V, 1) state")
     if num_groups == 0 or dim == 0 or grad.shape[0] == 0:
         return
@@ -1480,7 +1488,7 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
                     prefetch_row(&weight[ahead, 0], dim, True)
                     if state_a_width:
                         prefetch_row(&state_a[ahead, 0], state_a_width, True)
-                    if method_code == 3:
+                    if method == STEP_ADAM:
                         prefetch_row(&state_b[ahead, 0], dim, True)
             prefetch_group_gradient(&grad[0, 0], dim, &view, u, num_groups)
             row = rows[u]
@@ -1500,8 +1508,8 @@ def sparse_step(str method, floating[:, ::1] weight not None, floating[:, ::1] s
                         buffer[j] = buffer[j] + decay * w[j]
                 g = buffer
             state_a_row = &state_a[row, 0] if state_a_width else NULL
-            state_b_row = &state_b[row, 0] if method_code == 3 else NULL
-            update_row(method_code, w, state_a_row, state_b_row, g, dim,
+            state_b_row = &state_b[row, 0] if method == STEP_ADAM else NULL
+            update_row(method, w, state_a_row, state_b_row, g, dim,
                        <floating>lr, <floating>one_minus_beta1, <floating>one_minus_beta2,
                        <floating>eps)
 

@@ -16,7 +16,7 @@ from ._config import threads_for
 from ._memory import with_reused_memory
 from ._validation import (FLOAT_DTYPES, as_count, as_index_array, check_index_range,
                           normalize_padding_idx)
-from .functional import NO_PADDING, BagForward, bag_forward
+from .functional import BAG_MODES, NO_PADDING, BagForward, bag_forward
 from .sparse import GradientPlan, SparseGrad
 
 
@@ -60,8 +60,9 @@ def bag_grads(forward: BagForward, weight, grad_output, scale_grad_by_freq):
     if per_position:
         coefficients = np.empty(indices.size, dtype=weight.dtype)
         totals = np.empty(num_bags, dtype=weight.dtype)
-        _core.bag_gradient_factors(coefficients, totals, indices, forward.bounds, forward.mode,
-                                   sample_weights, forward.padding_idx, threads)
+        _core.bag_gradient_factors(coefficients, totals, indices, forward.bounds,
+                                   BAG_MODES[forward.mode], sample_weights,
+                                   forward.padding_idx, threads)
     # Plain sum and max need only each position's bag (the gradient row it reads), so the sort
     # carries the bags themselves: one indirection less per position in the gradient sum.
     rows, starts, order = _core.group_by_row(indices, num_embeddings, forward.padding_idx,

@@ -26,7 +26,9 @@ from ._validation import (
     normalize_padding_idx,
 )
 
-BAG_MODES = ("sum", "mean", "max")
+# The bag modes of the public API and the kernels' names for them.
+BAG_MODES = {"sum": _core.BagMode.BAG_SUM, "mean": _core.BagMode.BAG_MEAN,
+             "max": _core.BagMode.BAG_MAX}
 NO_PADDING = -1  # what the kernels take for "no padding_idx"
 
 
@@ -190,8 +192,9 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
     winners = None
     if mode == "max" and record_winners:
         winners = np.empty((num_bags, dim), dtype=np.int64)
-    out_of_range = _core.bag_reduce(table, table_indices, bounds, mode, sample_weights,
-                                    table_padding, out, winners, threads_for(flat.size * dim))
+    out_of_range = _core.bag_reduce(table, table_indices, bounds, BAG_MODES[mode],
+                                    sample_weights, table_padding, out, winners,
+                                    threads_for(flat.size * dim))
     if out_of_range and not checked_first:
         check_index_range(flat, indices.shape, num_embeddings)
     if rows is not None and winners is not None and rows.size:  # (no rows: every winner is -1)

@@ -47,7 +47,7 @@ class _SparseOptimizer:
     Subclasses name their kernel method and state arrays and compute the step's scalars.
     """
 
-    method = None
+    method = None  # the kernel's StepMethod
     state_arrays = ()  # names of the per-module state arrays, in kernel order
 
     def __init__(self, modules, weight_decay=0.0, **hyperparameters):
@@ -198,7 +198,7 @@ class SGD(_SparseOptimizer):
     SGD(1 modules, lr=0.5, weight_decay=0.0)
     """
 
-    method = "sgd"
+    method = _core.StepMethod.STEP_SGD
 
     def __init__(self, modules, lr: float, weight_decay: float = 0.0) -> None:
         super().__init__(modules, weight_decay, lr=_check_range(lr, "learning rate", 0.0))
@@ -217,7 +217,7 @@ class Adagrad(_SparseOptimizer):
     ('sum',)
     """
 
-    method = "adagrad"
+    method = _core.StepMethod.STEP_ADAGRAD
     state_arrays = ("sum",)
 
     def __init__(self, modules, lr: float = 1e-2, lr_decay: float = 0.0, eps: float = 1e-10,
@@ -252,7 +252,7 @@ class RowWiseAdagrad(_SparseOptimizer):
     (5, 1)
     """
 
-    method = "rowwise_adagrad"
+    method = _core.StepMethod.STEP_ROWWISE_ADAGRAD
     state_arrays = ("sum",)
 
     def __init__(self, modules, lr: float = 1e-2, eps: float = 1e-10,
@@ -280,7 +280,7 @@ class LazyAdam(_SparseOptimizer):
     LazyAdam(1 modules, lr=0.01, betas=(0.9, 0.999), ..., weight_decay=0.0001)
     """
 
-    method = "adam"
+    method = _core.StepMethod.STEP_ADAM
     state_arrays = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, modules, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -317,8 +317,10 @@ class OptimizerInfo:
     def state_per_row(self, dim):
         """How many numbers of optimizer state a table row of ``dim`` columns carries.
 
-        >>> OPTIMIZERS["lazyadam"].state_per_row(32), OPTIMIZERS["rowwise-adagrad"].state_per_row(32)
-        (64, 1)
+        >>> OPTIMIZERS["lazyadam"].state_per_row(32)
+        64
+        >>> OPTIMIZERS["rowwise-adagrad"].state_per_row(32)
+        1
         """
         return len(self.cls.state_arrays) * self.cls.state_shape((1, dim))[1]
 

@@ -393,10 +393,12 @@ def test_kernels_count_the_out_of_range_indices_they_read(threads, index_dtype):
             bounds = bounds.astype(np.int64)
             bag_out = np.empty((bounds.size - 1, 8), np.float32)
             winners = np.empty(bag_out.shape, np.int64) if mode == "max" else None
-            assert kernels.bag_reduce(weight, indices, bounds, mode, None, -1, bag_out, winners,
+            code = fastemb.functional.BAG_MODES[mode]
+            assert kernels.bag_reduce(weight, indices, bounds, code, None, -1, bag_out, winners,
                                       threads) == 4, (mode, bounds)
-    assert kernels.bag_reduce(weight[:, :0], indices, np.array([0, 9], np.int64), "sum", None,
-                              -1, np.empty((1, 0), np.float32), None, threads) == 4
+    assert kernels.bag_reduce(weight[:, :0], indices, np.array([0, 9], np.int64),
+                              kernels.BagMode.BAG_SUM, None, -1, np.empty((1, 0), np.float32),
+                              None, threads) == 4
     assert kernels.gather_rows(weight[:0], indices[:3], np.empty((3, 8), np.float32),
                                threads) == 3
 

@@ -1820,6 +1820,9 @@ from reference import assert_same_bits, embedding_bag_ref, renorm_ref
 import fastemb
 from fastemb.sparse import GradientPlan
 K = __import__("fastemb." + BUILD, fromlist=["x"])
+MODE = {name: K.BagMode["BAG_" + name.upper()] for name in ("sum", "mean", "max")}
+METHOD = {name: K.StepMethod["STEP_" + name.upper()]
+          for name in ("sgd", "adagrad", "rowwise_adagrad", "adam")}
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -1942,7 +1945,7 @@ for side in ("after", "before"):
                             out = guarded(np.full((B, D), 9, dtype))
                             winners = guarded(np.full((B, D), 9, np.int64)) \
                                 if mode == "max" else None
-                            K.bag_reduce(weight, indices, bounds, mode, psw, padding, out,
+                            K.bag_reduce(weight, indices, bounds, MODE[mode], psw, padding, out,
                                          winners, threads)
                             want, want_winners = bags_by_hand(
                                 table, np.asarray(indices), bounds_list, mode,
@@ -1952,23 +1955,24 @@ for side in ("after", "before"):
                                 assert (winners == want_winners).all()
             bounds = I([0, 3, 11])
             for bad in (
-                lambda: K.bag_reduce(weight, indices, bounds, "sum", None, -1,
+                lambda: K.bag_reduce(weight, indices, bounds, MODE["sum"], None, -1,
                                      guarded(np.zeros((3, D), dtype)), None, threads),
-                lambda: K.bag_reduce(weight, indices, bounds, "sum", None, -1,
+                lambda: K.bag_reduce(weight, indices, bounds, MODE["sum"], None, -1,
                                      guarded(np.zeros((2, D + 1), dtype)), None, threads),
-                lambda: K.bag_reduce(weight, indices, I([]), "sum", None, -1,
+                lambda: K.bag_reduce(weight, indices, I([]), MODE["sum"], None, -1,
                                      guarded(np.zeros((0, D), dtype)), None, threads),
-                lambda: K.bag_reduce(weight, indices, bounds, "sum", guarded(np.ones(3, dtype)),
-                                     -1, guarded(np.zeros((2, D), dtype)), None, threads),
-                lambda: K.bag_reduce(weight, indices, bounds, "max", None, -1,
+                lambda: K.bag_reduce(weight, indices, bounds, MODE["sum"],
+                                     guarded(np.ones(3, dtype)), -1,
+                                     guarded(np.zeros((2, D), dtype)), None, threads),
+                lambda: K.bag_reduce(weight, indices, bounds, MODE["max"], None, -1,
                                      guarded(np.zeros((2, D), dtype)),
                                      guarded(np.zeros((1, D), np.int64)), threads),
-                lambda: K.bag_reduce(weight, indices, bounds, "sum", None, -1,
+                lambda: K.bag_reduce(weight, indices, bounds, MODE["sum"], None, -1,
                                      guarded(np.zeros((2, D), dtype)),
                                      guarded(np.zeros((2, D), np.int64)), threads),
             ):
                 expect(ValueError, bad)
-            expect(Exception, lambda: K.bag_reduce(weight, indices, bounds, "median", None, -1,
+            expect(Exception, lambda: K.bag_reduce(weight, indices, bounds, 7, None, -1,
                                                    guarded(np.zeros((2, D), dtype)), None,
                                                    threads))
 
@@ -2022,19 +2026,19 @@ for side in ("after", "before"):
                     totals = guarded(np.full(max(B, 0), 5, dtype))
                     with np.errstate(all="ignore"):
                         K.bag_gradient_factors(coefficients, totals, indices, I(bounds_list),
-                                               mode, psw, 2, threads)
+                                               MODE[mode], psw, 2, threads)
             expect(ValueError, lambda: K.bag_gradient_factors(
                 guarded(np.zeros(n - 1, dtype)), guarded(np.zeros(2, dtype)), indices,
-                I([0, 3, 11]), "mean", None, -1, threads))
+                I([0, 3, 11]), MODE["mean"], None, -1, threads))
             expect(ValueError, lambda: K.bag_gradient_factors(
                 guarded(np.zeros(n, dtype)), guarded(np.zeros(3, dtype)), indices,
-                I([0, 3, 11]), "mean", None, -1, threads))
+                I([0, 3, 11]), MODE["mean"], None, -1, threads))
             expect(ValueError, lambda: K.bag_gradient_factors(
                 guarded(np.zeros(n, dtype)), guarded(np.zeros(2, dtype)), indices,
-                I([0, 3, 11]), "sum", guarded(np.ones(n - 2), dtype), -1, threads))
+                I([0, 3, 11]), MODE["sum"], guarded(np.ones(n - 2), dtype), -1, threads))
             expect(ValueError, lambda: K.bag_gradient_factors(
                 guarded(np.zeros(n, dtype)), guarded(np.zeros(2, dtype)), indices,
-                I([0, 3, 11]), "sum", None, -1, threads))
+                I([0, 3, 11]), MODE["sum"], None, -1, threads))
 
             case(f"sample_weights_grad {tag}")
             grad = guarded(rng.standard_normal((3, D)), dtype)
@@ -2106,8 +2110,8 @@ for side in ("after", "before"):
                 state_a, state_b = (None if x is None else guarded(x, dtype) for x in states)
                 g = guarded(np.ones((3, D)), dtype)
                 plan = GradientPlan(g, I([0, 1, 2, 3]), I([0, 1, 2]))
-                K.sparse_step(method, target, state_a, state_b, I([-1, 2, INT64_MAX]), plan,
-                              -0.5, 0.1, 0.01, 1e-8, False, 0.0, threads)
+                K.sparse_step(METHOD[method], target, state_a, state_b, I([-1, 2, INT64_MAX]),
+                              plan, -0.5, 0.1, 0.01, 1e-8, False, 0.0, threads)
                 changed = np.flatnonzero((np.asarray(target) != table).any(axis=1)).tolist()
                 assert changed == [2], (method, changed)
                 wrong = {"sgd": [], "adagrad": [(np.zeros((V, 1)), None), (np.zeros((V - 1, D)),
@@ -2120,18 +2124,18 @@ for side in ("after", "before"):
                 for a, b in wrong:
                     before = np.array(target)
                     expect(ValueError, lambda: K.sparse_step(
-                        method, target, None if a is None else guarded(a, dtype),
+                        METHOD[method], target, None if a is None else guarded(a, dtype),
                         None if b is None else guarded(b, dtype), I([0]), plan, -0.5, 0.1, 0.01,
                         1e-8, False, 0.0, threads))
                     assert_same_bits(target, before)
                 expect(ValueError, lambda: K.sparse_step(
-                    method, target, state_a, state_b, I([0, 1]), plan, -0.5, 0.1, 0.01, 1e-8,
-                    False, 0.0, threads))
+                    METHOD[method], target, state_a, state_b, I([0, 1]), plan, -0.5, 0.1, 0.01,
+                    1e-8, False, 0.0, threads))
                 expect(ValueError, lambda: K.sparse_step(
-                    method, target, state_a, state_b, I([0]), GradientPlan(
+                    METHOD[method], target, state_a, state_b, I([0]), GradientPlan(
                         guarded(np.ones((3, D + 1)), dtype), I([0, 3]), I([0, 1, 2])),
                     -0.5, 0.1, 0.01, 1e-8, False, 0.0, threads))
-            expect(ValueError, lambda: K.sparse_step("momentum", guarded(table), None, None,
+            expect(ValueError, lambda: K.sparse_step(7, guarded(table), None, None,
                                                      I([0]), plan, -0.5, 0, 0, 0, False, 0.0, 1))
 print("ALL OK", flush=True)
 """
@@ -2151,31 +2155,31 @@ KERNEL_CRASH_CASES = {
         "K.accumulate_rows(guarded(np.ones((3, 3), np.float32)), I([0]), I([0, 1]), I([2]),"
         " None, guarded(np.ones(1, np.float32)), False, None, np.empty((1, 3), np.float32), 1)"),
     "sparse_step: winners narrower than grad": (
-        "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
+        "K.sparse_step(METHOD['sgd'], guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([0, 1]), I([0]),"
         " winners=I([0]).reshape(1, 1)), -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: starts past the order array": (
-        "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
+        "K.sparse_step(METHOD['sgd'], guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([0, 2**40]), I([0])),"
         " -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: negative starts": (
-        "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
+        "K.sparse_step(METHOD['sgd'], guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([-2**40, 1]), I([0])),"
         " -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: an order entry past grad": (
-        "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
+        "K.sparse_step(METHOD['sgd'], guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([0, 1]), I([1])),"
         " -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: a source entry past grad": (
-        "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
+        "K.sparse_step(METHOD['sgd'], guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([0, 1]), I([0]),"
         " source=I([2**40])), -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: fewer coefficients than positions": (
-        "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
+        "K.sparse_step(METHOD['sgd'], guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((3, 3), np.float32)), I([0, 1]), I([2]),"
         " coefficients=guarded(np.ones(1, np.float32))), -0.1, 0, 0, 0, False, 0.0, 1)"),
     "sparse_step: a group but an empty order array": (
-        "K.sparse_step('sgd', guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
+        "K.sparse_step(METHOD['sgd'], guarded(np.ones((4, 3), np.float32)), None, None, I([0]),"
         " GradientPlan(guarded(np.ones((1, 3), np.float32)), I([0, 1]), I([])),"
         " -0.1, 0, 0, 0, False, 0.0, 1)"),
 }
@@ -2184,8 +2188,9 @@ KERNEL_CRASH_CASES = {
 THREAD_CRASH_CASES = {
     "sparse_step: num_threads=0": (
         "V, D = 4096, 16; rows = np.arange(V, dtype=np.int64); w = np.zeros((V, D), np.float32)\n"
-        "K.sparse_step('sgd', w, None, None, rows, GradientPlan(np.ones((V, D), np.float32),"
-        " np.arange(V + 1, dtype=np.int64), rows.copy()), -1.0, 0, 0, 0, False, 0.0, 0)\n"
+        "K.sparse_step(METHOD['sgd'], w, None, None, rows,"
+        " GradientPlan(np.ones((V, D), np.float32), np.arange(V + 1, dtype=np.int64),"
+        " rows.copy()), -1.0, 0, 0, 0, False, 0.0, 0)\n"
         "assert (w == -1).all()"),
     "gather_rows: num_threads=-1": (
         "out = np.empty((5000, 3), np.float32)\n"
@@ -2193,7 +2198,7 @@ THREAD_CRASH_CASES = {
     "bag_reduce: num_threads=-1": (
         "out = np.empty((2, 3), np.float32)\n"
         "K.bag_reduce(np.ones((4, 3), np.float32), np.zeros(4, np.int64),"
-        " np.array([0, 2, 4]), 'sum', None, -1, out, None, -1)"),
+        " np.array([0, 2, 4]), MODE['sum'], None, -1, out, None, -1)"),
 }
 
 

@@ -258,13 +258,15 @@ def test_avx2_and_portable_kernels_agree_bitwise(dtype, dim):
                               ("mean", None), ("max", None)]:
             out = np.empty((bounds.size - 1, dim), dtype)
             winners = np.empty(out.shape, np.int64) if mode == "max" else None
-            build.bag_reduce(weight, indices, bounds, mode, weights, 3, out, winners, 2)
+            build.bag_reduce(weight, indices, bounds, build.BagMode["BAG_" + mode.upper()],
+                             weights, 3, out, winners, 2)
             outputs += [out] + ([winners] if winners is not None else [])
         rows, starts, order = build.group_by_row(indices, num_rows, 3, 2)
         state = [np.full_like(weight, 0.5), np.full_like(weight, 0.25)]
         table = weight.copy()
         plan = fastemb.sparse.GradientPlan(grad, starts, order)
-        build.sparse_step("adam", table, *state, rows, plan, -0.01, 0.1, 0.001, 1e-8, False, 0.0, 2)
+        build.sparse_step(build.StepMethod.STEP_ADAM, table, *state, rows, plan, -0.01, 0.1,
+                          0.001, 1e-8, False, 0.0, 2)
         outputs += [table, *state]
         results.append(outputs)
     for portable, avx2 in zip(*results):
