@@ -20,7 +20,7 @@ What counts as a finding:
   ``weight[input]``.
 
 ``run_one(data)`` does all of that for one input without atheris, so the tests replay it on
-random bytes (tests/test_hostile_inputs.py) and run this file under atheris when it is
+random bytes (tests/test_hostile_fuzz_target.py) and run this file under atheris when it is
 installed.
 """
 

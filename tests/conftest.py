@@ -82,3 +82,13 @@ def untouched():
             assert array.tobytes() == saved.tobytes(), f"argument {number} was modified"
 
     return check
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """A folder for memory-mapped arrays and checkpoint files (module-scoped: hypothesis)."""
+    folder = tmp_path_factory.mktemp("hostile")
+    counter = iter(range(10**9))
+    return lambda suffix=".bin": folder / f"{next(counter)}{suffix}"
+
+
