@@ -1,4 +1,5 @@
-"""Build fastemb's one compiled module, ``fastemb._core``, with OpenMP when the compiler has it.
+"""Build fastemb's compiled modules (the kernels, ``fastemb._core`` and the modules it gathers,
+and the ratings parser ``fastemb._text``) with OpenMP when the compiler has it.
 
 Environment variables (all optional):
 
@@ -6,10 +7,12 @@ Environment variables (all optional):
 - ``FASTEMB_DEBUG=1``: Cython bounds checks and ``-O0 -g``, for hunting memory errors.
 - ``FASTEMB_EXTRA_CFLAGS="-march=native ..."``: extra compiler flags, appended last.
 
-Two modules are built from the one kernel source: ``fastemb._core`` (portable x86-64) and, where
-the compiler accepts ``-mavx2``, ``fastemb._core_avx2`` (the same code with 256-bit vectors;
+The kernels are built twice from one source: ``fastemb._core`` with ``_lookup``, ``_grouping``
+and ``_training`` (portable x86-64) and, where the compiler accepts ``-mavx2``,
+``fastemb._core_avx2`` with ``_lookup_avx2``, ... (the same code with 256-bit vectors;
 ``fastemb/_kernels.py`` picks it at import time on CPUs that have AVX2). Both give the same
 results bit for bit: ``-ffp-contract=off`` forbids fused multiply-adds and nothing reassociates.
+``_common`` (the kernels' enums) and ``_allocator`` (the block cache) are built once.
 
 OpenMP is detected the way scikit-learn's setuptools build did it: a tiny OpenMP program is
 compiled, linked and *run* with the compiler setuptools will use; only if it prints one line per
@@ -129,9 +132,9 @@ extensions = cythonize(
         # numpy's headers: the modules install a NumPy allocator (PyDataMem_Handler)
         Extension(name, [source], include_dirs=[numpy.get_include()],
                   define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")])
-        for name, source in (("fastemb._core", "fastemb/_core.pyx"),
-                             ("fastemb._core_avx2", "fastemb/_core_avx2.pyx"),
-                             ("fastemb._text", "fastemb/_text.pyx"))
+        for name, source in [(f"fastemb.{module}", f"fastemb/{module}.pyx") for module in (
+            "_core", "_core_avx2", "_common", "_lookup", "_lookup_avx2", "_grouping",
+            "_grouping_avx2", "_training", "_training_avx2", "_allocator", "_text")]
     ],
     compiler_directives={
         "language_level": 3,

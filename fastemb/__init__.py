@@ -2,7 +2,7 @@
 on plain NumPy arrays.
 
 Start with ``fastemb.embedding`` / ``fastemb.embedding_bag`` (functional) or
-``fastemb.Embedding`` / ``fastemb.EmbeddingBag`` (modules). The kernels live in
+``fastemb.Embedding`` / ``fastemb.EmbeddingBag`` (modules). The kernels' entry is
 ``fastemb/_core.pyx``; ``fastemb.show_config()`` tells how they were built.
 """
 

@@ -1,7 +1,7 @@
 """Memory for tables and for the arrays a training step makes afresh on every call.
 
 ``reused_memory`` makes NumPy allocate, in the current context only, from fastemb's cache of
-freed blocks (the allocator at the end of ``_core.pyx``): lookup outputs and a training step's
+freed blocks (the allocator in ``_allocator.pyx``): lookup outputs and a training step's
 sort buffers and gradient plan then reuse the last call's memory instead of faulting in new
 pages.
 

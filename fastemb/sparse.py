@@ -15,7 +15,7 @@ class GradientPlan:
     """How to compute a gradient's values, kept until someone needs them.
 
     ``values[u] = sum over k in [starts[u], starts[u+1]) of c_p * grad[source[p]]`` with
-    ``p = order[k]`` (see ``accumulate_rows`` in ``_core.pyx``). An optimizer can run this sum
+    ``p = order[k]`` (see ``accumulate_rows`` in ``_training.pyx``). An optimizer can run this sum
     fused with its update, so the (nnz, D) values are never written out.
     """
 

@@ -1,4 +1,4 @@
-"""The block cache: the NumPy allocator (end of ``_core.pyx``) that training steps allocate
+"""The block cache: the NumPy allocator (``_allocator.pyx``) that training steps allocate
 their per-call arrays from, so that a step reuses the last step's memory."""
 
 import os

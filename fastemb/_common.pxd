@@ -1,0 +1,139 @@
+"""Declarations and inline helpers that fastemb's kernel modules share (``_lookup``,
+``_grouping``, ``_training``, ``_allocator``; ``_core`` is their entry). The C they use
+beside Cython's lives in ``_core.h``. The enums are exposed to Python by ``fastemb._common``.
+"""
+
+from cython cimport floating
+from libc.stdint cimport int32_t, int64_t, uint64_t, uintptr_t
+
+cdef extern from "_core.h":
+    void FASTEMB_PREFETCH(const void *address) noexcept nogil
+    void FASTEMB_PREFETCH_WRITE(const void *address) noexcept nogil
+    int omp_get_max_threads() noexcept nogil
+    const int FASTEMB_HAVE_OPENMP
+    const char *FASTEMB_COMPILE_FLAGS
+    int fastemb_cpu_has_avx2() noexcept nogil
+
+ctypedef fused index_t:
+    int32_t
+    int64_t
+
+cdef enum:
+    CACHE_LINE_BYTES = 64  # a compile-time constant, so the prefetch loops unroll
+    # Lookups prefetch the table row they will need some positions ahead: enough rows to keep
+    # about PREFETCH_BYTES_IN_FLIGHT loading, 4 to 32 rows. Too few leaves the loads waiting on
+    # memory, too many evicts rows before they are used; a fixed byte budget keeps narrow rows
+    # (fewer bytes each) as far ahead in memory as wide ones. The bench's large and narrow
+    # workloads measure it.
+    PREFETCH_BYTES_IN_FLIGHT = 4096
+    PREFETCH_MIN_ROWS = 4
+    PREFETCH_MAX_ROWS = 32
+
+# What a bag reduces to, and which update an optimizer step applies. The public API names them
+# with strings ("sum", "adam"); the Python layer maps those to these once.
+cpdef enum BagMode:
+    BAG_SUM = 0
+    BAG_MEAN = 1
+    BAG_MAX = 2
+
+cpdef enum StepMethod:
+    STEP_SGD = 0
+    STEP_ADAGRAD = 1
+    STEP_ROWWISE_ADAGRAD = 2
+    STEP_ADAM = 3
+
+
+cdef inline int check_enum(int value, int last, str what) except -1:
+    """ValueError unless 0 <= value <= last (an enum argument may arrive as any int)."""
+    if not 0 <= value <= last:
+        raise ValueError(f"unknown {what} {value}; expected 0 to {last}")
+    return 0
+
+
+cdef inline int team_size(int num_threads) noexcept nogil:
+    """The OpenMP team a kernel asks for: num_threads, at least 1 (OpenMP reads 0 as "the
+    default team" and aborts on a negative count)."""
+    return num_threads if num_threads > 0 else 1
+
+
+cdef inline Py_ssize_t clamp(int64_t value, Py_ssize_t low, Py_ssize_t high) noexcept nogil:
+    if value < low:
+        return low
+    if value > high:
+        return high
+    return <Py_ssize_t>value
+
+
+cdef inline bint is_kept(int64_t row, int64_t padding_idx, Py_ssize_t num_rows) noexcept nogil:
+    """True for an entry a bag reduces: a row of the table that is not padding."""
+    return <uint64_t>row < <uint64_t>num_rows and row != padding_idx
+
+
+cdef inline Py_ssize_t count_out_of_range(const index_t *indices, Py_ssize_t start,
+                                          Py_ssize_t end, uint64_t limit) noexcept nogil:
+    """How many of indices[start:end] lie outside [0, limit): one unsigned compare each
+    (negative ones wrap to huge), branch-free, so the compiler vectorises it."""
+    cdef Py_ssize_t i, count = 0
+    for i in range(start, end):
+        count = count + (<uint64_t>indices[i] >= limit)
+    return count
+
+
+cdef inline void prefetch_row(const floating *row, Py_ssize_t dim, bint for_write=False,
+                              bint lines_aligned=False) noexcept nogil:
+    """Ask the CPU to start loading every cache line of one table row (to read or update)."""
+    cdef Py_ssize_t line_elements = CACHE_LINE_BYTES // sizeof(floating)
+    cdef Py_ssize_t j = 0
+    # the loop covers the lines of row[0], row[line_elements], ...: as many lines as the row
+    # has bytes, rounded up, which leave `slack` bytes spare after the row if it starts a line
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef Py_ssize_t lines = (row_bytes + CACHE_LINE_BYTES - 1) // CACHE_LINE_BYTES
+    cdef Py_ssize_t slack = lines * CACHE_LINE_BYTES - row_bytes
+    while j < dim:
+        if for_write:
+            FASTEMB_PREFETCH_WRITE(row + j)
+        else:
+            FASTEMB_PREFETCH(row + j)
+        j += line_elements
+    # a row that starts further into its line than that spans one line more; lines_aligned
+    # says that none does (row and row size on cache lines; a literal True at an inlined call
+    # site removes the test: a redundant prefetch per row cost a bag sum 2-8%)
+    if not lines_aligned and <Py_ssize_t>(<uintptr_t>row % CACHE_LINE_BYTES) > slack:
+        if for_write:
+            FASTEMB_PREFETCH_WRITE(row + dim - 1)
+        else:
+            FASTEMB_PREFETCH(row + dim - 1)
+
+
+cdef inline bint rows_on_lines(const void *table, Py_ssize_t row_bytes) noexcept nogil:
+    """True when every row of a table starts on a cache line."""
+    return <uintptr_t>table % CACHE_LINE_BYTES == 0 and row_bytes % CACHE_LINE_BYTES == 0
+
+
+cdef inline Py_ssize_t prefetch_distance(Py_ssize_t num_rows, Py_ssize_t dim,
+                                         Py_ssize_t item_size,
+                                         Py_ssize_t min_table_bytes) noexcept nogil:
+    """How many positions ahead lookups in a (num_rows, dim) table prefetch; 0 for none (a
+    table of at most min_table_bytes)."""
+    cdef Py_ssize_t row_bytes = max(dim * item_size, 1)
+    if num_rows * row_bytes <= min_table_bytes:
+        return 0
+    return min(max(PREFETCH_BYTES_IN_FLIGHT // row_bytes, PREFETCH_MIN_ROWS), PREFETCH_MAX_ROWS)
+
+
+cdef inline void prefetch_ahead(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                                const index_t *indices, Py_ssize_t n, Py_ssize_t position,
+                                Py_ssize_t distance, Py_ssize_t column, Py_ssize_t width,
+                                bint lines_aligned) noexcept nogil:
+    """Prefetch columns [column, column + width) of the row ``indices[position + distance]``
+    names. Without branches, as FBGEMM does: past the end it takes the current position, and an
+    index that names no row prefetches row 0 (the table is not empty when this runs).
+    ``lines_aligned``: every row's columns start on a cache line (see prefetch_row)."""
+    cdef Py_ssize_t ahead = position + distance
+    cdef int64_t row
+    if ahead >= n:
+        ahead = position
+    row = indices[ahead]
+    if <uint64_t>row >= <uint64_t>num_rows:  # one compare for "not 0 <= row < num_rows"
+        row = 0
+    prefetch_row(table + row * dim + column, width, False, lines_aligned)

@@ -1,0 +1,186 @@
+# cython: language_level=3
+"""fastemb._grouping: the radix sort that groups looked-up positions by table row, which every
+backward pass starts from. The rules every kernel follows are in ``fastemb/_core.pyx``."""
+
+from cython.parallel cimport prange
+from libc.stdint cimport int64_t
+from libc.string cimport memset
+
+import numpy as np
+
+from fastemb._common cimport index_t, is_kept, team_size
+
+__all__ = ["group_by_row"]
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping positions by row: a stable, parallel LSD radix sort of (row, position) pairs.
+#   rows[u]                   the u-th distinct row, ascending (padding and out-of-range skipped)
+#   order[starts[u]:starts[u+1]]  the positions holding rows[u], ascending (or their payloads,
+#                             in that order)
+# Each pass: per-chunk digit histograms, a serial prefix over (digit, chunk), then each chunk
+# scatters its elements in order. A stable sort has one answer, so the result does not depend
+# on how many chunks (threads) were used. Memory is O(n), never O(V). When a row and a position
+# fit in 63 bits together they travel as one int64 (row in the high bits): half the memory
+# traffic of a pair. The first pass reads the
+# indices themselves (counting, then scattering the kept entries), and the groups are found
+# in parallel, chunk by chunk.
+# --------------------------------------------------------------------------------------------
+
+cdef inline Py_ssize_t chunk_start(Py_ssize_t chunk, Py_ssize_t num_chunks,
+                                   Py_ssize_t n) noexcept nogil:
+    return <Py_ssize_t>((<double>chunk * n) / num_chunks) if chunk < num_chunks else n
+
+
+cdef void exclusive_prefix_by_digit(int64_t[:, ::1] histogram) noexcept nogil:
+    """Turn per-chunk digit counts into each (chunk, digit)'s first output slot: digit by
+    digit, chunk by chunk, so equal digits keep their chunks' order (a stable sort)."""
+    cdef Py_ssize_t chunk, digit
+    cdef int64_t running = 0, count
+    for digit in range(histogram.shape[1]):
+        for chunk in range(histogram.shape[0]):
+            count = histogram[chunk, digit]
+            histogram[chunk, digit] = running
+            running = running + count
+
+
+cdef void radix_pass(const int64_t[::1] keys_in, const int64_t[::1] values_in,
+                     int64_t[::1] keys_out, int64_t[::1] values_out, bint with_values,
+                     int64_t[:, ::1] histogram, int shift, int64_t mask,
+                     int num_threads) noexcept nogil:
+    """One stable pass on the digit ``(key >> shift) & mask``, carrying the values along if
+    ``with_values``."""
+    cdef Py_ssize_t num_chunks = histogram.shape[0], num_bins = histogram.shape[1]
+    cdef Py_ssize_t n = keys_in.shape[0], chunk, i, digit, slot
+    for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
+        memset(&histogram[chunk, 0], 0, num_bins * sizeof(int64_t))
+        for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
+            histogram[chunk, (keys_in[i] >> shift) & mask] += 1
+    exclusive_prefix_by_digit(histogram)
+    for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
+        for i in range(chunk_start(chunk, num_chunks, n), chunk_start(chunk + 1, num_chunks, n)):
+            digit = (keys_in[i] >> shift) & mask
+            slot = histogram[chunk, digit]
+            histogram[chunk, digit] = slot + 1
+            keys_out[slot] = keys_in[i]
+            if with_values:
+                values_out[slot] = values_in[i]
+
+
+def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_idx,
+                 int num_threads, const int64_t[::1] payload=None):
+    """Group the positions of ``indices`` by row; returns ``(rows, starts, order)`` (int64).
+
+    Positions whose row is ``padding_idx`` or outside ``[0, num_rows)`` are left out. With a
+    ``payload`` (one entry per position), ``order`` holds ``payload[p]`` instead of p, in the
+    same order (a bag backward passes each position's bag: one indirection less to follow).
+    """
+    cdef Py_ssize_t n = indices.shape[0], num_chunks = max(1, min(num_threads, n))
+    cdef bint has_payload = payload is not None
+    if has_payload and payload.shape[0] != n:
+        raise ValueError("group_by_row: payload needs one entry per index")
+    cdef Py_ssize_t chunk, i, end, kept, slot, m = 0, group_starts, u, num_groups = 0
+    cdef int64_t row, value, lowest, highest, smallest_value = 0, largest_value = max(n - 1, 0)
+    num_rows = max(num_rows, 0)  # (is_kept reads a negative count as a huge one)
+    cdef int key_bits = int(num_rows - 1).bit_length() if num_rows > 1 else 0
+    # Digits of up to 11 bits, or up to 14 once there are 4 entries for each of 2^14 bins: a
+    # pass costs O(n + 2^digit_bits), so wider digits pay once there are enough entries to
+    # fill their bins (a 10,000-row table then sorts in one pass instead of two). The first
+    # pass also runs for a one-row table (a digit of 0 bits): it builds the keys.
+    cdef int max_digit_bits = 14 if n >= 4 << 14 else 11
+    cdef int num_passes = max(1, (key_bits + max_digit_bits - 1) // max_digit_bits)
+    cdef int digit_bits = (key_bits + num_passes - 1) // num_passes
+    cdef int64_t digit_mask = (<int64_t>1 << digit_bits) - 1
+    cdef int64_t[:, ::1] histogram = np.zeros((num_chunks, 1 << digit_bits), dtype=np.int64)
+    cdef int64_t[:, ::1] chunk_facts = np.zeros((num_chunks, 3), dtype=np.int64)
+    # 1. Per chunk: how many entries are kept, the range of their values, and the histogram of
+    #    their first digit (the lowest digit_bits bits of the row).
+    with nogil:
+        for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
+            kept = 0
+            lowest = 0
+            highest = 0
+            end = chunk_start(chunk + 1, num_chunks, n)
+            for i in range(chunk_start(chunk, num_chunks, n), end):
+                row = indices[i]
+                if is_kept(row, padding_idx, num_rows):
+                    kept = kept + 1
+                    histogram[chunk, row & digit_mask] += 1
+                    if has_payload:
+                        lowest = min(lowest, payload[i])
+                        highest = max(highest, payload[i])
+            chunk_facts[chunk, 0] = kept
+            chunk_facts[chunk, 1] = lowest
+            chunk_facts[chunk, 2] = highest
+        for chunk in range(num_chunks):
+            m = m + chunk_facts[chunk, 0]
+            if has_payload:
+                smallest_value = min(smallest_value, chunk_facts[chunk, 1])
+                largest_value = max(largest_value, chunk_facts[chunk, 2])
+        exclusive_prefix_by_digit(histogram)
+    # Packed: when row and value fit in 63 bits together, each element is one int64,
+    # row << value_bits | value, and the sort moves one array instead of two.
+    cdef int value_bits = int(largest_value).bit_length()
+    cdef bint packed = smallest_value >= 0 and key_bits + value_bits <= 63
+    cdef int64_t value_mask = (<int64_t>1 << value_bits) - 1 if packed else 0
+    cdef int first_shift = value_bits if packed else 0
+    keys_array, spare_keys = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
+    positions_array = np.empty(0 if packed else m, dtype=np.int64)
+    spare_positions = np.empty_like(positions_array)
+    cdef int64_t[::1] keys = keys_array, positions = positions_array
+    cdef int64_t[::1] keys_out = spare_keys, positions_out = spare_positions
+    # 2. The first pass scatters straight from indices (and payload) into the keys.
+    with nogil:
+        for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
+            end = chunk_start(chunk + 1, num_chunks, n)
+            for i in range(chunk_start(chunk, num_chunks, n), end):
+                row = indices[i]
+                if is_kept(row, padding_idx, num_rows):
+                    value = payload[i] if has_payload else i
+                    slot = histogram[chunk, row & digit_mask]
+                    histogram[chunk, row & digit_mask] = slot + 1
+                    if packed:
+                        keys[slot] = row << value_bits | value
+                    else:
+                        keys[slot] = row
+                        positions[slot] = value
+    # 3. The other passes sort the keys on their higher digits.
+    cdef int pass_number
+    for pass_number in range(1, num_passes):
+        with nogil:
+            radix_pass(keys, positions, keys_out, positions_out, not packed, histogram,
+                       first_shift + pass_number * digit_bits, digit_mask, num_threads)
+        keys, keys_out = keys_out, keys
+        positions, positions_out = positions_out, positions
+    # 4. Groups: a key whose row differs from the previous one starts a group. Per chunk, count
+    #    the group starts (and unpack the values into the spare array); then each chunk writes
+    #    its groups' rows and starts from its first group's number on.
+    if packed:
+        positions = keys_out
+    with nogil:
+        for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
+            group_starts = 0
+            end = chunk_start(chunk + 1, num_chunks, m)
+            for i in range(chunk_start(chunk, num_chunks, m), end):
+                group_starts = group_starts + (
+                    i == 0 or (keys[i] >> first_shift) != (keys[i - 1] >> first_shift))
+                if packed:
+                    positions[i] = keys[i] & value_mask
+            chunk_facts[chunk, 0] = group_starts
+        for chunk in range(num_chunks):
+            chunk_facts[chunk, 1] = num_groups
+            num_groups = num_groups + chunk_facts[chunk, 0]
+    rows_array = np.empty(num_groups, dtype=np.int64)
+    starts_array = np.empty(num_groups + 1, dtype=np.int64)
+    cdef int64_t[::1] rows = rows_array, starts = starts_array
+    with nogil:
+        for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
+            u = chunk_facts[chunk, 1]
+            end = chunk_start(chunk + 1, num_chunks, m)
+            for i in range(chunk_start(chunk, num_chunks, m), end):
+                if i == 0 or (keys[i] >> first_shift) != (keys[i - 1] >> first_shift):
+                    rows[u] = keys[i] >> first_shift
+                    starts[u] = i
+                    u = u + 1
+        starts[num_groups] = m
+    return rows_array, starts_array, np.asarray(positions)

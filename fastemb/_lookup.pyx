@@ -1,0 +1,635 @@
+# cython: language_level=3
+"""fastemb._lookup: the forward kernels (row gather, bag reductions, max_norm renorm) and the
+index checks of the lookups. The rules every kernel follows are in ``fastemb/_core.pyx``."""
+
+from cython.parallel cimport prange
+from libc.math cimport INFINITY, NAN, fabs, isinf, pow, sqrt
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy, memset
+
+import numpy as np
+
+from fastemb._common cimport (BAG_MAX, BAG_MEAN, BagMode, check_enum, clamp, count_out_of_range,
+                              floating, index_t, is_kept, prefetch_ahead, prefetch_distance,
+                              rows_on_lines, team_size)
+
+__all__ = ["bag_reduce", "first_decrease", "first_out_of_range", "gather_rows", "renorm_rows"]
+
+cdef enum:
+    RANGE_CHECK_CHUNK = 4096  # indices checked per chunk by first_out_of_range
+    BAGS_PER_CHUNK = 64  # bags reduced per prange iteration by bag_reduce
+
+# Prefetching starts at a table size, below which the rows a lookup needs are mostly in the
+# core's own caches and prefetch instructions are overhead. A bag's running sum waits on its
+# rows' loads, so the bag kernels prefetch once the table is past half of a core's L2. A gather
+# only copies rows, and the CPU overlaps the loads of its independent copies by itself, so it
+# prefetches only tables well past the L3 (the bench's small workload sits between the two).
+cdef Py_ssize_t BAG_PREFETCH_MIN_TABLE_BYTES = 256 << 10
+cdef Py_ssize_t GATHER_PREFETCH_MIN_TABLE_BYTES = 8 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helper
+# --------------------------------------------------------------------------------------------
+
+def first_out_of_range(const index_t[::1] indices, int64_t num_embeddings, int num_threads=1):
+    """Position of the first index outside ``[0, num_embeddings)``, or -1 if there is none.
+
+    Chunk by chunk, in parallel: a count of each chunk's outsiders; then a search of the first
+    chunk that has some.
+    """
+    cdef Py_ssize_t n = indices.shape[0], found = -1, chunk, i, start
+    cdef Py_ssize_t num_chunks = (n + RANGE_CHECK_CHUNK - 1) // RANGE_CHECK_CHUNK
+    cdef uint64_t limit = <uint64_t>num_embeddings if num_embeddings > 0 else 0
+    cdef Py_ssize_t[::1] outside = np.zeros(num_chunks, dtype=np.intp)
+    with nogil:
+        for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
+            outside[chunk] = count_out_of_range(
+                &indices[0], chunk * RANGE_CHECK_CHUNK,
+                min((chunk + 1) * RANGE_CHECK_CHUNK, n), limit)
+        for chunk in range(num_chunks):
+            if outside[chunk]:
+                start = chunk * RANGE_CHECK_CHUNK
+                for i in range(start, min(start + RANGE_CHECK_CHUNK, n)):
+                    if <uint64_t>indices[i] >= limit:
+                        found = i
+                        break
+                break
+    return found
+
+
+def first_decrease(const int64_t[::1] values):
+    """Position of the first entry smaller than the one before it, or -1 if there is none."""
+    cdef Py_ssize_t i
+    for i in range(1, values.shape[0]):
+        if values[i] < values[i - 1]:
+            return i
+    return -1
+
+
+# --------------------------------------------------------------------------------------------
+# Row gather (embedding forward)
+#   out[i, :] = W[indices[i], :]                                 for i in [0, n)
+# --------------------------------------------------------------------------------------------
+
+def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
+                floating[:, ::1] out, int num_threads):
+    """Copy ``weight[indices[i]]`` into ``out[i]`` for every i (a row of zeros if out of range).
+    Returns how many indices were out of range: the caller, whose output this is, can skip a
+    separate validation pass and raise only when it is not 0.
+
+    ``out`` should come from ``np.empty``: each thread then touches its own output pages first.
+    """
+    cdef Py_ssize_t n = indices.shape[0], num_rows = weight.shape[0], dim = weight.shape[1]
+    cdef Py_ssize_t out_of_range = 0
+    cdef Py_ssize_t i, distance = prefetch_distance(num_rows, dim, sizeof(floating),
+                                                    GATHER_PREFETCH_MIN_TABLE_BYTES)
+    cdef int64_t row
+    cdef bint lines_aligned
+    if out.shape[0] != n or out.shape[1] != dim:
+        raise ValueError("gather_rows: out must have shape (len(indices), weight.shape[1])")
+    if n == 0:
+        return 0
+    if dim == 0:  # nothing to copy, but the indices are still checked
+        return count_out_of_range(&indices[0], 0, n, num_rows)
+    lines_aligned = num_rows > 0 and rows_on_lines(&weight[0, 0], dim * sizeof(floating))
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=team_size(num_threads)):
+            if distance:
+                prefetch_ahead(&weight[0, 0], num_rows, dim, &indices[0], n, i, distance, 0, dim,
+                               lines_aligned)
+            row = indices[i]
+            if 0 <= row < num_rows:
+                memcpy(&out[i, 0], &weight[row, 0], dim * sizeof(floating))
+            else:
+                memset(&out[i, 0], 0, dim * sizeof(floating))
+                out_of_range += 1  # (an OpenMP reduction)
+    return out_of_range
+
+
+# --------------------------------------------------------------------------------------------
+# Bag reductions (embedding_bag forward). Bag b holds positions [bounds[b], bounds[b+1]); the
+# entries that count are those whose row is not padding_idx ("kept" entries below).
+#   sum:            out[b] = sum_k W[x_k]            (w_k * W[x_k] with per-sample weights)
+#   mean:           out[b] = sum_k W[x_k] / count    (weighted: sum_k w_k W[x_k] / sum_k w_k)
+#                   and 0 when the divisor is 0 (empty or all-padding bag, zero weight sum)
+#   max:            out[b, d] = max_k W[x_k, d]; winners[b, d] = the row that gave it. A later
+#                   entry replaces the running max only if strictly greater (first wins ties,
+#                   NaN stays only if it came first), as torch does; empty bags give 0 and -1.
+# Sums accumulate left to right in the table dtype, starting from 0, and mean divides the
+# rounded sum: bit for bit what torch computes.
+# --------------------------------------------------------------------------------------------
+
+cdef extern from "_core.h":
+    # Columns are reduced in blocks of this many bytes whose running values the compiler keeps
+    # in vector registers for the whole bag (all 16 of them); the block width is a compile-time
+    # constant, so the loops over a block unroll. A row wider than a block is reduced in
+    # several passes over the bag, each prefetching its own columns of the rows ahead. What is left
+    # after the wide blocks goes in narrow blocks of 256, 128, 64 and 32 bytes (at most one of
+    # each, also unrolled), then a last partial one.
+    enum: BLOCK_BYTES "FASTEMB_BLOCK_BYTES"
+    enum: MAX_BLOCK_ELEMENTS "FASTEMB_MAX_BLOCK_ELEMENTS"
+    const double ZERO_BLOCK "fastemb_zero_block"[1]  # BLOCK_BYTES of zero bits: +0 as any dtype
+    void zero_floats "fastemb_zero_float"(float *acc, Py_ssize_t width) noexcept nogil
+    void zero_doubles "fastemb_zero_double"(double *acc, Py_ssize_t width) noexcept nogil
+    void add_floats "fastemb_add_float"(float *acc, const float *source,
+                                        Py_ssize_t width) noexcept nogil
+    void add_doubles "fastemb_add_double"(double *acc, const double *source,
+                                          Py_ssize_t width) noexcept nogil
+    void add_scaled_floats "fastemb_add_scaled_float"(float *acc, float weight,
+                                                      const float *source,
+                                                      Py_ssize_t width) noexcept nogil
+    void add_scaled_doubles "fastemb_add_scaled_double"(double *acc, double weight,
+                                                        const double *source,
+                                                        Py_ssize_t width) noexcept nogil
+    void store_floats "fastemb_store_float"(float *out, const float *acc,
+                                            Py_ssize_t width) noexcept nogil
+    void store_doubles "fastemb_store_double"(double *out, const double *acc,
+                                              Py_ssize_t width) noexcept nogil
+
+# The block kernels are specialised on the block's width through a type tag (a NULL pointer of
+# one of these types), so each width is a compile-time constant in its own C function whatever
+# the compiler's inlining and cloning heuristics decide (left to them, gcc 12 compiled the
+# narrow block as the generic one, with its accumulators in memory). Every common row width
+# (8, 16, 32, 48, 64 float32 columns) has blocks that keep their sums in registers.
+cdef struct WideColumns:
+    char bytes[BLOCK_BYTES]
+
+cdef struct Columns256:
+    char bytes[256]
+
+cdef struct Columns128:
+    char bytes[128]
+
+cdef struct Columns64:
+    char bytes[64]
+
+cdef struct Columns32:
+    char bytes[32]
+
+cdef struct AnyColumns:  # the width is given at run time
+    char bytes[1]
+
+ctypedef fused columns_t:
+    WideColumns
+    Columns256
+    Columns128
+    Columns64
+    Columns32
+    AnyColumns
+
+
+cdef inline Py_ssize_t block_width(columns_t *columns, Py_ssize_t any_width,
+                                   Py_ssize_t item_size) noexcept nogil:
+    """The number of columns a block of this type holds (any_width for AnyColumns)."""
+    if columns_t is AnyColumns:
+        return any_width
+    else:
+        return sizeof(columns_t) // item_size
+
+
+cdef inline void zero_block(floating *acc, Py_ssize_t width, bint unrolled) noexcept nogil:
+    """acc[:width] = 0 (unrolled: in the C helpers, for a compile-time width)."""
+    cdef Py_ssize_t j
+    if unrolled:
+        if floating is float:
+            zero_floats(acc, width)
+        else:
+            zero_doubles(acc, width)
+    else:
+        for j in range(width):
+            acc[j] = 0
+
+
+cdef inline void add_block(floating *acc, floating weight, const floating *source,
+                           Py_ssize_t width, bint weighted, bint unrolled) noexcept nogil:
+    """acc[:width] += source[:width] (times weight if weighted)."""
+    cdef Py_ssize_t j
+    if unrolled and not weighted:
+        if floating is float:
+            add_floats(acc, source, width)
+        else:
+            add_doubles(acc, source, width)
+    elif unrolled:
+        if floating is float:
+            add_scaled_floats(acc, weight, source, width)
+        else:
+            add_scaled_doubles(acc, weight, source, width)
+    elif not weighted:
+        for j in range(width):
+            acc[j] += source[j]
+    else:
+        for j in range(width):
+            acc[j] += weight * source[j]
+
+
+cdef inline void store_block(floating *out, const floating *acc, Py_ssize_t width,
+                             bint unrolled) noexcept nogil:
+    """out[:width] = acc[:width]."""
+    cdef Py_ssize_t j
+    if unrolled:
+        if floating is float:
+            store_floats(out, acc, width)
+        else:
+            store_doubles(out, acc, width)
+    else:
+        for j in range(width):
+            out[j] = acc[j]
+
+
+cdef inline void add_entry(floating *acc, const floating *table, Py_ssize_t num_rows,
+                           Py_ssize_t dim, int64_t row, const floating *sample_weights,
+                           Py_ssize_t k, int64_t padding_idx, Py_ssize_t column,
+                           Py_ssize_t width, bint weighted, bint unrolled) noexcept nogil:
+    """Add bag entry k (row ``row``) to a block's running sums. A skipped entry adds a block of
+    +0 (weight 1), which changes no sum: a sum that starts at +0 is never -0. The adds then run
+    for every entry, so the compiler keeps acc in registers (a conditional update makes gcc
+    track, per register, whether to store it)."""
+    cdef const floating *source = <const floating *>ZERO_BLOCK
+    cdef floating weight = 1
+    if is_kept(row, padding_idx, num_rows):
+        source = table + row * dim + column
+        if weighted:
+            weight = sample_weights[k]
+    add_block(acc, weight, source, width, weighted, unrolled)
+
+
+# The bag kernels are also specialised on what they reduce, through a second type tag, so that
+# the weighted and the plain sum are separate functions (a runtime test lets the compiler share
+# their loads, and spill them).
+cdef struct SumReduction:
+    char unused
+
+cdef struct WeightedSumReduction:
+    char unused
+
+cdef struct MaxReduction:
+    char unused
+
+ctypedef fused reduction_t:
+    SumReduction
+    WeightedSumReduction
+    MaxReduction
+
+
+cdef inline void bag_extent(const int64_t *bounds, Py_ssize_t b, Py_ssize_t n,
+                            Py_ssize_t *start, Py_ssize_t *end) noexcept nogil:
+    """Bag b's positions [start, end): its bounds clamped into [0, n], with end >= start."""
+    start[0] = clamp(bounds[b], 0, n)
+    end[0] = clamp(bounds[b + 1], start[0], n)
+
+
+cdef inline void sum_block(reduction_t *reduction, const floating *table, Py_ssize_t num_rows,
+                           Py_ssize_t dim, const index_t *indices, Py_ssize_t n,
+                           const int64_t *bounds, Py_ssize_t first_bag, Py_ssize_t end_bag,
+                           const floating *sample_weights, int64_t padding_idx,
+                           Py_ssize_t column, columns_t *columns, Py_ssize_t any_width,
+                           floating *out, Py_ssize_t distance, bint lines_aligned) noexcept nogil:
+    """out[b, column:column+width] = the sum of bag b's kept rows' columns (times their
+    weights, for a WeightedSumReduction), for the bags b in [first_bag, end_bag). With
+    distance > 0 it prefetches the same columns of the row ``distance`` positions ahead."""
+    cdef Py_ssize_t width = block_width(columns, any_width, sizeof(floating))
+    cdef bint unrolled = not (columns_t is WideColumns or columns_t is AnyColumns)
+    cdef bint weighted = reduction_t is WeightedSumReduction
+    cdef floating acc[MAX_BLOCK_ELEMENTS]
+    cdef Py_ssize_t b, k, start, end
+    for b in range(first_bag, end_bag):
+        bag_extent(bounds, b, n, &start, &end)
+        zero_block(acc, width, unrolled)
+        # three loops rather than tests per entry
+        if distance and lines_aligned:
+            for k in range(start, end):
+                prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width,
+                               True)
+                add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k,
+                          padding_idx, column, width, weighted, unrolled)
+        elif distance:
+            for k in range(start, end):
+                prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width,
+                               False)
+                add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k,
+                          padding_idx, column, width, weighted, unrolled)
+        else:
+            for k in range(start, end):
+                add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k,
+                          padding_idx, column, width, weighted, unrolled)
+        store_block(out + b * dim + column, acc, width, unrolled)
+
+
+cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                           const index_t *indices, Py_ssize_t n, const int64_t *bounds,
+                           Py_ssize_t first_bag, Py_ssize_t end_bag, int64_t padding_idx,
+                           Py_ssize_t column, columns_t *columns, Py_ssize_t any_width,
+                           floating *out, int64_t *winners, Py_ssize_t distance,
+                           bint lines_aligned) noexcept nogil:
+    """out[b, column:column+width] = those columns' max over bag b's kept rows (first wins
+    ties), for the bags b in [first_bag, end_bag); winners (unless NULL) gets the winning rows.
+    No kept row: zeros and -1."""
+    cdef Py_ssize_t width = block_width(columns, any_width, sizeof(floating))
+    cdef floating acc[MAX_BLOCK_ELEMENTS]
+    cdef int64_t winner[MAX_BLOCK_ELEMENTS]
+    cdef const floating *source
+    cdef floating *out_row
+    cdef int64_t *winner_row
+    cdef Py_ssize_t b, k, j, start, end
+    cdef int64_t row
+    for b in range(first_bag, end_bag):
+        bag_extent(bounds, b, n, &start, &end)
+        out_row = out + b * dim + column
+        winner_row = winners + b * dim + column if winners != NULL else NULL
+        k = start
+        while k < end and not is_kept(indices[k], padding_idx, num_rows):
+            k += 1
+        if k == end:
+            for j in range(width):
+                out_row[j] = 0
+                if winner_row != NULL:
+                    winner_row[j] = -1
+            continue
+        row = indices[k]
+        source = table + row * dim + column
+        for j in range(width):
+            acc[j] = source[j]
+            winner[j] = row
+        for k in range(k + 1, end):
+            if distance:
+                prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width,
+                               lines_aligned)
+            row = indices[k]
+            if not is_kept(row, padding_idx, num_rows):
+                continue
+            source = table + row * dim + column
+            if winner_row == NULL:
+                for j in range(width):
+                    acc[j] = source[j] if source[j] > acc[j] else acc[j]
+            else:
+                for j in range(width):
+                    if source[j] > acc[j]:
+                        acc[j] = source[j]
+                        winner[j] = row
+        for j in range(width):
+            out_row[j] = acc[j]
+            if winner_row != NULL:
+                winner_row[j] = winner[j]
+
+
+cdef inline void reduce_block(reduction_t *reduction, const floating *table,
+                              Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
+                              Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
+                              Py_ssize_t end_bag, const floating *sample_weights,
+                              int64_t padding_idx, Py_ssize_t column, columns_t *columns,
+                              Py_ssize_t any_width, floating *out, int64_t *winners,
+                              Py_ssize_t distance, bint lines_aligned) noexcept nogil:
+    """One block of columns of bags [first_bag, end_bag): sum_block or max_block."""
+    if reduction_t is MaxReduction:
+        max_block(table, num_rows, dim, indices, n, bounds, first_bag, end_bag, padding_idx,
+                  column, columns, any_width, out, winners, distance, lines_aligned)
+    else:
+        sum_block(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
+                  sample_weights, padding_idx, column, columns, any_width, out, distance,
+                  lines_aligned)
+
+
+cdef inline Py_ssize_t reduce_block_if_it_fits(
+        reduction_t *reduction, const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+        const index_t *indices, Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
+        Py_ssize_t end_bag, const floating *sample_weights, int64_t padding_idx,
+        Py_ssize_t column, columns_t *columns, floating *out, int64_t *winners,
+        Py_ssize_t distance, bint lines_aligned) noexcept nogil:
+    """reduce_block on a block of this (compile-time) width at ``column``, if the row has that
+    many columns left; returns the column after the block (``column`` when it did not fit)."""
+    cdef Py_ssize_t width = sizeof(columns_t) // sizeof(floating)
+    if dim - column < width:
+        return column
+    reduce_block(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
+                 sample_weights, padding_idx, column, columns, 0, out, winners, distance,
+                 lines_aligned)
+    return column + width
+
+
+cdef inline void reduce_columns(reduction_t *reduction, const floating *table,
+                                Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
+                                Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
+                                Py_ssize_t end_bag, const floating *sample_weights,
+                                int64_t padding_idx, floating *out, int64_t *winners,
+                                Py_ssize_t distance, bint lines_aligned) noexcept nogil:
+    """Bags [first_bag, end_bag), block by block over the columns: wide blocks, then at most
+    one narrow block of each width, all of compile-time width, then the rest."""
+    cdef Py_ssize_t column = 0, wide = BLOCK_BYTES // sizeof(floating)
+    while dim - column >= wide:
+        column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
+                                         first_bag, end_bag, sample_weights, padding_idx,
+                                         column, <WideColumns *>NULL, out, winners, distance,
+                                         lines_aligned)
+    column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
+                                     first_bag, end_bag, sample_weights, padding_idx, column,
+                                     <Columns256 *>NULL, out, winners, distance, lines_aligned)
+    column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
+                                     first_bag, end_bag, sample_weights, padding_idx, column,
+                                     <Columns128 *>NULL, out, winners, distance, lines_aligned)
+    column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
+                                     first_bag, end_bag, sample_weights, padding_idx, column,
+                                     <Columns64 *>NULL, out, winners, distance, lines_aligned)
+    column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
+                                     first_bag, end_bag, sample_weights, padding_idx, column,
+                                     <Columns32 *>NULL, out, winners, distance, lines_aligned)
+    if column < dim:
+        reduce_block(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
+                     sample_weights, padding_idx, column, <AnyColumns *>NULL, dim - column, out,
+                     winners, distance, lines_aligned)
+
+
+cdef inline bint is_one_block(Py_ssize_t row_bytes) noexcept nogil:
+    """True when reduce_columns reduces a row of this many bytes in a single block."""
+    return (row_bytes == BLOCK_BYTES or row_bytes == 256 or row_bytes == 128 or row_bytes == 64
+            or row_bytes <= 32)
+
+
+cdef inline void reduce_bags(reduction_t *reduction, const floating *table,
+                             Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
+                             Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
+                             Py_ssize_t end_bag, const floating *sample_weights,
+                             int64_t padding_idx, floating *out, int64_t *winners,
+                             Py_ssize_t distance, bint lines_aligned) noexcept nogil:
+    """The sums (weighted for a WeightedSumReduction) or maxima of bags [first_bag, end_bag).
+    A row of one block of columns is reduced for all these bags in one call, the bag loop
+    inside the block's loop function (a call per bag cost about 5% of a bag sum of 32 rows);
+    a row of several blocks bag by bag, so that its blocks read their lines of a row close
+    together."""
+    cdef Py_ssize_t b
+    if is_one_block(dim * sizeof(floating)):
+        reduce_columns(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
+                       sample_weights, padding_idx, out, winners, distance, lines_aligned)
+    else:
+        for b in range(first_bag, end_bag):
+            reduce_columns(reduction, table, num_rows, dim, indices, n, bounds, b, b + 1,
+                           sample_weights, padding_idx, out, winners, distance, lines_aligned)
+
+
+cdef inline void divide_by_bag_sizes(Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
+                                     Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
+                                     Py_ssize_t end_bag, const floating *sample_weights,
+                                     int64_t padding_idx, floating *out) noexcept nogil:
+    """Mean: divide each bag's sum by its kept entries' count (weighted: their weights' sum),
+    for the bags in [first_bag, end_bag)."""
+    cdef Py_ssize_t b, k, j, start, end, count
+    cdef floating divisor, weight_total
+    for b in range(first_bag, end_bag):
+        bag_extent(bounds, b, n, &start, &end)
+        count = 0
+        weight_total = 0
+        for k in range(start, end):
+            if is_kept(indices[k], padding_idx, num_rows):
+                count += 1
+                if sample_weights != NULL:
+                    weight_total = weight_total + sample_weights[k]
+        divisor = weight_total if sample_weights != NULL else <floating>count
+        for j in range(dim):
+            out[b * dim + j] = out[b * dim + j] / divisor if divisor != 0 else 0
+
+
+def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
+               const int64_t[::1] bounds, BagMode mode, const floating[::1] sample_weights,
+               int64_t padding_idx, floating[:, ::1] out, int64_t[:, ::1] winners,
+               int num_threads):
+    """Reduce each bag ``indices[bounds[b]:bounds[b+1]]`` of table rows into ``out[b]``.
+
+    ``mode`` is a BagMode (sum, mean or max); ``sample_weights`` (same length as indices, or None)
+    weights sum and mean; ``padding_idx`` (-1 for none) marks entries to skip; ``winners``
+    (shape of out, int64) receives the winning rows in max mode and may be None otherwise.
+
+    Returns how many indices of the bags were outside ``[0, V)`` (they were skipped, like
+    padding): each chunk of bags counts its indices right after reducing them, while they are
+    still in the core's cache, so the caller, whose output this is, needs no validation pass
+    before the call and raises only when the count is not 0. Indices in no bag count too.
+    """
+    check_enum(mode, BAG_MAX, "bag mode")
+    cdef Py_ssize_t n = indices.shape[0], num_rows = weight.shape[0], dim = weight.shape[1]
+    cdef Py_ssize_t num_bags = bounds.shape[0] - 1
+    cdef Py_ssize_t num_chunks = (num_bags + BAGS_PER_CHUNK - 1) // BAGS_PER_CHUNK
+    cdef Py_ssize_t chunk, first, last, out_of_range = 0, num_indices = n
+    cdef const floating *table
+    cdef const index_t *index_data
+    cdef const floating *weights_data = NULL
+    cdef floating *out_data
+    cdef int64_t *winner_data = NULL
+    cdef Py_ssize_t distance = prefetch_distance(num_rows, dim, sizeof(floating),
+                                                 BAG_PREFETCH_MIN_TABLE_BYTES)
+    cdef bint lines_aligned  # (every block of columns starts a multiple of 256 bytes in)
+    if num_bags < 0 or out.shape[0] != num_bags or out.shape[1] != dim:
+        raise ValueError("bag_reduce: out must have shape (len(bounds) - 1, weight.shape[1])")
+    if sample_weights is not None:
+        if sample_weights.shape[0] != n:
+            raise ValueError("bag_reduce: sample_weights must have one entry per index")
+        if n > 0:
+            weights_data = &sample_weights[0]
+    if winners is not None:
+        if mode != BAG_MAX or winners.shape[0] != num_bags or winners.shape[1] != dim:
+            raise ValueError("bag_reduce: winners (max mode only) must have the shape of out")
+        if num_bags and dim:
+            winner_data = &winners[0, 0]
+    if num_bags == 0 or dim == 0:  # nothing to reduce, but the indices are still checked
+        return count_out_of_range(&indices[0], 0, n, num_rows) if n else 0
+    out_data = &out[0, 0]
+    # With no indices or an empty table every bag is empty (n = 0 clamps every bag to [0, 0]);
+    # the kernels then read neither.
+    table = &weight[0, 0] if num_rows > 0 else NULL
+    index_data = &indices[0] if n > 0 else NULL
+    if table == NULL:
+        n = 0
+    lines_aligned = rows_on_lines(table, dim * sizeof(floating))
+    with nogil:
+        # Chunks go to whichever thread is free: on a shared machine one core can run slower
+        # than the other for a while, and a static split then waits for it.
+        for chunk in prange(num_chunks, schedule="dynamic", num_threads=team_size(num_threads)):
+            first = chunk * BAGS_PER_CHUNK
+            last = min(first + BAGS_PER_CHUNK, num_bags)
+            if mode == BAG_MAX:
+                reduce_bags(<MaxReduction *>NULL, table, num_rows, dim, index_data, n,
+                            &bounds[0], first, last, NULL, padding_idx, out_data, winner_data,
+                            distance, lines_aligned)
+            elif weights_data == NULL:
+                reduce_bags(<SumReduction *>NULL, table, num_rows, dim, index_data, n,
+                            &bounds[0], first, last, NULL, padding_idx, out_data, NULL,
+                            distance, lines_aligned)
+            else:
+                reduce_bags(<WeightedSumReduction *>NULL, table, num_rows, dim, index_data, n,
+                            &bounds[0], first, last, weights_data, padding_idx, out_data, NULL,
+                            distance, lines_aligned)
+            if mode == BAG_MEAN:
+                divide_by_bag_sizes(num_rows, dim, index_data, n, &bounds[0], first, last,
+                                    weights_data, padding_idx, out_data)
+            if num_indices:
+                out_of_range += count_out_of_range(  # (an OpenMP reduction)
+                    &indices[0], clamp(bounds[first], 0, num_indices),
+                    clamp(bounds[last], 0, num_indices), num_rows)
+    if num_indices:  # indices before the first bag or after the last (none, with offsets
+        # that start at 0 and a last bag that runs to the end)
+        out_of_range += count_out_of_range(&indices[0], 0, clamp(bounds[0], 0, num_indices),
+                                           num_rows)
+        out_of_range += count_out_of_range(
+            &indices[0], clamp(bounds[num_bags], 0, num_indices), num_indices, num_rows)
+    return out_of_range
+
+
+# --------------------------------------------------------------------------------------------
+# max_norm renorm, in place, of the distinct looked-up rows:
+#   norm = ||W[r]||_p ; if norm > max_norm: W[r] *= dtype(max_norm / (norm + 1e-7))
+# The norm is computed in double. p = inf is max|x|, -inf is min|x|, 0 counts non-zeros.
+# --------------------------------------------------------------------------------------------
+
+cdef double row_norm(const floating *row, Py_ssize_t dim, double p) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double magnitude, total = 0
+    if dim == 0:
+        return 0
+    if isinf(p):
+        total = INFINITY if p < 0 else 0
+        for j in range(dim):
+            magnitude = fabs(row[j])
+            if magnitude != magnitude:
+                return NAN
+            if (p > 0 and magnitude > total) or (p < 0 and magnitude < total):
+                total = magnitude
+        return total
+    for j in range(dim):
+        magnitude = fabs(row[j])
+        if p == 2:
+            total += magnitude * magnitude
+        elif p == 1:
+            total += magnitude
+        elif p == 0:
+            total += magnitude != 0
+        else:
+            total += pow(magnitude, p)
+    if p == 2:
+        return sqrt(total)
+    if p == 1 or p == 0:
+        return total
+    return pow(total, 1.0 / p)
+
+
+def renorm_rows(floating[:, ::1] weight, const int64_t[::1] rows, double max_norm,
+                double norm_type, int num_threads):
+    """Scale each listed row whose ``norm_type``-norm exceeds ``max_norm`` down to it, in place.
+
+    ``rows`` must be distinct (one iteration per row owns it); rows out of range are skipped.
+    """
+    cdef Py_ssize_t num_rows = weight.shape[0], dim = weight.shape[1], k, j
+    cdef int64_t row
+    cdef double norm
+    cdef floating scale
+    cdef floating *data
+    if dim == 0 or num_rows == 0:
+        return
+    with nogil:
+        for k in prange(rows.shape[0], schedule="static", num_threads=team_size(num_threads)):
+            row = rows[k]
+            if row < 0 or row >= num_rows:
+                continue
+            data = &weight[row, 0]
+            norm = row_norm(data, dim, norm_type)
+            if norm > max_norm:
+                scale = <floating>(max_norm / (norm + 1e-7))
+                for j in range(dim):
+                    data[j] = data[j] * scale

@@ -1,0 +1,466 @@
+# cython: language_level=3
+"""fastemb._training: the backward kernels (per-position facts of a bag backward, the sparse
+weight gradient, the per-sample-weights gradient) and the optimizer steps fused with the
+gradient's accumulation. The rules every kernel follows are in ``fastemb/_core.pyx``."""
+
+from cython.parallel cimport prange, threadid
+from libc.math cimport sqrt, sqrtf
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy, memset
+
+import numpy as np
+
+from fastemb._common cimport (BAG_MEAN, CACHE_LINE_BYTES, FASTEMB_PREFETCH, STEP_ADAGRAD,
+                              STEP_ADAM, STEP_ROWWISE_ADAGRAD, STEP_SGD, BagMode, StepMethod,
+                              check_enum, clamp, floating, index_t, prefetch_row, team_size)
+
+__all__ = ["accumulate_rows", "bag_gradient_factors", "bags_of_positions",
+           "sample_weights_grad", "sparse_step"]
+
+# Optimizer steps walk the sorted unique rows and prefetch this many rows ahead.
+cdef Py_ssize_t UPDATE_PREFETCH_ROWS = 32
+# Gradient sums follow a chain of loads per unique row (order -> source -> grad row) that the
+# CPU cannot run ahead on: they prefetch the source entry 2x and the grad row 1x this many
+# unique rows ahead, so that each link of the chain is in cache when the sum reaches it.
+cdef Py_ssize_t GRADIENT_PREFETCH_GROUPS = 16
+# Within one unique row's positions (a frequent row has thousands), the grad row this many
+# positions ahead is prefetched.
+cdef Py_ssize_t GRADIENT_PREFETCH_POSITIONS = 8
+
+
+# --------------------------------------------------------------------------------------------
+# Per-position facts an embedding_bag backward needs. For each position p of bag b:
+#   bag_of[p] = b
+#   sum with weights:    coefficient[p] = w_p
+#   mean:                coefficient[p] = dtype(1.0 / count_b)  (count_b = kept entries of bag b)
+#   weighted mean:       coefficient[p] = w_p / total_b         (0 when total_b = sum w = 0)
+# totals[b] is count_b (mean) or the sequential sum of the kept weights of bag b.
+# --------------------------------------------------------------------------------------------
+
+def bags_of_positions(const int64_t[::1] bounds, int64_t[::1] bag_of, int num_threads):
+    """Fill ``bag_of[p]`` with the bag that position p belongs to."""
+    cdef Py_ssize_t n = bag_of.shape[0], num_bags = bounds.shape[0] - 1, b, k
+    with nogil:
+        for b in prange(num_bags, schedule="static", num_threads=team_size(num_threads)):
+            for k in range(clamp(bounds[b], 0, n), clamp(bounds[b + 1], 0, n)):
+                bag_of[k] = b
+
+
+def bag_gradient_factors(floating[::1] coefficients, floating[::1] totals,
+                         const index_t[::1] indices, const int64_t[::1] bounds, BagMode mode,
+                         const floating[::1] sample_weights, int64_t padding_idx,
+                         int num_threads):
+    """Fill ``coefficients`` (each position's gradient factor) and ``totals`` (each bag's
+    divisor) for mode "mean" or for per-sample weights (see the formulas above)."""
+    cdef bint mean = mode == BAG_MEAN, weighted = sample_weights is not None
+    cdef Py_ssize_t n = indices.shape[0], num_bags = bounds.shape[0] - 1
+    cdef Py_ssize_t b, k, start, end
+    cdef floating total
+    if not (mean or weighted):
+        raise ValueError("bag_gradient_factors: only mean or weighted bags have factors")
+    if coefficients.shape[0] != n or totals.shape[0] != num_bags or (
+            weighted and sample_weights.shape[0] != n):
+        raise ValueError("bag_gradient_factors: coefficients and sample_weights need one entry "
+                         "per index, totals one per bag")
+    with nogil:
+        for b in prange(num_bags, schedule="static", num_threads=team_size(num_threads)):
+            start = clamp(bounds[b], 0, n)
+            end = clamp(bounds[b + 1], start, n)
+            total = 0
+            for k in range(start, end):
+                if indices[k] != padding_idx:
+                    total = total + (sample_weights[k] if weighted else 1)
+            totals[b] = total
+            for k in range(start, end):
+                if not mean:
+                    coefficients[k] = sample_weights[k]
+                elif weighted:
+                    coefficients[k] = sample_weights[k] / total if total != 0 else 0
+                else:
+                    coefficients[k] = <floating>(1.0 / total)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse weight gradient, one row per unique looked-up row (owner computes, no atomics):
+#   values[u] = sum over positions p of rows[u], in ascending p, of  c_p * G[source[p]]
+# where source[p] is the grad_output row position p feeds (p itself for Embedding, its bag for
+# EmbeddingBag) and c_p = coefficient[p] (1 if none), divided by the row's frequency
+# (starts[u+1] - starts[u]) with scale_grad_by_freq. In max mode each bag gives each row at
+# most once, and only the columns the row won: values[u, d] += G[b, d] if winners[b, d] == rows[u].
+# The sum starts from its first term (max mode: from 0), as torch's coalesce() does, so a row
+# looked up once gets exactly c_p * G[source[p]] (a -0 stays -0).
+# check_plan rejects starts that leave order or go backwards and arrays of the wrong size; an
+# order or source entry that names no position or grad row is skipped, so no plan, however
+# inconsistent, reads out of bounds (the Python layer only builds consistent ones).
+# --------------------------------------------------------------------------------------------
+
+cdef struct PlanView:
+    # a GradientPlan's arrays as pointers (NULL: absent or empty), once check_plan passed them
+    const int64_t *starts
+    const int64_t *order
+    const int64_t *source
+    const void *coefficients  # const floating *, in the gradient's dtype
+    const int64_t *winners
+    Py_ssize_t num_positions  # entries of source, or grad rows when there is no source
+    Py_ssize_t grad_rows
+    bint scale_by_frequency
+
+
+cdef int check_plan(str kernel, const floating[:, ::1] grad, Py_ssize_t num_groups,
+                    const int64_t[::1] starts, const int64_t[::1] order,
+                    const int64_t[::1] source, const floating[::1] coefficients,
+                    const int64_t[:, ::1] winners, bint scale_by_frequency,
+                    PlanView *view) except -1:
+    """Raise ValueError unless the plan's arrays fit together: starts (U + 1 entries,
+    non-decreasing, within order), coefficients (one per position) and winners (grad's shape).
+    Then fill ``view``. Order and source entries are not checked here: the kernel skips any
+    that name no position or grad row."""
+    cdef Py_ssize_t u, num_positions
+    cdef bint ordered = True
+    if grad is None or starts is None or order is None:
+        raise ValueError(f"{kernel}: the plan needs grad, starts and order")
+    num_positions = grad.shape[0] if source is None else source.shape[0]
+    if starts.shape[0] != num_groups + 1:
+        raise ValueError(f"{kernel}: starts must have one entry per unique row, plus one")
+    with nogil:
+        for u in range(num_groups):
+            if starts[u + 1] < starts[u]:
+                ordered = False
+                break
+    if not ordered or starts[0] < 0 or starts[num_groups] > order.shape[0]:
+        raise ValueError(f"{kernel}: starts must be non-decreasing and within order")
+    if coefficients is not None and coefficients.shape[0] != num_positions:
+        raise ValueError(f"{kernel}: coefficients must have one entry per position")
+    if winners is not None and (winners.shape[0] != grad.shape[0]
+                                or winners.shape[1] != grad.shape[1]):
+        raise ValueError(f"{kernel}: winners must have grad's shape")
+    view.starts = &starts[0]
+    view.order = &order[0] if order.shape[0] else NULL
+    view.source = &source[0] if source is not None and num_positions else NULL
+    view.coefficients = &coefficients[0] if coefficients is not None and num_positions else NULL
+    view.winners = &winners[0, 0] if winners is not None and winners.size else NULL
+    view.num_positions = num_positions
+    view.grad_rows = grad.shape[0]
+    view.scale_by_frequency = scale_by_frequency
+    return 0
+
+
+cdef inline void prefetch_source_entry(const PlanView *plan, Py_ssize_t k) noexcept nogil:
+    """Prefetch the source entry that order[k] names (nothing without a source)."""
+    cdef int64_t position = plan.order[k]
+    if plan.source != NULL and <uint64_t>position < <uint64_t>plan.num_positions:
+        FASTEMB_PREFETCH(plan.source + position)
+
+
+cdef inline int64_t grad_row_of(const PlanView *plan, int64_t position) noexcept nogil:
+    """The grad row a position reads (through its source entry, if any), or -1 when the
+    position or its source entry names none."""
+    cdef int64_t grad_row
+    if <uint64_t>position >= <uint64_t>plan.num_positions:
+        return -1
+    grad_row = plan.source[position] if plan.source != NULL else position
+    return grad_row if <uint64_t>grad_row < <uint64_t>plan.grad_rows else -1
+
+
+cdef inline void prefetch_grad_row(const floating *grad, Py_ssize_t dim, const PlanView *plan,
+                                   Py_ssize_t k) noexcept nogil:
+    """Prefetch the grad row that order[k] reads."""
+    cdef int64_t grad_row = grad_row_of(plan, plan.order[k])
+    if grad_row >= 0:
+        prefetch_row(grad + grad_row * dim, dim)
+
+
+cdef inline void prefetch_group_gradient(const floating *grad, Py_ssize_t dim,
+                                         const PlanView *plan, Py_ssize_t group,
+                                         Py_ssize_t num_groups) noexcept nogil:
+    """Prefetch for the gradient sum of unique row ``group``: the source entry of the group
+    2 * GRADIENT_PREFETCH_GROUPS further on, and the grad row of the group
+    GRADIENT_PREFETCH_GROUPS further on (each group's first position)."""
+    cdef Py_ssize_t far = group + 2 * GRADIENT_PREFETCH_GROUPS
+    cdef Py_ssize_t near = group + GRADIENT_PREFETCH_GROUPS
+    if far < num_groups and plan.starts[far] < plan.starts[far + 1]:
+        prefetch_source_entry(plan, plan.starts[far])
+    if near < num_groups and plan.starts[near] < plan.starts[near + 1]:
+        prefetch_grad_row(grad, dim, plan, plan.starts[near])
+
+
+cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
+                             const PlanView *plan, Py_ssize_t group,
+                             floating *out_row) noexcept nogil:
+    """out_row = the gradient of one unique row, the plan's group ``group``."""
+    cdef Py_ssize_t start = plan.starts[group], end = plan.starts[group + 1], k, j
+    cdef const int64_t *source = plan.source
+    cdef const int64_t *winners = plan.winners
+    cdef const floating *coefficients = <const floating *>plan.coefficients
+    cdef bint scale_by_frequency = plan.scale_by_frequency
+    cdef int64_t position, grad_row, previous = -1
+    cdef const floating *grad_source
+    cdef double frequency = end - start
+    cdef floating factor
+    cdef bint plain = coefficients == NULL and not scale_by_frequency
+    cdef bint started = winners != NULL  # max mode adds into zeros, column by column
+    if started:
+        memset(out_row, 0, dim * sizeof(floating))
+    for k in range(start, end):
+        if k + GRADIENT_PREFETCH_POSITIONS < end:
+            if source != NULL:  # its grad row is one load further: start with the entry
+                prefetch_source_entry(plan, k + GRADIENT_PREFETCH_POSITIONS)
+            else:
+                prefetch_grad_row(grad, dim, plan, k + GRADIENT_PREFETCH_POSITIONS)
+        position = plan.order[k]
+        grad_row = grad_row_of(plan, position)
+        if grad_row < 0:
+            continue
+        grad_source = grad + grad_row * dim
+        if winners != NULL:
+            if grad_row == previous:
+                continue
+            previous = grad_row
+            for j in range(dim):
+                if winners[grad_row * dim + j] == row:
+                    out_row[j] += grad_source[j]
+        elif plain:
+            if started:
+                for j in range(dim):
+                    out_row[j] += grad_source[j]
+            else:
+                memcpy(out_row, grad_source, dim * sizeof(floating))
+        else:
+            if coefficients == NULL:
+                factor = <floating>(1.0 / frequency)
+            elif scale_by_frequency:
+                factor = <floating>(coefficients[position] / frequency)
+            else:
+                factor = coefficients[position]
+            if started:
+                for j in range(dim):
+                    out_row[j] += factor * grad_source[j]
+            else:
+                for j in range(dim):
+                    out_row[j] = factor * grad_source[j]
+        started = True
+    if not started:  # no contribution: a zero gradient
+        memset(out_row, 0, dim * sizeof(floating))
+
+
+cdef inline const floating *single_gradient_row(const floating *grad, Py_ssize_t dim,
+                                                const PlanView *plan,
+                                                Py_ssize_t group) noexcept nogil:
+    """The grad row that is group ``group``'s whole gradient when the group has one position
+    (a plain plan: no coefficients, frequency scaling or winners); NULL otherwise."""
+    cdef Py_ssize_t start = plan.starts[group]
+    cdef int64_t grad_row
+    if plan.starts[group + 1] - start != 1:
+        return NULL
+    grad_row = grad_row_of(plan, plan.order[start])
+    return grad + grad_row * dim if grad_row >= 0 else NULL
+
+
+def accumulate_rows(const floating[:, ::1] grad, const int64_t[::1] rows not None,
+                    const int64_t[::1] starts, const int64_t[::1] order,
+                    const int64_t[::1] source, const floating[::1] coefficients,
+                    bint scale_by_frequency, const int64_t[:, ::1] winners,
+                    floating[:, ::1] values not None, int num_threads):
+    """Sum each unique row's gradient contributions into ``values[u]`` (see the formula above).
+
+    ``source``, ``coefficients`` and ``winners`` may be None (identity, all ones, not max mode).
+    """
+    cdef Py_ssize_t num_groups = rows.shape[0], u
+    cdef PlanView plan
+    check_plan("accumulate_rows", grad, num_groups, starts, order, source, coefficients,
+               winners, scale_by_frequency, &plan)
+    cdef Py_ssize_t dim = grad.shape[1]
+    if values.shape[0] != num_groups or values.shape[1] != dim:
+        raise ValueError("accumulate_rows: values must be (U, D)")
+    if num_groups == 0 or dim == 0 or plan.grad_rows == 0:
+        return
+    with nogil:
+        # dynamic: a frequent row's sum has thousands of positions, a static split would
+        # leave the other threads waiting
+        for u in prange(num_groups, schedule="dynamic", chunksize=256,
+                        num_threads=team_size(num_threads)):
+            prefetch_group_gradient(&grad[0, 0], dim, &plan, u, num_groups)
+            accumulate_one_row(&grad[0, 0], dim, rows[u], &plan, u, &values[u, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient of the per-sample weights, one iteration per position p of bag b (row r = x_p):
+#   sum:            dL/dw_p = <G[b], W[r]>
+#   weighted mean:  dL/dw_p = <G[b], W[r] - out[b]> / total_b     (0 when total_b = 0)
+# and 0 at padding positions. The dot product accumulates in double.
+# --------------------------------------------------------------------------------------------
+
+def sample_weights_grad(const floating[:, ::1] weight, const index_t[::1] indices,
+                        const int64_t[::1] bag_of, const floating[:, ::1] grad,
+                        const floating[:, ::1] output, const floating[::1] totals,
+                        int64_t padding_idx, floating[::1] out, int num_threads):
+    """Fill ``out[p]`` with the gradient of the loss with respect to per-sample weight p.
+
+    ``output`` and ``totals`` (the forward output and each bag's weight sum) are given for the
+    weighted mean and are None for sum.
+    """
+    cdef Py_ssize_t n = indices.shape[0], dim = weight.shape[1], num_rows = weight.shape[0]
+    cdef Py_ssize_t num_bags = grad.shape[0], p, j
+    cdef int64_t row, b
+    cdef double dot
+    cdef bint mean = output is not None
+    if bag_of.shape[0] != n or out.shape[0] != n or grad.shape[1] != dim:
+        raise ValueError("sample_weights_grad: bag_of and out need one entry per index")
+    if mean and (totals is None or output.shape[0] != num_bags or output.shape[1] != dim
+                 or totals.shape[0] != num_bags):
+        raise ValueError("sample_weights_grad: output and totals must match grad")
+    with nogil:
+        for p in prange(n, schedule="static", num_threads=team_size(num_threads)):
+            row = indices[p]
+            b = bag_of[p]
+            dot = 0
+            if row != padding_idx and 0 <= row < num_rows and 0 <= b < num_bags:
+                for j in range(dim):
+                    if mean:
+                        dot = dot + <double>grad[b, j] * (weight[row, j] - output[b, j])
+                    else:
+                        dot = dot + <double>grad[b, j] * weight[row, j]
+                if mean:
+                    dot = dot / totals[b] if totals[b] != 0 else 0
+            out[p] = <floating>dot
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse optimizer steps, fused with the gradient accumulation: one prange iteration per
+# unique row u sums that row's gradient g (accumulate_one_row, into a per-thread buffer) and
+# updates the row's weight w and state in the same pass, reading and writing each once.
+# With maximize, g is negated first; then L2 weight decay (lazy: on the updated rows only, as
+# torch's weight_decay in SGD, Adagrad and Adam) replaces g by g + weight_decay * w, where w is
+# the row's weight before the step. Scalars arrive in the table dtype (torch's rounding):
+#   SGD:              w = w + (-lr) * g
+#   Adagrad:          s = s + g*g;  w = w + (-clr) * (g / (sqrt(s) + eps))
+#   row-wise Adagrad: a = a + dtype(mean(g*g));  w = w - lr * (g / (sqrt(a) + eps))   (a: 1 per row)
+#   lazy Adam:        m = m + (g - m) * (1 - b1);  v = v + (g*g - v) * (1 - b2)
+#                     w = w + (-step_size) * (m / (sqrt(v) + eps))
+#                     step_size = lr * sqrt(1 - b2^t) / (1 - b1^t), folded in Python
+# --------------------------------------------------------------------------------------------
+
+cdef inline floating square_root(floating x) noexcept nogil:
+    """sqrt in the value's own precision (sqrtf for float: vectorisable, correctly rounded)."""
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef void update_row(StepMethod method, floating *w, floating *state_a, floating *state_b,
+                     const floating *g, Py_ssize_t dim, floating lr, floating one_minus_beta1,
+                     floating one_minus_beta2, floating eps) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating m, v, denominator
+    cdef double mean_square = 0
+    if method == STEP_SGD:
+        for j in range(dim):
+            w[j] = w[j] + lr * g[j]
+    elif method == STEP_ADAGRAD:
+        for j in range(dim):
+            state_a[j] = state_a[j] + g[j] * g[j]
+            w[j] = w[j] + lr * (g[j] / (square_root(state_a[j]) + eps))
+    elif method == STEP_ROWWISE_ADAGRAD:
+        for j in range(dim):
+            mean_square = mean_square + <double>g[j] * g[j]
+        state_a[0] = state_a[0] + <floating>(mean_square / dim)
+        denominator = square_root(state_a[0]) + eps
+        for j in range(dim):
+            w[j] = w[j] - lr * (g[j] / denominator)
+    else:
+        for j in range(dim):
+            m = state_a[j] + (g[j] - state_a[j]) * one_minus_beta1
+            v = state_b[j] + (g[j] * g[j] - state_b[j]) * one_minus_beta2
+            state_a[j] = m
+            state_b[j] = v
+            w[j] = w[j] + lr * (m / (square_root(v) + eps))
+
+
+def sparse_step(StepMethod method, floating[:, ::1] weight not None, floating[:, ::1] state_a,
+                floating[:, ::1] state_b, const int64_t[::1] rows not None, plan, double lr,
+                double one_minus_beta1, double one_minus_beta2, double eps, bint maximize,
+                double weight_decay, int num_threads):
+    """Apply one optimizer step to the rows of a gradient given by ``plan`` (a GradientPlan).
+
+    ``method`` is a StepMethod; ``lr`` is the signed factor of the formula above (-lr, -clr, lr
+    or -step_size); state_a / state_b are the per-row state (None where the method has none;
+    row-wise Adagrad's accumulator is (V, 1)); ``weight_decay`` is the L2 factor (0: none).
+    """
+    check_enum(method, STEP_ADAM, "optimizer step method")
+    cdef Py_ssize_t num_groups = rows.shape[0], dim = weight.shape[1]
+    cdef Py_ssize_t num_rows = weight.shape[0], u, j
+    cdef const floating[:, ::1] grad = plan.grad
+    cdef const floating[::1] coefficients = plan.coefficients
+    cdef const int64_t[::1] starts = plan.starts, order = plan.order, source = plan.source
+    cdef const int64_t[:, ::1] winners = plan.winners
+    cdef bint scale_by_frequency = plan.scale_by_frequency
+    cdef PlanView view
+    cdef floating *state_a_row
+    cdef floating *state_b_row
+    cdef floating *buffer
+    cdef const floating *g
+    cdef int64_t row, ahead
+    cdef bint direct
+    cdef floating decay = <floating>weight_decay
+    cdef floating *w
+    cdef Py_ssize_t state_a_width = 0 if state_a is None else state_a.shape[1]
+    # one gradient-row buffer per thread (threadid() < num_threads), each followed by a cache
+    # line that nobody writes, so no two threads ever write the same line (the false sharing
+    # made the 2-thread SGD step as slow as the 1-thread one)
+    cdef floating[:, ::1] buffers = np.empty(
+        (team_size(num_threads), dim + CACHE_LINE_BYTES // sizeof(floating)),
+        dtype=np.asarray(weight).dtype)
+    check_plan("sparse_step", grad, num_groups, starts, order, source, coefficients, winners,
+               scale_by_frequency, &view)
+    if grad.shape[1] != dim:
+        raise ValueError("sparse_step: the gradient does not match the table")
+    if (state_a is not None and state_a.shape[0] != num_rows) or (
+            state_b is not None and state_b.shape[0] != num_rows):
+        raise ValueError("sparse_step: optimizer state does not match the table")
+    if (method == STEP_ADAGRAD or method == STEP_ADAM) and (
+            state_a is None or state_a_width != dim):
+        raise ValueError("sparse_step: this method needs (V, D) state")
+    if method == STEP_ADAM and (state_b is None or state_b.shape[1] != dim):
+        raise ValueError("sparse_step: Adam needs two (V, D) states")
+    if method == STEP_ROWWISE_ADAGRAD and (state_a is None or state_a_width != 1):
+        raise ValueError("sparse_step: row-wise Adagrad needs (V, 1) state")
+    if num_groups == 0 or dim == 0 or grad.shape[0] == 0:
+        return
+    direct = (not maximize and decay == 0 and view.coefficients == NULL
+              and not view.scale_by_frequency and view.winners == NULL)
+    with nogil:
+        # dynamic: a frequent row's sum has thousands of positions, a static split would
+        # leave the other threads waiting
+        for u in prange(num_groups, schedule="dynamic", chunksize=256,
+                        num_threads=team_size(num_threads)):
+            if u + UPDATE_PREFETCH_ROWS < num_groups:
+                ahead = rows[u + UPDATE_PREFETCH_ROWS]
+                if 0 <= ahead < num_rows:
+                    prefetch_row(&weight[ahead, 0], dim, True)
+                    if state_a_width:
+                        prefetch_row(&state_a[ahead, 0], state_a_width, True)
+                    if method == STEP_ADAM:
+                        prefetch_row(&state_b[ahead, 0], dim, True)
+            prefetch_group_gradient(&grad[0, 0], dim, &view, u, num_groups)
+            row = rows[u]
+            if row < 0 or row >= num_rows:
+                continue
+            # a row looked up once (most rows of a uniform batch) reads its grad row in place
+            g = single_gradient_row(&grad[0, 0], dim, &view, u) if direct else NULL
+            w = &weight[row, 0]
+            if g == NULL:
+                buffer = &buffers[threadid(), 0]
+                accumulate_one_row(&grad[0, 0], dim, row, &view, u, buffer)
+                if maximize:
+                    for j in range(dim):
+                        buffer[j] = -buffer[j]
+                if decay != 0:
+                    for j in range(dim):
+                        buffer[j] = buffer[j] + decay * w[j]
+                g = buffer
+            state_a_row = &state_a[row, 0] if state_a_width else NULL
+            state_b_row = &state_b[row, 0] if method == STEP_ADAM else NULL
+            update_row(method, w, state_a_row, state_b_row, g, dim,
+                       <floating>lr, <floating>one_minus_beta1, <floating>one_minus_beta2,
+                       <floating>eps)
