@@ -9,7 +9,7 @@ import numpy as np
 
 from . import __version__, bench, get_num_threads, optim, set_num_threads, show_config
 from . import train as training
-from .data import DATASETS, load_ratings
+from .data import DATASETS, load_ratings, synthetic_ratings
 
 DEFAULT_LR = {name: info.train_lr for name, info in optim.OPTIMIZERS.items()}
 DEFAULT_WEIGHT_DECAY = 4e-4
@@ -77,7 +77,7 @@ def run_train(args):
     else:
         check_model_fits(args, args.users, args.items,
                          extra=training.synthetic_bytes(args.users, args.items, args.ratings))
-        data = training.synthetic_ratings(args.users, args.items, args.ratings, seed=args.seed)
+        data = synthetic_ratings(args.users, args.items, args.ratings, seed=args.seed)
         source = "synthetic (built in)"
     train, test = data.split(args.holdout, args.seed)
     if len(train) == 0 or len(test) == 0:

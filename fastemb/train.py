@@ -20,7 +20,6 @@ import numpy as np
 
 from . import optim
 from .checkpoint import load, read_metadata, save
-from .data import Ratings, load_ratings, read_ratings, synthetic_ratings  # noqa: F401
 from .modules import Embedding, EmbeddingBag
 
 INIT_SCALE = 0.01      # tables start N(0, INIT_SCALE^2), as in the fastai book

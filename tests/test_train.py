@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import fastemb
-import fastemb.data
+from fastemb import data as ratings_data
 from fastemb import train as training
 from fastemb.__main__ import DEFAULT_LR, build_parser, main
 
@@ -108,15 +108,15 @@ def assert_ids_remapped(ratings, user_ids, item_ids, values):
 
 @pytest.fixture(scope="module")
 def ratings60k():
-    return training.synthetic_ratings(2000, 1000, 60_000, seed=0)
+    return ratings_data.synthetic_ratings(2000, 1000, 60_000, seed=0)
 
 
 # ---------------------------------------------------------------- synthetic data and the split
 
 def test_synthetic_ratings_are_deterministic_in_seed():
-    a = training.synthetic_ratings(300, 200, 5000, seed=7)
-    b = training.synthetic_ratings(300, 200, 5000, seed=7)
-    c = training.synthetic_ratings(300, 200, 5000, seed=8)
+    a = ratings_data.synthetic_ratings(300, 200, 5000, seed=7)
+    b = ratings_data.synthetic_ratings(300, 200, 5000, seed=7)
+    c = ratings_data.synthetic_ratings(300, 200, 5000, seed=8)
     for name in ("users", "items", "ratings"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert not (np.array_equal(a.users, c.users) and np.array_equal(a.items, c.items)
@@ -205,7 +205,7 @@ def test_sgd_at_its_default_lr_does_not_diverge(capsys):
 @pytest.mark.parametrize("kind", ["dot", "bag"])
 def test_train_step_is_one_sgd_step_on_the_squared_error(kind, y_range):
     """Check the model's hand-written backward against a float64 NumPy derivation."""
-    data = training.synthetic_ratings(40, 30, 600, seed=5)
+    data = ratings_data.synthetic_ratings(40, 30, 600, seed=5)
     model, train, _ = build_model(data, kind, dim=3, seed=2, y_range=y_range)
     for module in model.modules:  # make the weights large enough to matter
         module.weight *= 30
@@ -260,7 +260,7 @@ def test_train_step_is_one_sgd_step_on_the_squared_error(kind, y_range):
 def test_user_bags_hold_each_users_training_ratings(ratings60k):
     train, _ = ratings60k.split(0.1, seed=0)
     # one more user, who has no training ratings: an empty bag
-    train = training.Ratings(train.users, train.items, train.ratings, train.num_users + 1,
+    train = ratings_data.Ratings(train.users, train.items, train.ratings, train.num_users + 1,
                              train.num_items)
     bags = training.UserBags(train, seed=0)
     counts = np.bincount(train.users, minlength=train.num_users)
@@ -288,7 +288,7 @@ def test_read_movielens_u_data(tmp_path, with_timestamp):
              ("7", "242", 5)]
     text = "".join(f"{u}\t{i}\t{r}" + ("\t881250949" if with_timestamp else "") + "\n"
                    for u, i, r in lines)
-    data = training.read_ratings(write(tmp_path / "u.data", text))
+    data = ratings_data.read_ratings(write(tmp_path / "u.data", text))
     assert_ids_remapped(data, [u for u, _, _ in lines], [i for _, i, _ in lines],
                         [r for _, _, r in lines])
 
@@ -298,7 +298,7 @@ def test_read_csv_with_header_in_another_order_and_string_ids(tmp_path):
             ("zoe", "m-999", 5), ("bob", "m-10", 3.5)]
     text = "rating,timestamp,item,user\r\n" + "".join(
         f"{r},12345,{i},{u}\r\n" for u, i, r in rows)
-    data = training.read_ratings(write(tmp_path / "ratings.csv", text))
+    data = ratings_data.read_ratings(write(tmp_path / "ratings.csv", text))
     assert_ids_remapped(data, [u for u, _, _ in rows], [i for _, i, _ in rows],
                         [r for _, _, r in rows])
     assert (data.num_users, data.num_items) == (3, 3)
@@ -308,7 +308,7 @@ def test_read_csv_with_a_byte_order_mark(tmp_path):
     """Spreadsheet programs write UTF-8 CSVs with a BOM; the header still names the columns."""
     path = tmp_path / "bom.csv"
     path.write_bytes(b"\xef\xbb\xbfuser,item,rating\n1,2,3\n4,2,5\n")
-    data = training.read_ratings(path)
+    data = ratings_data.read_ratings(path)
     assert (len(data), data.num_users, data.num_items) == (2, 2, 1)
 
 
@@ -323,22 +323,22 @@ def test_read_csv_with_a_byte_order_mark(tmp_path):
 def test_read_malformed_line_names_file_and_line(tmp_path, name, text):
     path = write(tmp_path / name, text)
     with pytest.raises(ValueError, match=re.escape(f"{path}:3:")):
-        training.read_ratings(path)
+        ratings_data.read_ratings(path)
 
 
 def test_read_csv_header_lacking_a_column(tmp_path):
     path = write(tmp_path / "r.csv", "user,item,grade\n1,2,3\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}:1:") + ".*rating"):
-        training.read_ratings(path)
+        ratings_data.read_ratings(path)
     path = write(tmp_path / "s.csv", "item,rating,customer\n1,2,3\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}:1")):
-        training.read_ratings(path)
+        ratings_data.read_ratings(path)
 
 
 def test_read_empty_file(tmp_path):
     path = write(tmp_path / "empty.csv", "\n\n")
     with pytest.raises(ValueError, match=re.escape(str(path))):
-        training.read_ratings(path)
+        ratings_data.read_ratings(path)
 
 
 # ---------------------------------------------------------------- the command line
@@ -374,7 +374,7 @@ def test_tiny_run_prints_each_epochs_rmse_and_the_mean_predictor(capsys, tmp_pat
     out = run_cli(TINY + ["--epochs", "2", "--save", tmp_path / "a.npz"], capsys)
     assert "20,000 ratings, 500 users, 300 items; 18,000 to train, 2,000 held out" in out
     baseline, epochs = parse_run(out)
-    data = training.synthetic_ratings(500, 300, 20000, seed=0)
+    data = ratings_data.synthetic_ratings(500, 300, 20000, seed=0)
     assert baseline == pytest.approx(mean_rmse(data), abs=1e-4)
     assert [(e, n) for e, n, *_ in epochs] == [(1, 2), (2, 2)]
     for _, _, train_rmse, held_out, mean in epochs:
@@ -400,7 +400,7 @@ def test_runs_are_deterministic_and_thread_count_independent(capsys, tmp_path):
 
 @pytest.mark.parametrize("kind", ["udata", "csv"])
 def test_data_file(capsys, tmp_path, kind):
-    data = training.synthetic_ratings(60, 40, 800, seed=1)
+    data = ratings_data.synthetic_ratings(60, 40, 800, seed=1)
     if kind == "udata":
         path = tmp_path / "u.data"
         text = "".join(f"{100 + 3 * u}\t{7 * i}\t{int(r)}\t881250949\n"
@@ -531,7 +531,7 @@ def test_resume_from_a_missing_checkpoint_is_a_clean_error(capsys, tmp_path):
 @pytest.mark.parametrize("y_range, weight_decay", [(None, 0.0), ((0.0, 5.5), 0.05)])
 def test_train_with_torch_matches_fastemb(optimizer, lr, y_range, weight_decay):
     pytest.importorskip("torch")
-    data = training.synthetic_ratings(300, 200, 5000, seed=3)
+    data = ratings_data.synthetic_ratings(300, 200, 5000, seed=3)
     model, train, test = build_model(data, "dot", dim=6, y_range=y_range)
     initial = [m.weight.copy() for m in model.modules]
     opt = training.make_optimizer(optimizer, model.modules, lr, weight_decay)
@@ -609,7 +609,7 @@ def test_movielens_100k_beats_the_mean_and_keeps_the_best_epoch(capsys, tmp_path
     assert held_out[-1] <= best_rmse + 0.01, out  # weight decay: more epochs do little harm
     # the checkpoint holds the best epoch
     assert fastemb.checkpoint.read_metadata(best_path)["epoch"] == best_epoch
-    data = fastemb.data.load_ratings("ml-100k")
+    data = ratings_data.load_ratings("ml-100k")
     model, _, test = build_model(data, "dot", dim=32,
                                  y_range=training.default_y_range(data.ratings))
     fastemb.load(best_path, model.modules)
