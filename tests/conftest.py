@@ -1,4 +1,5 @@
-"""Shared fixtures: hypothesis profiles, thread-count control, and an "arrays untouched" check.
+"""Shared fixtures: hypothesis profiles, the table ``dtype`` (float32 and float64) and a seeded
+``rng`` for every test, thread-count control, and an "arrays untouched" check.
 
 Hypothesis profiles: "fastemb" (default; keeps the whole suite well under a minute on 2 cores),
 "thorough" (10x the examples). Choose one with ``HYPOTHESIS_PROFILE=thorough``.
@@ -31,6 +32,12 @@ def _default_thread_count():
     fastemb.set_num_threads(None)
     yield
     fastemb.set_num_threads(None)
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
+def dtype(request):
+    """Each table dtype the kernels take: a test that asks for ``dtype`` runs once per dtype."""
+    return request.param
 
 
 @pytest.fixture

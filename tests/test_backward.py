@@ -164,7 +164,6 @@ def test_row30_module_accumulates_two_backwards():
     assert m.grad.values.tolist() == [[13, 24], [30, 40], [1, 2]]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("padding_idx", [None, 3, -2])
 @pytest.mark.parametrize("sgbf", [False, True])
 @pytest.mark.parametrize("int_dtype", [np.int32, np.int64, np.uint8])
@@ -189,7 +188,6 @@ def test_embedding_grad_sums_in_position_order():
 
 
 @needs_torch
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("padding_idx", [None, 2])
 def test_embedding_grad_bitwise_equal_to_torch(dtype, padding_idx, rng):
     V, D = 40, 7
@@ -218,7 +216,6 @@ def test_gradient_sum_starts_from_its_first_term():
 
 
 @needs_torch
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_embedding_grad_scale_by_freq_close_to_torch(dtype, rng):
     V, D = 30, 6
     idx = rng.integers(0, V, (50, 8))
@@ -392,7 +389,6 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode, weighted, sgbf", CASES)
 @pytest.mark.parametrize("padding_idx", [None, 2])
 def test_bag_grad_matches_reference(dtype, mode, weighted, sgbf, padding_idx, rng):
@@ -488,7 +484,6 @@ def magnitude_bound(w, idx, G, offsets, mode, psw, padding_idx, sgbf=False):
 
 
 @needs_torch
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False),
                                             ("max", False)])
 @pytest.mark.parametrize("padding_idx", [None, 5])
@@ -519,7 +514,6 @@ def test_bag_grad_close_to_torch(dtype, mode, weighted, padding_idx, rng):
 
 
 @needs_torch
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_bag_scale_by_freq_close_to_torch_where_torch_is_right(dtype, rng):
     """Every index occurs once: torch's wrong-count bug (#190063) cannot show."""
     V, D = 50, 4

@@ -14,7 +14,6 @@ MODULES = [fastemb.Embedding, fastemb.EmbeddingBag]
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("module_class", MODULES)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_init_is_seeded_standard_normal(module_class, dtype):
     module = module_class(2000, 50, dtype=dtype, seed=123)
     weight = module.weight
@@ -113,7 +112,6 @@ def test_bag_defaults():
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("module_class", MODULES)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_from_pretrained_shares_memory_and_keeps_padding_row(module_class, dtype):
     vectors = np.arange(1, 13, dtype=dtype).reshape(4, 3)
     module = module_class.from_pretrained(vectors, padding_idx=-4)

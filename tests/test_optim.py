@@ -38,7 +38,6 @@ needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
 # torch warns that it skips sparse invariant checks when it builds the sparse gradient
 quiet_torch_sparse = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 
-DTYPES = [np.float32, np.float64]
 OPTIMIZERS = {
     "sgd": lambda m: fastemb.optim.SGD(m, lr=0.3),
     "adagrad": lambda m: fastemb.optim.Adagrad(m, lr=0.2, lr_decay=0.05,
@@ -127,7 +126,6 @@ def test_other_optimizers_validate(make):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_state_arrays_are_cache_line_aligned_before_and_after_a_reload(name, dtype):
     # a 64-float row then spans 4 cache lines, not 5 (NumPy's own arrays start 16 bytes in)
     module = fastemb.EmbeddingBag(50, 16, mode="sum", dtype=dtype, seed=0)
@@ -283,7 +281,6 @@ def initial_reference_state(name, shape, dtype):
     return {}
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_embedding_steps_match_reference(name, dtype, rng):
     V, D = 30, 5
@@ -310,7 +307,6 @@ def test_embedding_steps_match_reference(name, dtype, rng):
     assert not m.weight[4].any()  # the padding row never moves
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["adagrad", "rowwise", "adam_max", "adam_max_decay"])
 @pytest.mark.parametrize("mode, weighted, sgbf", [("mean", True, False), ("max", False, False),
                                                   ("sum", False, True), ("mean", False, True)])
@@ -506,7 +502,6 @@ def test_lazy_adam_matches_torch_sparse_adam(dtype, max_ulp, maximize, rng):
 
 @needs_torch
 @quiet_torch_sparse
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_lazy_adam_weight_decay_matches_sparse_adam_on_decayed_gradients(dtype, rng):
     m, opt, temb, topt, budget = _torch_run(
         dtype, lambda p: torch.optim.SparseAdam(p, lr=0.05),
@@ -519,7 +514,6 @@ def test_lazy_adam_weight_decay_matches_sparse_adam_on_decayed_gradients(dtype, 
 
 
 @needs_torch
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["sgd", "adagrad"])
 def test_weight_decay_matches_torch_when_every_row_is_looked_up(name, dtype, rng):
     """Lazy decay equals torch's dense ``weight_decay`` when each step touches every row."""
@@ -565,7 +559,6 @@ def test_weight_decay_is_validated(make):
 
 @needs_torch
 @quiet_torch_sparse
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_adagrad_matches_torch(dtype, rng):
     m, opt, temb, topt, budget = _torch_run(
         dtype,
@@ -582,7 +575,6 @@ def test_adagrad_matches_torch(dtype, rng):
 
 @needs_torch
 @quiet_torch_sparse
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_sgd_matches_torch(dtype, rng):
     m, opt, temb, topt, budget = _torch_run(dtype, lambda p: torch.optim.SGD(p, lr=0.3),
                                             lambda mod: fastemb.optim.SGD(mod, lr=0.3), 5, rng)
@@ -591,7 +583,6 @@ def test_sgd_matches_torch(dtype, rng):
 
 @needs_torch
 @quiet_torch_sparse
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_sgd_close_to_torch_with_uncoalesced_gradient(dtype, rng):
     m, opt, temb, topt, budget = _torch_run(dtype, lambda p: torch.optim.SGD(p, lr=0.3),
                                             lambda mod: fastemb.optim.SGD(mod, lr=0.3), 5,

@@ -153,7 +153,6 @@ BAG_EXAMPLE = {
 }
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_rows31_32_bags(mode, dtype):
     weight = W5.astype(dtype)
