@@ -74,6 +74,7 @@ def run_train(args):
     if args.data:
         data = load_ratings(args.data, args.columns)
         source = args.data
+        check_model_fits(args, data.num_users, data.num_items)
     else:
         check_model_fits(args, args.users, args.items,
                          extra=training.synthetic_bytes(args.users, args.items, args.ratings))
@@ -88,7 +89,6 @@ def run_train(args):
         args.y_range = training.default_y_range(data.ratings)
     print(f"data: {source}: {len(data):,} ratings, {data.num_users:,} users, "
           f"{data.num_items:,} items; {len(train):,} to train, {len(test):,} held out")
-    check_model_fits(args, data.num_users, data.num_items)
     bags = training.UserBags(train, args.seed) if args.model == "bag" else None
     model = training.RatingModel(data.num_users, data.num_items, args.dim, args.seed,
                                  global_mean, kind=args.model, bags=bags, y_range=args.y_range)
