@@ -7,11 +7,12 @@ Environment variables (all optional):
 - ``FASTEMB_DEBUG=1``: Cython bounds checks and ``-O0 -g``, for hunting memory errors.
 - ``FASTEMB_EXTRA_CFLAGS="-march=native ..."``: extra compiler flags, appended last.
 
-The kernels are built twice from one source: ``fastemb._core`` with ``_lookup``, ``_grouping``
-and ``_training`` (portable x86-64) and, where the compiler accepts ``-mavx2``,
-``fastemb._core_avx2`` with ``_lookup_avx2``, ... (the same code with 256-bit vectors;
-``fastemb/_kernels.py`` picks it at import time on CPUs that have AVX2). Both give the same
-results bit for bit: ``-ffp-contract=off`` forbids fused multiply-adds and nothing reassociates.
+The kernels are built three times from one source: ``fastemb._core`` with ``_lookup``,
+``_grouping`` and ``_training`` (portable x86-64) and, where the compiler accepts the flags,
+``fastemb._core_avx2`` with ``_lookup_avx2``, ... (``-mavx2``: 256-bit vectors) and
+``fastemb._core_avx512`` with ``_lookup_avx512``, ... (AVX-512: 512-bit vectors);
+``fastemb/_kernels.py`` picks the widest the CPU has at import time. All give the same results
+bit for bit: ``-ffp-contract=off`` forbids fused multiply-adds and nothing reassociates.
 ``_common`` (the kernels' enums) and ``_allocator`` (the block cache) are built once.
 
 OpenMP is detected the way scikit-learn's setuptools build did it: a tiny OpenMP program is
@@ -38,7 +39,12 @@ BASE_FLAGS = ["-ffp-contract=off", "-fno-math-errno"]
 OPTIMISE_FLAGS = ["-O3"]
 DEBUG_FLAGS = ["-O0", "-g"]
 
-AVX2_FLAG = "-mavx2"
+# The kernel builds besides the portable one: module-name suffix -> compiler flags.
+VARIANT_FLAGS = {
+    "_avx2": ["-mavx2"],
+    "_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],  # x86-64-v4's AVX-512
+}
+KERNEL_MODULES = ("_core", "_lookup", "_grouping", "_training")
 TRIVIAL_PROGRAM = "int main(void) { return 0; }\n"
 
 OPENMP_TEST_PROGRAM = textwrap.dedent(
@@ -58,15 +64,15 @@ def env_flag(name):
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def compiler_accepts(compiler, flag):
-    """True if the compiler builds a trivial program with ``flag``."""
+def compiler_accepts(compiler, flags):
+    """True if the compiler builds a trivial program with ``flags`` (a list)."""
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "test_flag.c")
         with open(source, "w") as handle:
             handle.write(TRIVIAL_PROGRAM)
         try:
-            compiler.compile([source], output_dir=tmp, extra_postargs=[flag])
-        except Exception:  # the flag is unknown to this compiler (or this architecture)
+            compiler.compile([source], output_dir=tmp, extra_postargs=flags)
+        except Exception:  # a flag is unknown to this compiler (or this architecture)
             return False
     return True
 
@@ -113,11 +119,17 @@ class BuildExtWithOpenMP(build_ext):
             compile_flags.append(OPENMP_FLAG)
             link_flags.append(OPENMP_FLAG)
         compile_flags += shlex.split(os.environ.get("FASTEMB_EXTRA_CFLAGS", ""))
-        if not compiler_accepts(self.compiler, AVX2_FLAG):
-            print("fastemb: the compiler does not accept -mavx2; building only the portable kernels")
-            self.extensions = [ext for ext in self.extensions if not ext.name.endswith("_avx2")]
+        variant_flags = {}
+        for suffix, flags in VARIANT_FLAGS.items():
+            if compiler_accepts(self.compiler, flags):
+                variant_flags[suffix] = flags
+            else:
+                print(f"fastemb: the compiler does not accept {' '.join(flags)}; "
+                      f"not building the {suffix[1:]} kernels")
+                self.extensions = [ext for ext in self.extensions if not ext.name.endswith(suffix)]
         for ext in self.extensions:
-            flags = compile_flags + ([AVX2_FLAG] if ext.name.endswith("_avx2") else [])
+            suffix = next((s for s in VARIANT_FLAGS if ext.name.endswith(s)), None)
+            flags = compile_flags + variant_flags.get(suffix, [])
             recorded = " ".join(flags).replace("\\", "\\\\").replace('"', '\\"')
             ext.extra_compile_args = flags
             ext.extra_link_args = link_flags
@@ -133,8 +145,8 @@ extensions = cythonize(
         Extension(name, [source], include_dirs=[numpy.get_include()],
                   define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")])
         for name, source in [(f"fastemb.{module}", f"fastemb/{module}.pyx") for module in (
-            "_core", "_core_avx2", "_common", "_lookup", "_lookup_avx2", "_grouping",
-            "_grouping_avx2", "_training", "_training_avx2", "_allocator", "_text")]
+            [kernels + suffix for kernels in KERNEL_MODULES for suffix in ("", *VARIANT_FLAGS)]
+            + ["_common", "_allocator", "_text"])]
     ],
     compiler_directives={
         "language_level": 3,

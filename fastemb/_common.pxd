@@ -13,6 +13,7 @@ cdef extern from "_core.h":
     const int FASTEMB_HAVE_OPENMP
     const char *FASTEMB_COMPILE_FLAGS
     int fastemb_cpu_has_avx2() noexcept nogil
+    int fastemb_cpu_has_avx512() noexcept nogil
 
 ctypedef fused index_t:
     int32_t

@@ -28,14 +28,24 @@ static int omp_get_max_threads(void) { return 1; }
 #define FASTEMB_COMPILE_FLAGS "unknown"
 #endif
 
+/* What the CPU running this process has, for fastemb/_kernels.py to pick a build: AVX2, and
+   the AVX-512 subsets the _avx512 build is compiled for (x86-64-v4: F, BW, VL, DQ). GCC and
+   clang also check that the OS saves the wider registers. */
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 static int fastemb_cpu_has_avx2(void) { return __builtin_cpu_supports("avx2"); }
+static int fastemb_cpu_has_avx512(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
 #else
 static int fastemb_cpu_has_avx2(void) { return 0; }
+static int fastemb_cpu_has_avx512(void) { return 0; }
 #endif
 
 /* ---- Bag reductions: column blocks and their unrolled loops ---- */
-#ifdef __AVX2__
+#ifdef __AVX512F__
+#define FASTEMB_BLOCK_BYTES 1024  /* 16 of the 32 zmm registers */
+#elif defined(__AVX2__)
 #define FASTEMB_BLOCK_BYTES 512  /* 16 ymm registers */
 #else
 #define FASTEMB_BLOCK_BYTES 256  /* 16 xmm registers */
@@ -53,36 +63,49 @@ double fastemb_zero_block[FASTEMB_BLOCK_BYTES / sizeof(double)];
    become one vector variable each, which the compiler keeps in registers from the zeroing
    to the store (a plain loop leaves them in a stack array that is zeroed and copied out
    for every bag, and gcc's own vectorisation of unrolled scalars is fragile). The width is
-   a multiple of the vector. Vector arithmetic is element by element: the same roundings. */
+   a multiple of 32 bytes: full vectors first, then (AVX-512) a 32-byte one for the rest.
+   Vector arithmetic is element by element: the same roundings in every build. */
 #if defined(__GNUC__) || defined(__clang__)
-#ifdef __AVX__
+#ifdef __AVX512F__
+#define FASTEMB_VECTOR_BYTES 64
+#elif defined(__AVX__)
 #define FASTEMB_VECTOR_BYTES 32
 #else
 #define FASTEMB_VECTOR_BYTES 16
 #endif
+#define FASTEMB_SHORT_VECTOR_BYTES (FASTEMB_VECTOR_BYTES < 32 ? FASTEMB_VECTOR_BYTES : 32)
 #if defined(__clang__)
 #define FASTEMB_UNROLLED _Pragma("unroll")
 #else
 #define FASTEMB_UNROLLED _Pragma("GCC unroll 64")
 #endif
-#define FASTEMB_LANES(T) (FASTEMB_VECTOR_BYTES / sizeof(T))
+/* Run `statement` for each vector of a block of `width` T's: V is the vector type and j the
+   position of its first element (full vectors, then short ones for what they leave). */
+#define FASTEMB_FOR_VECTORS(T, width, statement) do { { \
+        Py_ssize_t j = 0; \
+        typedef fastemb_vector_##T V; \
+        FASTEMB_UNROLLED for (; j + FASTEMB_VECTOR_BYTES / (Py_ssize_t)sizeof(T) <= (width); \
+                              j += FASTEMB_VECTOR_BYTES / sizeof(T)) { statement; } } { \
+        Py_ssize_t j = (width) / (FASTEMB_VECTOR_BYTES / sizeof(T)) \
+                       * (FASTEMB_VECTOR_BYTES / sizeof(T)); \
+        typedef fastemb_short_vector_##T V; \
+        FASTEMB_UNROLLED for (; j + FASTEMB_SHORT_VECTOR_BYTES / (Py_ssize_t)sizeof(T) <= (width); \
+                              j += FASTEMB_SHORT_VECTOR_BYTES / sizeof(T)) { statement; } \
+    } } while (0)
 #define FASTEMB_UNROLLED_BLOCK_LOOPS(T) \
     typedef T fastemb_vector_##T __attribute__((vector_size(FASTEMB_VECTOR_BYTES), \
                                                 aligned(sizeof(T)), may_alias)); \
+    typedef T fastemb_short_vector_##T __attribute__((vector_size(FASTEMB_SHORT_VECTOR_BYTES), \
+                                                      aligned(sizeof(T)), may_alias)); \
     static inline void fastemb_zero_##T(T *acc, Py_ssize_t width) { \
-        FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_LANES(T)) \
-            *(fastemb_vector_##T *)(acc + j) = (fastemb_vector_##T){0}; } \
+        FASTEMB_FOR_VECTORS(T, width, *(V *)(acc + j) = (V){0}); } \
     static inline void fastemb_add_##T(T *acc, const T *source, Py_ssize_t width) { \
-        FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_LANES(T)) \
-            *(fastemb_vector_##T *)(acc + j) += *(const fastemb_vector_##T *)(source + j); } \
+        FASTEMB_FOR_VECTORS(T, width, *(V *)(acc + j) += *(const V *)(source + j)); } \
     static inline void fastemb_add_scaled_##T(T *acc, T weight, const T *source, \
                                               Py_ssize_t width) { \
-        FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_LANES(T)) \
-            *(fastemb_vector_##T *)(acc + j) += \
-                weight * *(const fastemb_vector_##T *)(source + j); } \
+        FASTEMB_FOR_VECTORS(T, width, *(V *)(acc + j) += weight * *(const V *)(source + j)); } \
     static inline void fastemb_store_##T(T *out, const T *acc, Py_ssize_t width) { \
-        FASTEMB_UNROLLED for (Py_ssize_t j = 0; j < width; j += FASTEMB_LANES(T)) \
-            *(fastemb_vector_##T *)(out + j) = *(const fastemb_vector_##T *)(acc + j); }
+        FASTEMB_FOR_VECTORS(T, width, *(V *)(out + j) = *(const V *)(acc + j)); }
 #else  /* no vector extension: plain loops */
 #define FASTEMB_UNROLLED_BLOCK_LOOPS(T) \
     static inline void fastemb_zero_##T(T *acc, Py_ssize_t width) { \

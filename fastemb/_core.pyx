@@ -5,8 +5,9 @@ The kernels live in modules by concern, sharing declarations and inline helpers 
 ``_common.pxd`` and C through ``_core.h``: ``_lookup`` (gather, bag reductions, max_norm, the
 lookups' index checks), ``_grouping`` (the radix sort by row), ``_training`` (sparse gradients
 and the fused optimizer steps) and ``_allocator`` (the block cache). This module gives their
-functions in one place, with the build information; ``_core_avx2`` is the same entry over the
-kernels compiled with -mavx2 (``_lookup_avx2``, ...), and ``fastemb/_kernels.py`` picks one.
+functions in one place, with the build information; ``_core_avx2`` and ``_core_avx512`` are the
+same entry over the kernels compiled with -mavx2 (``_lookup_avx2``, ...) and with AVX-512
+(``_lookup_avx512``, ...), and ``fastemb/_kernels.py`` picks one.
 
 Rules every kernel follows:
 
@@ -29,7 +30,7 @@ Notation: ``V`` rows and ``D`` columns in the table (weight), ``n`` looked-up in
 import importlib
 
 from fastemb._common cimport (FASTEMB_COMPILE_FLAGS, FASTEMB_HAVE_OPENMP, fastemb_cpu_has_avx2,
-                              omp_get_max_threads)
+                              fastemb_cpu_has_avx512, omp_get_max_threads)
 
 from fastemb._common import BagMode, StepMethod
 
@@ -52,16 +53,23 @@ def cpu_has_avx2():
     return bool(fastemb_cpu_has_avx2())
 
 
+def cpu_has_avx512():
+    """True when the CPU running this process has AVX-512 F, BW, VL and DQ (so _core_avx512 may
+    be used)."""
+    return bool(fastemb_cpu_has_avx512())
+
+
 def compile_flags():
     """The C compiler flags this module was built with."""
     return FASTEMB_COMPILE_FLAGS.decode()
 
 
 # --------------------------------------------------------------------------------------------
-# The kernels of this build (portable, or AVX2 for _core_avx2), from their modules
+# The kernels of this build (portable, AVX2 for _core_avx2, AVX-512 for _core_avx512), from
+# their modules
 # --------------------------------------------------------------------------------------------
 
-VARIANT_SUFFIX = "_avx2" if __name__.endswith("_avx2") else ""
+VARIANT_SUFFIX = next((suffix for suffix in ("_avx2", "_avx512") if __name__.endswith(suffix)), "")
 KERNEL_MODULES = tuple(importlib.import_module(f"fastemb.{name}{VARIANT_SUFFIX}")
                        for name in ("_lookup", "_grouping", "_training"))
 KERNEL_MODULES += (importlib.import_module("fastemb._allocator"),)

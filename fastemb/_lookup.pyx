@@ -122,10 +122,10 @@ def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
 
 cdef extern from "_core.h":
     # Columns are reduced in blocks of this many bytes whose running values the compiler keeps
-    # in vector registers for the whole bag (all 16 of them); the block width is a compile-time
+    # in vector registers for the whole bag (16 of them); the block width is a compile-time
     # constant, so the loops over a block unroll. A row wider than a block is reduced in
     # several passes over the bag, each prefetching its own columns of the rows ahead. What is left
-    # after the wide blocks goes in narrow blocks of 256, 128, 64 and 32 bytes (at most one of
+    # after the wide blocks goes in narrow blocks of 512, 256, 128, 64 and 32 bytes (at most one of
     # each, also unrolled), then a last partial one.
     enum: BLOCK_BYTES "FASTEMB_BLOCK_BYTES"
     enum: MAX_BLOCK_ELEMENTS "FASTEMB_MAX_BLOCK_ELEMENTS"
@@ -155,6 +155,9 @@ cdef extern from "_core.h":
 cdef struct WideColumns:
     char bytes[BLOCK_BYTES]
 
+cdef struct Columns512:  # (in the AVX2 build, the wide block already takes 512 bytes)
+    char bytes[512]
+
 cdef struct Columns256:
     char bytes[256]
 
@@ -172,6 +175,7 @@ cdef struct AnyColumns:  # the width is given at run time
 
 ctypedef fused columns_t:
     WideColumns
+    Columns512
     Columns256
     Columns128
     Columns64
@@ -423,6 +427,9 @@ cdef inline void reduce_columns(reduction_t *reduction, const floating *table,
                                          lines_aligned)
     column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
                                      first_bag, end_bag, sample_weights, padding_idx, column,
+                                     <Columns512 *>NULL, out, winners, distance, lines_aligned)
+    column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
+                                     first_bag, end_bag, sample_weights, padding_idx, column,
                                      <Columns256 *>NULL, out, winners, distance, lines_aligned)
     column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
                                      first_bag, end_bag, sample_weights, padding_idx, column,
@@ -441,8 +448,8 @@ cdef inline void reduce_columns(reduction_t *reduction, const floating *table,
 
 cdef inline bint is_one_block(Py_ssize_t row_bytes) noexcept nogil:
     """True when reduce_columns reduces a row of this many bytes in a single block."""
-    return (row_bytes == BLOCK_BYTES or row_bytes == 256 or row_bytes == 128 or row_bytes == 64
-            or row_bytes <= 32)
+    return (row_bytes == BLOCK_BYTES or row_bytes == 512 or row_bytes == 256 or row_bytes == 128
+            or row_bytes == 64 or row_bytes <= 32)
 
 
 cdef inline void reduce_bags(reduction_t *reduction, const floating *table,

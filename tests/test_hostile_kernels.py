@@ -7,6 +7,7 @@ import re
 import pytest
 
 import fastemb
+import fastemb._kernels
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,15 +409,8 @@ THREAD_CRASH_CASES = {
 
 
 def _kernel_builds():
-    builds = ["_core"]
-    try:
-        from fastemb import _core_avx2  # noqa: F401
-
-        if fastemb._core.cpu_has_avx2():
-            builds.append("_core_avx2")
-    except ImportError:
-        pass
-    return builds
+    return [module.__name__.split(".")[-1]
+            for module in fastemb._kernels.available_builds().values()]
 
 
 def run_kernel_script(build, body, threads=2):

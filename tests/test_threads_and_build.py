@@ -13,6 +13,7 @@ from reference import assert_same_bits, embedding_bag_ref, renorm_ref
 
 import fastemb
 import fastemb._config
+import fastemb._kernels
 import fastemb.functional
 import fastemb.modules
 from fastemb import _core
@@ -227,21 +228,19 @@ def test_doctests(module):
 
 
 # --------------------------------------------------------------------------------------------
-# The two kernel builds (portable and AVX2) must give the same bits.
+# The kernel builds (portable, AVX2, AVX-512) must give the same bits.
 # --------------------------------------------------------------------------------------------
 
 def _kernel_builds():
-    try:
-        from fastemb import _core_avx2
-    except ImportError:
-        pytest.skip("this build has no AVX2 kernels")
-    if not _core.cpu_has_avx2():
-        pytest.skip("this CPU has no AVX2")
-    return _core, _core_avx2
+    builds = fastemb._kernels.available_builds()
+    if len(builds) < 2:
+        pytest.skip("this installation or CPU has only the portable kernels")
+    return list(builds.values())
 
 
-@pytest.mark.parametrize("dim", [77, 200])  # full column blocks and a tail, in either build
-def test_avx2_and_portable_kernels_agree_bitwise(dtype, dim):
+# full column blocks and a tail in every build; 128 float32: AVX-512's 512-byte narrow block
+@pytest.mark.parametrize("dim", [77, 128, 200, 300])
+def test_vector_and_portable_kernels_agree_bitwise(dtype, dim):
     builds = _kernel_builds()
     rng = np.random.default_rng(5)
     num_rows = 500
@@ -268,8 +267,9 @@ def test_avx2_and_portable_kernels_agree_bitwise(dtype, dim):
                           0.001, 1e-8, False, 0.0, 2)
         outputs += [table, *state]
         results.append(outputs)
-    for portable, avx2 in zip(*results):
-        assert portable.tobytes() == avx2.tobytes()
+    for outputs in zip(*results):
+        for output in outputs[1:]:
+            assert output.tobytes() == outputs[0].tobytes()
 
 
 def test_version_option_and_public_names_only_in_dir_optim(capsys):
