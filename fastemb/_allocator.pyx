@@ -4,7 +4,10 @@
 
 from libc.string cimport memcpy, memset
 
-__all__ = ["BLOCK_CACHE_HANDLER", "block_cache_state", "clear_block_cache", "set_allocator"]
+import numpy as np
+
+__all__ = ["BLOCK_CACHE_HANDLER", "block_cache_state", "clear_block_cache", "empty_reused",
+           "set_allocator"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +201,17 @@ def set_allocator(handler):
     """Make ``handler`` (a "mem_handler" capsule: BLOCK_CACHE_HANDLER, or what this returned)
     NumPy's allocator in the current context; returns the one it replaces."""
     return PyDataMem_SetHandler(handler)
+
+
+def empty_reused(shape, dtype):
+    """``np.empty(shape, dtype)`` from the block cache: ``reused_memory`` in one call, for the
+    lookups, which make a fresh output every call (in the caller's context afterwards, NumPy's
+    allocator is the one it had)."""
+    previous = PyDataMem_SetHandler(BLOCK_CACHE_HANDLER)
+    try:
+        return np.empty(shape, dtype)
+    finally:
+        PyDataMem_SetHandler(previous)
 
 
 def block_cache_state():

@@ -4,7 +4,7 @@ index checks of the lookups. The rules every kernel follows are in ``fastemb/_co
 
 from cython.parallel cimport prange
 from libc.math cimport INFINITY, NAN, fabs, isinf, pow, sqrt
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -13,7 +13,8 @@ from fastemb._common cimport (BAG_MAX, BAG_MEAN, BagMode, check_enum, clamp, cou
                               floating, index_t, is_kept, prefetch_ahead, prefetch_distance,
                               rows_on_lines, team_size)
 
-__all__ = ["bag_reduce", "first_decrease", "first_out_of_range", "gather_rows", "renorm_rows"]
+__all__ = ["bag_reduce", "bounds_from_offsets", "first_decrease", "first_out_of_range",
+           "gather_rows", "renorm_rows"]
 
 cdef enum:
     RANGE_CHECK_CHUNK = 4096  # indices checked per chunk by first_out_of_range
@@ -56,6 +57,49 @@ def first_out_of_range(const index_t[::1] indices, int64_t num_embeddings, int n
                         break
                 break
     return found
+
+
+cdef bint copy_valid_offsets(const index_t[::1] offsets, int64_t[::1] bounds,
+                             Py_ssize_t num_bags, int64_t num_indices,
+                             bint include_last_offset) noexcept nogil:
+    """Fill bounds (num_bags + 1 entries) from torch-style offsets; False if they are not valid:
+    from 0, non-decreasing, the last bag ending at num_indices at most (exactly, with
+    include_last_offset)."""
+    cdef Py_ssize_t b
+    cdef int64_t previous = 0, offset
+    for b in range(offsets.shape[0]):
+        offset = offsets[b]
+        if offset < previous or (b == 0 and offset != 0):
+            return False
+        bounds[b] = offset
+        previous = offset
+    if include_last_offset:
+        return previous == num_indices
+    bounds[num_bags] = num_indices
+    return previous <= num_indices
+
+
+def bounds_from_offsets(offsets, int64_t num_indices, bint include_last_offset):
+    """The bags' bounds (int64, B + 1 entries: bag b is ``input[bounds[b]:bounds[b+1]]``) of
+    torch-style ``offsets`` that are a 1-D C-contiguous int32/int64 array and valid; None for
+    anything else, which the caller converts or explains. One call, for the lookups' common
+    case (a chain of NumPy calls costs more than the loop, with its code out of the caches)."""
+    cdef Py_ssize_t num_bags
+    if (type(offsets) is not np.ndarray or offsets.ndim != 1 or not offsets.flags.c_contiguous
+            or offsets.dtype.kind != "i" or offsets.dtype.itemsize not in (4, 8)
+            or not offsets.dtype.isnative):
+        return None
+    num_bags = offsets.shape[0] - 1 if include_last_offset else offsets.shape[0]
+    if num_bags < 0:
+        return None
+    bounds = np.empty(num_bags + 1, dtype=np.int64)
+    if offsets.dtype.itemsize == 8:
+        valid = copy_valid_offsets[int64_t](offsets, bounds, num_bags, num_indices,
+                                            include_last_offset)
+    else:
+        valid = copy_valid_offsets[int32_t](offsets, bounds, num_bags, num_indices,
+                                            include_last_offset)
+    return bounds if valid else None
 
 
 def first_decrease(const int64_t[::1] values):

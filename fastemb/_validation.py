@@ -130,6 +130,9 @@ def bag_bounds(offsets, num_indices, include_last_offset):
     Bag b is ``input[bounds[b]:bounds[b+1]]``. Without include_last_offset the last bag runs to
     the end of the input; with it, offsets must end exactly at ``len(input)``.
     """
+    bounds = _core.bounds_from_offsets(offsets, num_indices, include_last_offset)
+    if bounds is not None:
+        return bounds  # valid int32/int64 offsets, checked and copied in one call
     offsets = as_index_array(offsets, "offsets")
     if offsets.ndim != 1:
         raise ValueError(f"offsets must be 1-D, got shape {offsets.shape}")

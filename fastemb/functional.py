@@ -95,8 +95,8 @@ def lookup_forward(input, weight, padding_idx=None, max_norm=None, norm_type=2.0
     checked_first = _check_indices_first(weight, flat, indices.shape, renorm)
     _renorm(weight, flat, renorm)
     table, table_indices, _ = _lookup_table(weight, flat)
-    with reused_memory():  # a loop's next output reuses this one's pages once it is freed
-        out = np.empty((flat.size, dim), dtype=weight.dtype)
+    # from the block cache: a loop's next output reuses this one's pages once it is freed
+    out = _core.empty_reused((flat.size, dim), weight.dtype)
     out_of_range = _core.gather_rows(table, table_indices, out, threads_for(out.size))
     if out_of_range and not checked_first:
         check_index_range(flat, indices.shape, num_embeddings)
@@ -187,8 +187,7 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
         at = np.searchsorted(rows, padding)
         table_padding = int(at) if at < rows.size and rows[at] == padding else NO_PADDING
     num_bags = bounds.size - 1
-    with reused_memory():
-        out = np.empty((num_bags, dim), dtype=weight.dtype)
+    out = _core.empty_reused((num_bags, dim), weight.dtype)
     winners = None
     if mode == "max" and record_winners:
         winners = np.empty((num_bags, dim), dtype=np.int64)

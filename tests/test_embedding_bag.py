@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import assert_same_bits, embedding_bag_ref, out_of_range, renorm_ref
+from reference import (assert_same_bits, bag_bounds_ref, embedding_bag_ref, out_of_range,
+                       renorm_ref)
 from strategies import MODES, bag_cases, random_table, reference_kwargs, seeds
 
 import fastemb
@@ -233,6 +234,32 @@ def test_offsets_of_any_integer_dtype(offsets_dtype):
     out = fastemb.embedding_bag(I6, W5, offsets=np.array([0, 2, 2, 5], offsets_dtype),
                                 mode="sum")
     np.testing.assert_array_equal(out, EXAMPLE["sum"])
+
+
+@pytest.mark.parametrize("include_last_offset", [False, True])
+def test_offsets_fast_path_gives_the_reference_bounds_or_declines(include_last_offset, rng):
+    """bounds_from_offsets (the lookups' one-call path) gives bag_bounds_ref's bounds for valid
+    int32/int64 offsets, read-only ones too, and None (the Python checks then run) for every
+    other layout or an invalid value."""
+    from fastemb._kernels import kernels
+
+    num_indices = 50
+    cuts = np.sort(rng.integers(0, num_indices + 1, 20))
+    cuts[0] = 0
+    if include_last_offset:
+        cuts = np.append(cuts, num_indices)
+    expected = [start for start, _ in bag_bounds_ref(num_indices, cuts, include_last_offset)]
+    expected.append(num_indices)
+    for dtype in (np.int32, np.int64):
+        offsets = cuts.astype(dtype)
+        offsets.flags.writeable = False
+        bounds = kernels.bounds_from_offsets(offsets, num_indices, include_last_offset)
+        assert bounds.dtype == np.int64 and bounds.tolist() == expected
+    declined = [cuts.tolist(), cuts.astype(np.int16), cuts.astype(np.uint32),
+                cuts.astype(">i8"), np.repeat(cuts, 2)[::2], cuts.reshape(1, -1),
+                np.append(cuts, num_indices + 1), np.append(cuts[::-1], 0), cuts + 1]
+    for offsets in declined:
+        assert kernels.bounds_from_offsets(offsets, num_indices, include_last_offset) is None
 
 
 @pytest.mark.parametrize("index_dtype", [np.int8, np.uint16, np.int32, np.uint64])
