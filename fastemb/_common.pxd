@@ -122,19 +122,25 @@ cdef inline Py_ssize_t prefetch_distance(Py_ssize_t num_rows, Py_ssize_t dim,
     return min(max(PREFETCH_BYTES_IN_FLIGHT // row_bytes, PREFETCH_MIN_ROWS), PREFETCH_MAX_ROWS)
 
 
+cdef inline void prefetch_table_row(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                                    int64_t row, Py_ssize_t column, Py_ssize_t width,
+                                    bint lines_aligned) noexcept nogil:
+    """Prefetch columns [column, column + width) of table row ``row``; an index that names no
+    row prefetches row 0 (the table is not empty when this runs), without a branch."""
+    if <uint64_t>row >= <uint64_t>num_rows:  # one compare for "not 0 <= row < num_rows"
+        row = 0
+    prefetch_row(table + row * dim + column, width, False, lines_aligned)
+
+
 cdef inline void prefetch_ahead(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
                                 const index_t *indices, Py_ssize_t n, Py_ssize_t position,
                                 Py_ssize_t distance, Py_ssize_t column, Py_ssize_t width,
                                 bint lines_aligned) noexcept nogil:
     """Prefetch columns [column, column + width) of the row ``indices[position + distance]``
-    names. Without branches, as FBGEMM does: past the end it takes the current position, and an
-    index that names no row prefetches row 0 (the table is not empty when this runs).
-    ``lines_aligned``: every row's columns start on a cache line (see prefetch_row)."""
+    names (see prefetch_table_row). Without branches, as FBGEMM does: past the end it takes the
+    current position. ``lines_aligned``: every row's columns start on a cache line (see
+    prefetch_row)."""
     cdef Py_ssize_t ahead = position + distance
-    cdef int64_t row
     if ahead >= n:
         ahead = position
-    row = indices[ahead]
-    if <uint64_t>row >= <uint64_t>num_rows:  # one compare for "not 0 <= row < num_rows"
-        row = 0
-    prefetch_row(table + row * dim + column, width, False, lines_aligned)
+    prefetch_table_row(table, num_rows, dim, indices[ahead], column, width, lines_aligned)

@@ -11,7 +11,7 @@ import numpy as np
 
 from fastemb._common cimport (BAG_MAX, BAG_MEAN, BagMode, check_enum, clamp, count_out_of_range,
                               floating, index_t, is_kept, prefetch_ahead, prefetch_distance,
-                              rows_on_lines, team_size)
+                              prefetch_table_row, rows_on_lines, team_size)
 
 __all__ = ["bag_reduce", "bounds_from_offsets", "first_decrease", "first_out_of_range",
            "gather_rows", "renorm_rows"]
@@ -340,26 +340,27 @@ cdef inline void sum_block(reduction_t *reduction, const floating *table, Py_ssi
     cdef bint unrolled = not (columns_t is WideColumns or columns_t is AnyColumns)
     cdef bint weighted = reduction_t is WeightedSumReduction
     cdef floating acc[MAX_BLOCK_ELEMENTS]
-    cdef Py_ssize_t b, k, start, end
+    cdef Py_ssize_t b, k, start, end, prefetched_end
     for b in range(first_bag, end_bag):
         bag_extent(bounds, b, n, &start, &end)
         zero_block(acc, width, unrolled)
-        # three loops rather than tests per entry
-        if distance and lines_aligned:
-            for k in range(start, end):
-                prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width,
-                               True)
-                add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k,
-                          padding_idx, column, width, weighted, unrolled)
-        elif distance:
-            for k in range(start, end):
-                prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width,
-                               False)
+        # Separate loops rather than tests per entry: the entries whose row `distance` ahead
+        # exists (with the two alignments), then the rest, without prefetching.
+        prefetched_end = clamp(n - distance, start, end) if distance else start
+        if lines_aligned:
+            for k in range(start, prefetched_end):
+                prefetch_table_row(table, num_rows, dim, indices[k + distance], column, width,
+                                   True)
                 add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k,
                           padding_idx, column, width, weighted, unrolled)
         else:
-            for k in range(start, end):
+            for k in range(start, prefetched_end):
+                prefetch_table_row(table, num_rows, dim, indices[k + distance], column, width,
+                                   False)
                 add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k,
+                          padding_idx, column, width, weighted, unrolled)
+        for k in range(prefetched_end, end):
+            add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k,
                           padding_idx, column, width, weighted, unrolled)
         store_block(out + b * dim + column, acc, width, unrolled)
 
