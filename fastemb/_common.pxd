@@ -4,7 +4,7 @@ beside Cython's lives in ``_core.h``. The enums are exposed to Python by ``faste
 """
 
 from cython cimport floating
-from libc.stdint cimport int32_t, int64_t, uint64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t, uintptr_t
 
 cdef extern from "_core.h":
     void FASTEMB_PREFETCH(const void *address) noexcept nogil
@@ -18,6 +18,31 @@ cdef extern from "_core.h":
 ctypedef fused index_t:
     int32_t
     int64_t
+
+# 16-bit table elements (distinct C types, so kernels specialise on them) and their float32
+# values (exact).
+cdef extern from "_core.h":
+    ctypedef struct bfloat16_t "fastemb_bfloat16":
+        uint16_t bits
+    ctypedef struct float16_t "fastemb_float16":
+        uint16_t bits
+    float bfloat16_value "fastemb_bfloat16_value"(bfloat16_t value) noexcept nogil
+    float float16_value "fastemb_float16_value"(float16_t value) noexcept nogil
+
+# What a table holds: float32 and float64 (computed in their own dtype), or bfloat16 and
+# float16 (read as float32, computed in float32).
+ctypedef fused table_t:
+    float
+    double
+    bfloat16_t
+    float16_t
+
+# What a table's NumPy array is viewed as by a kernel's def: its floats, or the bits of its
+# 16-bit floats (the call says which format, a HalfFormat).
+ctypedef fused stored_t:
+    float
+    double
+    uint16_t
 
 cdef enum:
     CACHE_LINE_BYTES = 64  # a compile-time constant, so the prefetch loops unroll
@@ -36,6 +61,10 @@ cpdef enum BagMode:
     BAG_SUM = 0
     BAG_MEAN = 1
     BAG_MAX = 2
+
+cpdef enum HalfFormat:
+    BFLOAT16 = 0
+    FLOAT16 = 1
 
 cpdef enum StepMethod:
     STEP_SGD = 0
@@ -65,6 +94,16 @@ cdef inline Py_ssize_t clamp(int64_t value, Py_ssize_t low, Py_ssize_t high) noe
     return <Py_ssize_t>value
 
 
+cdef inline double element_value(const table_t *row, Py_ssize_t j) noexcept nogil:
+    """row[j] as a number (a 16-bit float widened exactly; float32 stays exact in double)."""
+    if table_t is bfloat16_t:
+        return bfloat16_value(row[j])
+    elif table_t is float16_t:
+        return float16_value(row[j])
+    else:
+        return row[j]
+
+
 cdef inline bint is_kept(int64_t row, int64_t padding_idx, Py_ssize_t num_rows) noexcept nogil:
     """True for an entry a bag reduces: a row of the table that is not padding."""
     return <uint64_t>row < <uint64_t>num_rows and row != padding_idx
@@ -80,30 +119,29 @@ cdef inline Py_ssize_t count_out_of_range(const index_t *indices, Py_ssize_t sta
     return count
 
 
-cdef inline void prefetch_row(const floating *row, Py_ssize_t dim, bint for_write=False,
+cdef inline void prefetch_row(const void *row, Py_ssize_t row_bytes, bint for_write=False,
                               bint lines_aligned=False) noexcept nogil:
     """Ask the CPU to start loading every cache line of one table row (to read or update)."""
-    cdef Py_ssize_t line_elements = CACHE_LINE_BYTES // sizeof(floating)
-    cdef Py_ssize_t j = 0
-    # the loop covers the lines of row[0], row[line_elements], ...: as many lines as the row
-    # has bytes, rounded up, which leave `slack` bytes spare after the row if it starts a line
-    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef const char *start = <const char *>row
+    cdef Py_ssize_t offset = 0
+    # the loop covers the lines of start[0], start[64], ...: as many lines as the row has
+    # bytes, rounded up, which leave `slack` bytes spare after the row if it starts a line
     cdef Py_ssize_t lines = (row_bytes + CACHE_LINE_BYTES - 1) // CACHE_LINE_BYTES
     cdef Py_ssize_t slack = lines * CACHE_LINE_BYTES - row_bytes
-    while j < dim:
+    while offset < row_bytes:
         if for_write:
-            FASTEMB_PREFETCH_WRITE(row + j)
+            FASTEMB_PREFETCH_WRITE(start + offset)
         else:
-            FASTEMB_PREFETCH(row + j)
-        j += line_elements
+            FASTEMB_PREFETCH(start + offset)
+        offset += CACHE_LINE_BYTES
     # a row that starts further into its line than that spans one line more; lines_aligned
     # says that none does (row and row size on cache lines; a literal True at an inlined call
     # site removes the test: a redundant prefetch per row cost a bag sum 2-8%)
-    if not lines_aligned and <Py_ssize_t>(<uintptr_t>row % CACHE_LINE_BYTES) > slack:
+    if not lines_aligned and <Py_ssize_t>(<uintptr_t>start % CACHE_LINE_BYTES) > slack:
         if for_write:
-            FASTEMB_PREFETCH_WRITE(row + dim - 1)
+            FASTEMB_PREFETCH_WRITE(start + row_bytes - 1)
         else:
-            FASTEMB_PREFETCH(row + dim - 1)
+            FASTEMB_PREFETCH(start + row_bytes - 1)
 
 
 cdef inline bint rows_on_lines(const void *table, Py_ssize_t row_bytes) noexcept nogil:
@@ -122,25 +160,27 @@ cdef inline Py_ssize_t prefetch_distance(Py_ssize_t num_rows, Py_ssize_t dim,
     return min(max(PREFETCH_BYTES_IN_FLIGHT // row_bytes, PREFETCH_MIN_ROWS), PREFETCH_MAX_ROWS)
 
 
-cdef inline void prefetch_table_row(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
-                                    int64_t row, Py_ssize_t column, Py_ssize_t width,
+cdef inline void prefetch_table_row(const void *table, Py_ssize_t num_rows, Py_ssize_t row_bytes,
+                                    int64_t row, Py_ssize_t start_byte, Py_ssize_t num_bytes,
                                     bint lines_aligned) noexcept nogil:
-    """Prefetch columns [column, column + width) of table row ``row``; an index that names no
-    row prefetches row 0 (the table is not empty when this runs), without a branch."""
+    """Prefetch bytes [start_byte, start_byte + num_bytes) of table row ``row``; an index that
+    names no row prefetches row 0 (the table is not empty when this runs), without a branch."""
     if <uint64_t>row >= <uint64_t>num_rows:  # one compare for "not 0 <= row < num_rows"
         row = 0
-    prefetch_row(table + row * dim + column, width, False, lines_aligned)
+    prefetch_row(<const char *>table + row * row_bytes + start_byte, num_bytes, False,
+                 lines_aligned)
 
 
-cdef inline void prefetch_ahead(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+cdef inline void prefetch_ahead(const void *table, Py_ssize_t num_rows, Py_ssize_t row_bytes,
                                 const index_t *indices, Py_ssize_t n, Py_ssize_t position,
-                                Py_ssize_t distance, Py_ssize_t column, Py_ssize_t width,
+                                Py_ssize_t distance, Py_ssize_t start_byte, Py_ssize_t num_bytes,
                                 bint lines_aligned) noexcept nogil:
-    """Prefetch columns [column, column + width) of the row ``indices[position + distance]``
-    names (see prefetch_table_row). Without branches, as FBGEMM does: past the end it takes the
-    current position. ``lines_aligned``: every row's columns start on a cache line (see
-    prefetch_row)."""
+    """Prefetch bytes [start_byte, start_byte + num_bytes) of the row
+    ``indices[position + distance]`` names (see prefetch_table_row). Without branches, as FBGEMM
+    does: past the end it takes the current position. ``lines_aligned``: every row's bytes
+    start on a cache line (see prefetch_row)."""
     cdef Py_ssize_t ahead = position + distance
     if ahead >= n:
         ahead = position
-    prefetch_table_row(table, num_rows, dim, indices[ahead], column, width, lines_aligned)
+    prefetch_table_row(table, num_rows, row_bytes, indices[ahead], start_byte, num_bytes,
+                       lines_aligned)

@@ -6,6 +6,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* ---- Prefetching, OpenMP and build information ---- */
 #if defined(__GNUC__) || defined(__clang__)
@@ -28,14 +29,17 @@ static int omp_get_max_threads(void) { return 1; }
 #define FASTEMB_COMPILE_FLAGS "unknown"
 #endif
 
-/* What the CPU running this process has, for fastemb/_kernels.py to pick a build: AVX2, and
-   the AVX-512 subsets the _avx512 build is compiled for (x86-64-v4: F, BW, VL, DQ). GCC and
-   clang also check that the OS saves the wider registers. */
+/* What the CPU running this process has, for fastemb/_kernels.py to pick a build: AVX2 (with
+   F16C), and the AVX-512 subsets the _avx512 build is compiled for (x86-64-v4: F, BW, VL, DQ).
+   GCC and clang also check that the OS saves the wider registers. */
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-static int fastemb_cpu_has_avx2(void) { return __builtin_cpu_supports("avx2"); }
+static int fastemb_cpu_has_avx2(void) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
 static int fastemb_cpu_has_avx512(void) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return fastemb_cpu_has_avx2() && __builtin_cpu_supports("avx512f")
+        && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512dq");
 }
 #else
 static int fastemb_cpu_has_avx2(void) { return 0; }
@@ -120,6 +124,134 @@ double fastemb_zero_block[FASTEMB_BLOCK_BYTES / sizeof(double)];
 #endif
 FASTEMB_UNROLLED_BLOCK_LOOPS(float)
 FASTEMB_UNROLLED_BLOCK_LOOPS(double)
+
+/* ---- 16-bit tables: bfloat16 and IEEE float16 elements, read as float32 ----
+   Each is its own struct type, so the kernels are specialised on it like on float and double.
+   Both widen to float32 exactly: bfloat16 is the top half of a float32's bits; float16 goes
+   through the compiler's _Float16 (F16C's vcvtph2ps where the build has it). */
+typedef struct { uint16_t bits; } fastemb_bfloat16;
+typedef struct { uint16_t bits; } fastemb_float16;
+
+static inline float fastemb_bfloat16_value(fastemb_bfloat16 x) {
+    uint32_t bits = (uint32_t)x.bits << 16;
+    float value;
+    memcpy(&value, &bits, sizeof(value));
+    return value;
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__FLT16_MAX__)
+#define FASTEMB_HAVE_FLOAT16 1
+static inline float fastemb_float16_value(fastemb_float16 x) {
+    _Float16 value;
+    memcpy(&value, &x.bits, sizeof(value));
+    return (float)value;
+}
+#else  /* no _Float16: widen the bits by hand (sign, exponent rebias, subnormals, inf/NaN) */
+#define FASTEMB_HAVE_FLOAT16 0
+static inline float fastemb_float16_value(fastemb_float16 x) {
+    uint32_t sign = (uint32_t)(x.bits & 0x8000) << 16, exponent = (x.bits >> 10) & 0x1f;
+    uint32_t mantissa = x.bits & 0x3ff, bits;
+    float value;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000 | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else {  /* zero or subnormal: mantissa * 2**-24, exact in float32 */
+        value = (float)mantissa * 5.9604644775390625e-08f;
+        return sign ? -value : value;
+    }
+    memcpy(&value, &bits, sizeof(value));
+    return value;
+}
+#endif
+
+/* The bag kernels' block loops over 16-bit rows: acc (float32) += source (times weight), a
+   vector of float32 at a time, each widened from half as many bytes of the row. */
+#if defined(__GNUC__) || defined(__clang__)
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+/* bfloat16: zero-extend each 16 bits to 32 and shift them to the top (vpmovzxwd, vpslld). */
+#define FASTEMB_WIDEN_BFLOAT16_GENERIC(V, source) ({ \
+        typedef uint16_t H __attribute__((vector_size(sizeof(V) / 2), aligned(2), may_alias)); \
+        typedef uint32_t W __attribute__((vector_size(sizeof(V)))); \
+        (V)(__builtin_convertvector(*(const H *)(source), W) << 16); })
+static inline fastemb_vector_float fastemb_widen_bfloat16_full(const fastemb_bfloat16 *source) {
+#if defined(__AVX512F__)
+    return (fastemb_vector_float)_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)source)), 16);
+#elif defined(__AVX2__)
+    return (fastemb_vector_float)_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)source)), 16);
+#else
+    return FASTEMB_WIDEN_BFLOAT16_GENERIC(fastemb_vector_float, source);
+#endif
+}
+static inline fastemb_short_vector_float fastemb_widen_bfloat16_short(
+        const fastemb_bfloat16 *source) {
+#if defined(__AVX2__) && FASTEMB_SHORT_VECTOR_BYTES == 32
+    return (fastemb_short_vector_float)_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)source)), 16);
+#else
+    return FASTEMB_WIDEN_BFLOAT16_GENERIC(fastemb_short_vector_float, source);
+#endif
+}
+#define FASTEMB_WIDEN_BFLOAT16(V, source) \
+    __builtin_choose_expr(sizeof(V) == FASTEMB_VECTOR_BYTES, \
+                          fastemb_widen_bfloat16_full(source), \
+                          fastemb_widen_bfloat16_short(source))
+/* float16: F16C's vcvtph2ps (gcc lowers a _Float16 vector conversion element by element);
+   without F16C, element by element. A full vector or a short one, as V is. */
+#if defined(__F16C__) && !defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#define FASTEMB_WIDEN_FLOAT16_LOOP(VECTOR, source) \
+    VECTOR widened; \
+    for (size_t i = 0; i < sizeof(VECTOR) / sizeof(float); i++) \
+        widened[i] = fastemb_float16_value((source)[i]); \
+    return widened;
+static inline fastemb_vector_float fastemb_widen_float16_full(const fastemb_float16 *source) {
+#if defined(__AVX512F__)
+    return (fastemb_vector_float)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)source));
+#elif defined(__F16C__) && FASTEMB_VECTOR_BYTES == 32
+    return (fastemb_vector_float)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)source));
+#else
+    FASTEMB_WIDEN_FLOAT16_LOOP(fastemb_vector_float, source)
+#endif
+}
+static inline fastemb_short_vector_float fastemb_widen_float16_short(
+        const fastemb_float16 *source) {
+#if defined(__F16C__) && FASTEMB_SHORT_VECTOR_BYTES == 32
+    return (fastemb_short_vector_float)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)source));
+#else
+    FASTEMB_WIDEN_FLOAT16_LOOP(fastemb_short_vector_float, source)
+#endif
+}
+#define FASTEMB_WIDEN_FLOAT16(V, source) \
+    __builtin_choose_expr(sizeof(V) == FASTEMB_VECTOR_BYTES, \
+                          fastemb_widen_float16_full(source), \
+                          fastemb_widen_float16_short(source))
+#endif
+#if defined(FASTEMB_VECTOR_BYTES) && defined(FASTEMB_WIDEN_BFLOAT16)
+#define FASTEMB_HALF_BLOCK_LOOPS(NAME, WIDEN) \
+    static inline void fastemb_add_##NAME(float *acc, const fastemb_##NAME *source, \
+                                          Py_ssize_t width) { \
+        FASTEMB_FOR_VECTORS(float, width, *(V *)(acc + j) += WIDEN(V, source + j)); } \
+    static inline void fastemb_add_scaled_##NAME(float *acc, float weight, \
+                                                 const fastemb_##NAME *source, Py_ssize_t width) { \
+        FASTEMB_FOR_VECTORS(float, width, *(V *)(acc + j) += weight * WIDEN(V, source + j)); }
+#else
+#define FASTEMB_HALF_BLOCK_LOOPS(NAME, WIDEN) \
+    static inline void fastemb_add_##NAME(float *acc, const fastemb_##NAME *source, \
+                                          Py_ssize_t width) { \
+        for (Py_ssize_t j = 0; j < width; j++) acc[j] += fastemb_##NAME##_value(source[j]); } \
+    static inline void fastemb_add_scaled_##NAME(float *acc, float weight, \
+                                                 const fastemb_##NAME *source, Py_ssize_t width) { \
+        for (Py_ssize_t j = 0; j < width; j++) \
+            acc[j] += weight * fastemb_##NAME##_value(source[j]); }
+#endif
+FASTEMB_HALF_BLOCK_LOOPS(bfloat16, FASTEMB_WIDEN_BFLOAT16)
+FASTEMB_HALF_BLOCK_LOOPS(float16, FASTEMB_WIDEN_FLOAT16)
 
 /* ---- The block-cache allocator ---- */
 #if defined(__linux__)

@@ -32,7 +32,7 @@ import importlib
 from fastemb._common cimport (FASTEMB_COMPILE_FLAGS, FASTEMB_HAVE_OPENMP, fastemb_cpu_has_avx2,
                               fastemb_cpu_has_avx512, omp_get_max_threads)
 
-from fastemb._common import BagMode, StepMethod
+from fastemb._common import BagMode, HalfFormat, StepMethod
 
 # --------------------------------------------------------------------------------------------
 # Build and runtime information
@@ -49,7 +49,7 @@ def openmp_max_threads():
 
 
 def cpu_has_avx2():
-    """True when the CPU running this process has AVX2 (so _core_avx2 may be used)."""
+    """True when the CPU running this process has AVX2 and F16C (so _core_avx2 may be used)."""
     return bool(fastemb_cpu_has_avx2())
 
 

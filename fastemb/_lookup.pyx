@@ -4,14 +4,16 @@ index checks of the lookups. The rules every kernel follows are in ``fastemb/_co
 
 from cython.parallel cimport prange
 from libc.math cimport INFINITY, NAN, fabs, isinf, pow, sqrt
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
 
-from fastemb._common cimport (BAG_MAX, BAG_MEAN, BagMode, check_enum, clamp, count_out_of_range,
-                              floating, index_t, is_kept, prefetch_ahead, prefetch_distance,
-                              prefetch_table_row, rows_on_lines, team_size)
+from fastemb._common cimport (BAG_MAX, BAG_MEAN, BFLOAT16, FLOAT16, BagMode, HalfFormat,
+                              bfloat16_t, check_enum, clamp, count_out_of_range, element_value,
+                              float16_t, floating, index_t, is_kept, prefetch_ahead,
+                              prefetch_distance, prefetch_table_row, rows_on_lines, stored_t,
+                              table_t, team_size)
 
 __all__ = ["bag_reduce", "bounds_from_offsets", "first_decrease", "first_out_of_range",
            "gather_rows", "renorm_rows"]
@@ -116,9 +118,10 @@ def first_decrease(const int64_t[::1] values):
 #   out[i, :] = W[indices[i], :]                                 for i in [0, n)
 # --------------------------------------------------------------------------------------------
 
-def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
-                floating[:, ::1] out, int num_threads):
-    """Copy ``weight[indices[i]]`` into ``out[i]`` for every i (a row of zeros if out of range).
+def gather_rows(const stored_t[:, ::1] weight, const index_t[::1] indices,
+                stored_t[:, ::1] out, int num_threads):
+    """Copy ``weight[indices[i]]`` into ``out[i]`` for every i (a row of zeros if out of range);
+    a 16-bit table is copied as its bits.
     Returns how many indices were out of range: the caller, whose output this is, can skip a
     separate validation pass and raise only when it is not 0.
 
@@ -126,7 +129,8 @@ def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
     """
     cdef Py_ssize_t n = indices.shape[0], num_rows = weight.shape[0], dim = weight.shape[1]
     cdef Py_ssize_t out_of_range = 0
-    cdef Py_ssize_t i, distance = prefetch_distance(num_rows, dim, sizeof(floating),
+    cdef Py_ssize_t row_bytes = dim * sizeof(stored_t)
+    cdef Py_ssize_t i, distance = prefetch_distance(num_rows, dim, sizeof(stored_t),
                                                     GATHER_PREFETCH_MIN_TABLE_BYTES)
     cdef int64_t row
     cdef bint lines_aligned
@@ -136,17 +140,17 @@ def gather_rows(const floating[:, ::1] weight, const index_t[::1] indices,
         return 0
     if dim == 0:  # nothing to copy, but the indices are still checked
         return count_out_of_range(&indices[0], 0, n, num_rows)
-    lines_aligned = num_rows > 0 and rows_on_lines(&weight[0, 0], dim * sizeof(floating))
+    lines_aligned = num_rows > 0 and rows_on_lines(&weight[0, 0], row_bytes)
     with nogil:
         for i in prange(n, schedule="static", num_threads=team_size(num_threads)):
             if distance:
-                prefetch_ahead(&weight[0, 0], num_rows, dim, &indices[0], n, i, distance, 0, dim,
-                               lines_aligned)
+                prefetch_ahead(&weight[0, 0], num_rows, row_bytes, &indices[0], n, i, distance,
+                               0, row_bytes, lines_aligned)
             row = indices[i]
             if 0 <= row < num_rows:
-                memcpy(&out[i, 0], &weight[row, 0], dim * sizeof(floating))
+                memcpy(&out[i, 0], &weight[row, 0], row_bytes)
             else:
-                memset(&out[i, 0], 0, dim * sizeof(floating))
+                memset(&out[i, 0], 0, row_bytes)
                 out_of_range += 1  # (an OpenMP reduction)
     return out_of_range
 
@@ -190,6 +194,16 @@ cdef extern from "_core.h":
                                             Py_ssize_t width) noexcept nogil
     void store_doubles "fastemb_store_double"(double *out, const double *acc,
                                               Py_ssize_t width) noexcept nogil
+    void add_bfloat16s "fastemb_add_bfloat16"(float *acc, const bfloat16_t *source,
+                                              Py_ssize_t width) noexcept nogil
+    void add_float16s "fastemb_add_float16"(float *acc, const float16_t *source,
+                                            Py_ssize_t width) noexcept nogil
+    void add_scaled_bfloat16s "fastemb_add_scaled_bfloat16"(float *acc, float weight,
+                                                            const bfloat16_t *source,
+                                                            Py_ssize_t width) noexcept nogil
+    void add_scaled_float16s "fastemb_add_scaled_float16"(float *acc, float weight,
+                                                          const float16_t *source,
+                                                          Py_ssize_t width) noexcept nogil
 
 # The block kernels are specialised on the block's width through a type tag (a NULL pointer of
 # one of these types), so each width is a compile-time constant in its own C function whatever
@@ -249,26 +263,38 @@ cdef inline void zero_block(floating *acc, Py_ssize_t width, bint unrolled) noex
             acc[j] = 0
 
 
-cdef inline void add_block(floating *acc, floating weight, const floating *source,
+cdef inline void add_block(floating *acc, floating weight, const table_t *source,
                            Py_ssize_t width, bint weighted, bint unrolled) noexcept nogil:
-    """acc[:width] += source[:width] (times weight if weighted)."""
+    """acc[:width] += source[:width] (times weight if weighted), a 16-bit source widened to
+    float32. Only the pairs the kernels run are compiled: a float64 table with float64 sums,
+    the others with float32 sums."""
     cdef Py_ssize_t j
-    if unrolled and not weighted:
-        if floating is float:
+    if (table_t is double and floating is float) or (table_t is not double and floating is double):
+        pass
+    elif unrolled and not weighted:
+        if table_t is bfloat16_t:
+            add_bfloat16s(acc, source, width)
+        elif table_t is float16_t:
+            add_float16s(acc, source, width)
+        elif table_t is float:
             add_floats(acc, source, width)
         else:
             add_doubles(acc, source, width)
     elif unrolled:
-        if floating is float:
+        if table_t is bfloat16_t:
+            add_scaled_bfloat16s(acc, weight, source, width)
+        elif table_t is float16_t:
+            add_scaled_float16s(acc, weight, source, width)
+        elif table_t is float:
             add_scaled_floats(acc, weight, source, width)
         else:
             add_scaled_doubles(acc, weight, source, width)
     elif not weighted:
         for j in range(width):
-            acc[j] += source[j]
+            acc[j] += <floating>element_value(source, j)
     else:
         for j in range(width):
-            acc[j] += weight * source[j]
+            acc[j] += weight * <floating>element_value(source, j)
 
 
 cdef inline void store_block(floating *out, const floating *acc, Py_ssize_t width,
@@ -285,7 +311,7 @@ cdef inline void store_block(floating *out, const floating *acc, Py_ssize_t widt
             out[j] = acc[j]
 
 
-cdef inline void add_entry(floating *acc, const floating *table, Py_ssize_t num_rows,
+cdef inline void add_entry(floating *acc, const table_t *table, Py_ssize_t num_rows,
                            Py_ssize_t dim, int64_t row, const floating *sample_weights,
                            Py_ssize_t k, int64_t padding_idx, Py_ssize_t column,
                            Py_ssize_t width, bint weighted, bint unrolled) noexcept nogil:
@@ -293,7 +319,7 @@ cdef inline void add_entry(floating *acc, const floating *table, Py_ssize_t num_
     +0 (weight 1), which changes no sum: a sum that starts at +0 is never -0. The adds then run
     for every entry, so the compiler keeps acc in registers (a conditional update makes gcc
     track, per register, whether to store it)."""
-    cdef const floating *source = <const floating *>ZERO_BLOCK
+    cdef const table_t *source = <const table_t *>ZERO_BLOCK
     cdef floating weight = 1
     if is_kept(row, padding_idx, num_rows):
         source = table + row * dim + column
@@ -327,7 +353,7 @@ cdef inline void bag_extent(const int64_t *bounds, Py_ssize_t b, Py_ssize_t n,
     end[0] = clamp(bounds[b + 1], start[0], n)
 
 
-cdef inline void sum_block(reduction_t *reduction, const floating *table, Py_ssize_t num_rows,
+cdef inline void sum_block(reduction_t *reduction, const table_t *table, Py_ssize_t num_rows,
                            Py_ssize_t dim, const index_t *indices, Py_ssize_t n,
                            const int64_t *bounds, Py_ssize_t first_bag, Py_ssize_t end_bag,
                            const floating *sample_weights, int64_t padding_idx,
@@ -340,7 +366,7 @@ cdef inline void sum_block(reduction_t *reduction, const floating *table, Py_ssi
     cdef bint unrolled = not (columns_t is WideColumns or columns_t is AnyColumns)
     cdef bint weighted = reduction_t is WeightedSumReduction
     cdef floating acc[MAX_BLOCK_ELEMENTS]
-    cdef Py_ssize_t b, k, start, end, prefetched_end
+    cdef Py_ssize_t b, k, start, end, prefetched_end, row_bytes = dim * sizeof(table_t)
     for b in range(first_bag, end_bag):
         bag_extent(bounds, b, n, &start, &end)
         zero_block(acc, width, unrolled)
@@ -349,14 +375,14 @@ cdef inline void sum_block(reduction_t *reduction, const floating *table, Py_ssi
         prefetched_end = clamp(n - distance, start, end) if distance else start
         if lines_aligned:
             for k in range(start, prefetched_end):
-                prefetch_table_row(table, num_rows, dim, indices[k + distance], column, width,
-                                   True)
+                prefetch_table_row(table, num_rows, row_bytes, indices[k + distance],
+                                   column * sizeof(table_t), width * sizeof(table_t), True)
                 add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k,
                           padding_idx, column, width, weighted, unrolled)
         else:
             for k in range(start, prefetched_end):
-                prefetch_table_row(table, num_rows, dim, indices[k + distance], column, width,
-                                   False)
+                prefetch_table_row(table, num_rows, row_bytes, indices[k + distance],
+                                   column * sizeof(table_t), width * sizeof(table_t), False)
                 add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k,
                           padding_idx, column, width, weighted, unrolled)
         for k in range(prefetched_end, end):
@@ -365,7 +391,7 @@ cdef inline void sum_block(reduction_t *reduction, const floating *table, Py_ssi
         store_block(out + b * dim + column, acc, width, unrolled)
 
 
-cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+cdef inline void max_block(const table_t *table, Py_ssize_t num_rows, Py_ssize_t dim,
                            const index_t *indices, Py_ssize_t n, const int64_t *bounds,
                            Py_ssize_t first_bag, Py_ssize_t end_bag, int64_t padding_idx,
                            Py_ssize_t column, columns_t *columns, Py_ssize_t any_width,
@@ -377,7 +403,8 @@ cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
     cdef Py_ssize_t width = block_width(columns, any_width, sizeof(floating))
     cdef floating acc[MAX_BLOCK_ELEMENTS]
     cdef int64_t winner[MAX_BLOCK_ELEMENTS]
-    cdef const floating *source
+    cdef const table_t *source
+    cdef floating value
     cdef floating *out_row
     cdef int64_t *winner_row
     cdef Py_ssize_t b, k, j, start, end
@@ -398,23 +425,25 @@ cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
         row = indices[k]
         source = table + row * dim + column
         for j in range(width):
-            acc[j] = source[j]
+            acc[j] = <floating>element_value(source, j)
             winner[j] = row
         for k in range(k + 1, end):
             if distance:
-                prefetch_ahead(table, num_rows, dim, indices, n, k, distance, column, width,
-                               lines_aligned)
+                prefetch_ahead(table, num_rows, dim * sizeof(table_t), indices, n, k, distance,
+                               column * sizeof(table_t), width * sizeof(table_t), lines_aligned)
             row = indices[k]
             if not is_kept(row, padding_idx, num_rows):
                 continue
             source = table + row * dim + column
             if winner_row == NULL:
                 for j in range(width):
-                    acc[j] = source[j] if source[j] > acc[j] else acc[j]
+                    value = <floating>element_value(source, j)
+                    acc[j] = value if value > acc[j] else acc[j]
             else:
                 for j in range(width):
-                    if source[j] > acc[j]:
-                        acc[j] = source[j]
+                    value = <floating>element_value(source, j)
+                    if value > acc[j]:
+                        acc[j] = value
                         winner[j] = row
         for j in range(width):
             out_row[j] = acc[j]
@@ -422,7 +451,7 @@ cdef inline void max_block(const floating *table, Py_ssize_t num_rows, Py_ssize_
                 winner_row[j] = winner[j]
 
 
-cdef inline void reduce_block(reduction_t *reduction, const floating *table,
+cdef inline void reduce_block(reduction_t *reduction, const table_t *table,
                               Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
                               Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
                               Py_ssize_t end_bag, const floating *sample_weights,
@@ -440,7 +469,7 @@ cdef inline void reduce_block(reduction_t *reduction, const floating *table,
 
 
 cdef inline Py_ssize_t reduce_block_if_it_fits(
-        reduction_t *reduction, const floating *table, Py_ssize_t num_rows, Py_ssize_t dim,
+        reduction_t *reduction, const table_t *table, Py_ssize_t num_rows, Py_ssize_t dim,
         const index_t *indices, Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
         Py_ssize_t end_bag, const floating *sample_weights, int64_t padding_idx,
         Py_ssize_t column, columns_t *columns, floating *out, int64_t *winners,
@@ -456,7 +485,7 @@ cdef inline Py_ssize_t reduce_block_if_it_fits(
     return column + width
 
 
-cdef inline void reduce_columns(reduction_t *reduction, const floating *table,
+cdef inline void reduce_columns(reduction_t *reduction, const table_t *table,
                                 Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
                                 Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
                                 Py_ssize_t end_bag, const floating *sample_weights,
@@ -497,7 +526,7 @@ cdef inline bint is_one_block(Py_ssize_t row_bytes) noexcept nogil:
             or row_bytes == 64 or row_bytes <= 32)
 
 
-cdef inline void reduce_bags(reduction_t *reduction, const floating *table,
+cdef inline void reduce_bags(reduction_t *reduction, const table_t *table,
                              Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
                              Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
                              Py_ssize_t end_bag, const floating *sample_weights,
@@ -540,15 +569,78 @@ cdef inline void divide_by_bag_sizes(Py_ssize_t num_rows, Py_ssize_t dim, const 
             out[b * dim + j] = out[b * dim + j] / divisor if divisor != 0 else 0
 
 
-def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
-               const int64_t[::1] bounds, BagMode mode, const floating[::1] sample_weights,
-               int64_t padding_idx, floating[:, ::1] out, int64_t[:, ::1] winners,
-               int num_threads):
+cdef inline bint sums_in(stored_t *table_type, floating *sum_type) noexcept nogil:
+    """Whether a table of this type is reduced in this one: float64 in float64, the others in
+    float32 (the NULL arguments only select the types)."""
+    if stored_t is double and floating is double:
+        return True
+    elif stored_t is not double and floating is float:
+        return True
+    else:
+        return False
+
+
+cdef Py_ssize_t reduce_chunks(const table_t *table, Py_ssize_t num_rows, Py_ssize_t dim,
+                              const index_t *indices, Py_ssize_t num_indices,
+                              const int64_t *bounds, Py_ssize_t num_bags, BagMode mode,
+                              const floating *sample_weights, int64_t padding_idx,
+                              floating *out, int64_t *winners, int num_threads) noexcept nogil:
+    """bag_reduce's work on checked arguments (table NULL when it has no rows, sample_weights
+    and winners NULL when absent): the bags in chunks of BAGS_PER_CHUNK, each chunk counting
+    its indices outside [0, V) right after reducing them; returns the count."""
+    cdef Py_ssize_t num_chunks = (num_bags + BAGS_PER_CHUNK - 1) // BAGS_PER_CHUNK
+    cdef Py_ssize_t chunk, first, last, out_of_range = 0
+    # With no indices or an empty table every bag is empty (n = 0 clamps every bag to [0, 0]);
+    # the kernels then read neither.
+    cdef Py_ssize_t n = num_indices if table != NULL else 0
+    cdef Py_ssize_t distance = prefetch_distance(num_rows, dim, sizeof(table_t),
+                                                 BAG_PREFETCH_MIN_TABLE_BYTES)
+    # (then every block of columns starts a multiple of 64 bytes into its row too)
+    cdef bint lines_aligned = rows_on_lines(table, dim * sizeof(table_t))
+    # Chunks go to whichever thread is free: on a shared machine one core can run slower than
+    # the other for a while, and a static split then waits for it.
+    for chunk in prange(num_chunks, schedule="dynamic", num_threads=team_size(num_threads)):
+        first = chunk * BAGS_PER_CHUNK
+        last = min(first + BAGS_PER_CHUNK, num_bags)
+        if mode == BAG_MAX:
+            reduce_bags(<MaxReduction *>NULL, table, num_rows, dim, indices, n, bounds, first,
+                        last, <const floating *>NULL, padding_idx, out, winners, distance,
+                        lines_aligned)
+        elif sample_weights == NULL:
+            reduce_bags(<SumReduction *>NULL, table, num_rows, dim, indices, n, bounds, first,
+                        last, sample_weights, padding_idx, out, NULL, distance, lines_aligned)
+        else:
+            reduce_bags(<WeightedSumReduction *>NULL, table, num_rows, dim, indices, n, bounds,
+                        first, last, sample_weights, padding_idx, out, NULL, distance,
+                        lines_aligned)
+        if mode == BAG_MEAN:
+            divide_by_bag_sizes(num_rows, dim, indices, n, bounds, first, last, sample_weights,
+                                padding_idx, out)
+        if num_indices:
+            out_of_range += count_out_of_range(  # (an OpenMP reduction)
+                indices, clamp(bounds[first], 0, num_indices),
+                clamp(bounds[last], 0, num_indices), num_rows)
+    if num_indices:  # indices before the first bag or after the last (none, with offsets
+        # that start at 0 and a last bag that runs to the end)
+        out_of_range += count_out_of_range(indices, 0, clamp(bounds[0], 0, num_indices),
+                                           num_rows)
+        out_of_range += count_out_of_range(
+            indices, clamp(bounds[num_bags], 0, num_indices), num_indices, num_rows)
+    return out_of_range
+
+
+def bag_reduce(const stored_t[:, ::1] weight, const index_t[::1] indices,
+               const int64_t[::1] bounds, BagMode mode, sample_weights, int64_t padding_idx,
+               floating[:, ::1] out, int64_t[:, ::1] winners, int num_threads,
+               HalfFormat half_format=BFLOAT16):
     """Reduce each bag ``indices[bounds[b]:bounds[b+1]]`` of table rows into ``out[b]``.
 
-    ``mode`` is a BagMode (sum, mean or max); ``sample_weights`` (same length as indices, or None)
-    weights sum and mean; ``padding_idx`` (-1 for none) marks entries to skip; ``winners``
-    (shape of out, int64) receives the winning rows in max mode and may be None otherwise.
+    ``weight`` is a float32 or float64 table (``out`` and ``sample_weights`` in its dtype), or
+    the bits (uint16) of a ``half_format`` table (BFLOAT16 or FLOAT16), reduced in float32 (``out``
+    and ``sample_weights`` float32). ``mode`` is a BagMode (sum, mean or max);
+    ``sample_weights`` (same length as indices, or None) weights sum and mean; ``padding_idx``
+    (-1 for none) marks entries to skip; ``winners`` (shape of out, int64) receives the
+    winning rows in max mode and may be None otherwise.
 
     Returns how many indices of the bags were outside ``[0, V)`` (they were skipped, like
     padding): each chunk of bags counts its indices right after reducing them, while they are
@@ -556,25 +648,23 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
     before the call and raises only when the count is not 0. Indices in no bag count too.
     """
     check_enum(mode, BAG_MAX, "bag mode")
+    check_enum(half_format, FLOAT16, "half format")
     cdef Py_ssize_t n = indices.shape[0], num_rows = weight.shape[0], dim = weight.shape[1]
-    cdef Py_ssize_t num_bags = bounds.shape[0] - 1
-    cdef Py_ssize_t num_chunks = (num_bags + BAGS_PER_CHUNK - 1) // BAGS_PER_CHUNK
-    cdef Py_ssize_t chunk, first, last, out_of_range = 0, num_indices = n
-    cdef const floating *table
-    cdef const index_t *index_data
+    cdef Py_ssize_t num_bags = bounds.shape[0] - 1, out_of_range = 0
+    cdef const void *table
+    cdef const floating[::1] weights_view  # (typed from out: a None argument names no type)
     cdef const floating *weights_data = NULL
-    cdef floating *out_data
     cdef int64_t *winner_data = NULL
-    cdef Py_ssize_t distance = prefetch_distance(num_rows, dim, sizeof(floating),
-                                                 BAG_PREFETCH_MIN_TABLE_BYTES)
-    cdef bint lines_aligned  # (every block of columns starts a multiple of 256 bytes in)
+    if not sums_in(<stored_t *>NULL, <floating *>NULL):
+        raise ValueError("bag_reduce: out must be float64 for a float64 table, float32 otherwise")
     if num_bags < 0 or out.shape[0] != num_bags or out.shape[1] != dim:
         raise ValueError("bag_reduce: out must have shape (len(bounds) - 1, weight.shape[1])")
     if sample_weights is not None:
-        if sample_weights.shape[0] != n:
+        weights_view = sample_weights
+        if weights_view.shape[0] != n:
             raise ValueError("bag_reduce: sample_weights must have one entry per index")
         if n > 0:
-            weights_data = &sample_weights[0]
+            weights_data = &weights_view[0]
     if winners is not None:
         if mode != BAG_MAX or winners.shape[0] != num_bags or winners.shape[1] != dim:
             raise ValueError("bag_reduce: winners (max mode only) must have the shape of out")
@@ -582,45 +672,24 @@ def bag_reduce(const floating[:, ::1] weight, const index_t[::1] indices,
             winner_data = &winners[0, 0]
     if num_bags == 0 or dim == 0:  # nothing to reduce, but the indices are still checked
         return count_out_of_range(&indices[0], 0, n, num_rows) if n else 0
-    out_data = &out[0, 0]
-    # With no indices or an empty table every bag is empty (n = 0 clamps every bag to [0, 0]);
-    # the kernels then read neither.
     table = &weight[0, 0] if num_rows > 0 else NULL
-    index_data = &indices[0] if n > 0 else NULL
-    if table == NULL:
-        n = 0
-    lines_aligned = rows_on_lines(table, dim * sizeof(floating))
     with nogil:
-        # Chunks go to whichever thread is free: on a shared machine one core can run slower
-        # than the other for a while, and a static split then waits for it.
-        for chunk in prange(num_chunks, schedule="dynamic", num_threads=team_size(num_threads)):
-            first = chunk * BAGS_PER_CHUNK
-            last = min(first + BAGS_PER_CHUNK, num_bags)
-            if mode == BAG_MAX:
-                reduce_bags(<MaxReduction *>NULL, table, num_rows, dim, index_data, n,
-                            &bounds[0], first, last, NULL, padding_idx, out_data, winner_data,
-                            distance, lines_aligned)
-            elif weights_data == NULL:
-                reduce_bags(<SumReduction *>NULL, table, num_rows, dim, index_data, n,
-                            &bounds[0], first, last, NULL, padding_idx, out_data, NULL,
-                            distance, lines_aligned)
+        if stored_t is uint16_t and floating is float:
+            if half_format == BFLOAT16:
+                out_of_range = reduce_chunks(<const bfloat16_t *>table, num_rows, dim,
+                                             &indices[0] if n else NULL, n, &bounds[0],
+                                             num_bags, mode, weights_data, padding_idx,
+                                             &out[0, 0], winner_data, num_threads)
             else:
-                reduce_bags(<WeightedSumReduction *>NULL, table, num_rows, dim, index_data, n,
-                            &bounds[0], first, last, weights_data, padding_idx, out_data, NULL,
-                            distance, lines_aligned)
-            if mode == BAG_MEAN:
-                divide_by_bag_sizes(num_rows, dim, index_data, n, &bounds[0], first, last,
-                                    weights_data, padding_idx, out_data)
-            if num_indices:
-                out_of_range += count_out_of_range(  # (an OpenMP reduction)
-                    &indices[0], clamp(bounds[first], 0, num_indices),
-                    clamp(bounds[last], 0, num_indices), num_rows)
-    if num_indices:  # indices before the first bag or after the last (none, with offsets
-        # that start at 0 and a last bag that runs to the end)
-        out_of_range += count_out_of_range(&indices[0], 0, clamp(bounds[0], 0, num_indices),
-                                           num_rows)
-        out_of_range += count_out_of_range(
-            &indices[0], clamp(bounds[num_bags], 0, num_indices), num_indices, num_rows)
+                out_of_range = reduce_chunks(<const float16_t *>table, num_rows, dim,
+                                             &indices[0] if n else NULL, n, &bounds[0],
+                                             num_bags, mode, weights_data, padding_idx,
+                                             &out[0, 0], winner_data, num_threads)
+        elif stored_t is floating:
+            out_of_range = reduce_chunks(<const floating *>table, num_rows, dim,
+                                         &indices[0] if n else NULL, n, &bounds[0], num_bags,
+                                         mode, weights_data, padding_idx, &out[0, 0],
+                                         winner_data, num_threads)
     return out_of_range
 
 

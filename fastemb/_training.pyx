@@ -167,7 +167,7 @@ cdef inline void prefetch_grad_row(const floating *grad, Py_ssize_t dim, const P
     """Prefetch the grad row that order[k] reads."""
     cdef int64_t grad_row = grad_row_of(plan, plan.order[k])
     if grad_row >= 0:
-        prefetch_row(grad + grad_row * dim, dim)
+        prefetch_row(grad + grad_row * dim, dim * sizeof(floating))
 
 
 cdef inline void prefetch_group_gradient(const floating *grad, Py_ssize_t dim,
@@ -437,11 +437,11 @@ def sparse_step(StepMethod method, floating[:, ::1] weight not None, floating[:,
             if u + UPDATE_PREFETCH_ROWS < num_groups:
                 ahead = rows[u + UPDATE_PREFETCH_ROWS]
                 if 0 <= ahead < num_rows:
-                    prefetch_row(&weight[ahead, 0], dim, True)
+                    prefetch_row(&weight[ahead, 0], dim * sizeof(floating), True)
                     if state_a_width:
-                        prefetch_row(&state_a[ahead, 0], state_a_width, True)
+                        prefetch_row(&state_a[ahead, 0], state_a_width * sizeof(floating), True)
                     if method == STEP_ADAM:
-                        prefetch_row(&state_b[ahead, 0], dim, True)
+                        prefetch_row(&state_b[ahead, 0], dim * sizeof(floating), True)
             prefetch_group_gradient(&grad[0, 0], dim, &view, u, num_groups)
             row = rows[u]
             if row < 0 or row >= num_rows:

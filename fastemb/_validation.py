@@ -9,6 +9,7 @@ import numbers
 import numpy as np
 
 from ._config import threads_for
+from ._dtypes import TABLE_DTYPE_NAMES, TABLE_DTYPES
 from ._kernels import kernels as _core
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -74,12 +75,14 @@ def check_index_range(flat_indices, shape, num_embeddings, name="input"):
         )
 
 
-def as_weight(weight, name="weight"):
-    """Check that ``weight`` is a 2-D float32 or float64 array; array-likes are converted."""
+def as_weight(weight, name="weight", reduced_precision=False):
+    """Check that ``weight`` is a 2-D float32 or float64 array (with ``reduced_precision``, also
+    float16 or bfloat16: the lookups take those); array-likes are converted."""
     if not isinstance(weight, np.ndarray):
         weight = np.asarray(weight)
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {weight.dtype}")
+    if weight.dtype not in (TABLE_DTYPES if reduced_precision else FLOAT_DTYPES):
+        names = TABLE_DTYPE_NAMES if reduced_precision else "float32 or float64"
+        raise TypeError(f"{name} must be {names}, got dtype {weight.dtype}")
     if weight.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_embeddings, embedding_dim), got shape {weight.shape}")
     return weight
@@ -168,17 +171,20 @@ def bag_bounds(offsets, num_indices, include_last_offset):
     return bounds
 
 
-def as_sample_weights(per_sample_weights, input_shape, dtype):
-    """Per-sample weights: same shape as input and the table's dtype, returned flat.
+def as_sample_weights(per_sample_weights, input_shape, dtype, also=None):
+    """Per-sample weights: same shape as input, in ``dtype`` (the dtype the lookup computes
+    in), returned flat.
 
-    An ndarray of another dtype is rejected (no silent rounding); a list is converted.
+    An ndarray of another dtype is rejected (no silent rounding), except one of ``also`` (a
+    16-bit table's own dtype), which widens exactly; a list is converted.
     """
     if isinstance(per_sample_weights, np.ndarray):
         weights = per_sample_weights
-        if weights.dtype != dtype:
-            raise TypeError(
-                f"per_sample_weights must have the weight's dtype {dtype}, got {weights.dtype}"
-            )
+        if weights.dtype == also:
+            weights = weights.astype(dtype)
+        elif weights.dtype != dtype:
+            wanted = dtype if also in (None, dtype) else f"{dtype} or {also}"
+            raise TypeError(f"per_sample_weights must have dtype {wanted}, got {weights.dtype}")
     else:
         try:
             weights = np.asarray(per_sample_weights)

@@ -14,6 +14,7 @@ from numpy.typing import ArrayLike
 
 from ._kernels import kernels as _core
 from ._config import threads_for
+from ._dtypes import TABLE_DTYPES
 from ._memory import reused_memory, with_reused_memory
 from ._validation import (
     as_index_array,
@@ -50,26 +51,44 @@ def _max_norm_arguments(weight, max_norm, norm_type):
 
 
 def _renorm(weight, flat_indices, max_norm_arguments):
-    """Apply max_norm in place to the distinct rows in flat_indices (already validated)."""
+    """Apply max_norm in place to the distinct rows in flat_indices (already validated). A
+    16-bit table's rows are renormed in float32 and rounded back (only the rescaled ones)."""
     if max_norm_arguments is not None and flat_indices.size:
         max_norm, norm_type = max_norm_arguments
         threads = threads_for(flat_indices.size * weight.shape[1])
         rows = _core.group_by_row(flat_indices, weight.shape[0], NO_PADDING, threads)[0]
-        _core.renorm_rows(weight, rows, max_norm, norm_type, threads)
+        if weight.dtype == TABLE_DTYPES[weight.dtype].compute_dtype:
+            _core.renorm_rows(weight, rows, max_norm, norm_type, threads)
+            return
+        before = weight[rows].astype(np.float32)
+        renormed = before.copy()
+        _core.renorm_rows(renormed, np.arange(rows.size), max_norm, norm_type, threads)
+        rescaled = (renormed.view(np.uint32) != before.view(np.uint32)).any(axis=1)
+        weight[rows[rescaled]] = renormed[rescaled].astype(weight.dtype)
 
 
-def _lookup_table(weight, flat_indices):
-    """The table the kernels read, and the indices into it.
+def _lookup_table(weight, flat_indices, dtype=None):
+    """The table the kernels read (in ``dtype``, default the weight's), and the indices into it.
 
-    A C-contiguous weight is used as it is. Any other layout (Fortran order, a strided view)
-    gives a C-contiguous copy of just the looked-up rows, with the indices renumbered into it:
-    it costs O(lookups), never O(table). Returns (table, indices, rows) where ``rows`` maps
-    table rows back to weight rows (None when no copy was made).
+    A C-contiguous weight of that dtype is used as it is. Any other layout (Fortran order, a
+    strided view) or dtype gives a C-contiguous copy of just the looked-up rows, with the
+    indices renumbered into it: it costs O(lookups), never O(table). Returns (table, indices,
+    rows) where ``rows`` maps table rows back to weight rows (None when no copy was made).
     """
-    if weight.flags.c_contiguous:
+    if weight.flags.c_contiguous and (dtype is None or dtype == weight.dtype):
         return weight, flat_indices, None
     rows, local_indices = np.unique(flat_indices, return_inverse=True)
-    return np.ascontiguousarray(weight[rows]), local_indices.astype(np.int64), rows
+    table = np.ascontiguousarray(weight[rows], dtype=dtype)
+    return table, local_indices.astype(np.int64), rows
+
+
+def _padding_in(rows, padding):
+    """The padding row's number in a copy of ``rows`` (see _lookup_table); NO_PADDING if the
+    copy has none."""
+    if rows is None or padding == NO_PADDING:
+        return padding
+    at = np.searchsorted(rows, padding)
+    return int(at) if at < rows.size and rows[at] == padding else NO_PADDING
 
 
 def _check_indices_first(weight, flat_indices, shape, renorm):
@@ -86,7 +105,7 @@ def _check_indices_first(weight, flat_indices, shape, renorm):
 
 def lookup_forward(input, weight, padding_idx=None, max_norm=None, norm_type=2.0):
     """Validate, renorm, gather; returns (output, flat validated indices)."""
-    weight = as_weight(weight)
+    weight = as_weight(weight, reduced_precision=True)
     indices = as_index_array(input)
     num_embeddings, dim = weight.shape
     normalize_padding_idx(padding_idx, num_embeddings)  # validated; the forward ignores it
@@ -97,7 +116,9 @@ def lookup_forward(input, weight, padding_idx=None, max_norm=None, norm_type=2.0
     table, table_indices, _ = _lookup_table(weight, flat)
     # from the block cache: a loop's next output reuses this one's pages once it is freed
     out = _core.empty_reused((flat.size, dim), weight.dtype)
-    out_of_range = _core.gather_rows(table, table_indices, out, threads_for(out.size))
+    table_dtype = TABLE_DTYPES[weight.dtype]
+    out_of_range = _core.gather_rows(table_dtype.kernel_view(table), table_indices,
+                                     table_dtype.kernel_view(out), threads_for(out.size))
     if out_of_range and not checked_first:
         check_index_range(flat, indices.shape, num_embeddings)
     return out.reshape(indices.shape + (dim,)), flat
@@ -152,7 +173,8 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
                 record_winners=True):
     """Validate, renorm, and reduce; returns a BagForward (see ``embedding_bag``). In max mode
     the winning rows, which only a backward needs, are recorded if ``record_winners``."""
-    weight = as_weight(weight)
+    weight = as_weight(weight, reduced_precision=True)
+    table_dtype = TABLE_DTYPES[weight.dtype]
     num_embeddings, dim = weight.shape
     mode = check_mode(mode)
     indices = as_index_array(input)
@@ -173,7 +195,8 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
     if per_sample_weights is not None:
         if mode == "max":
             raise ValueError("per_sample_weights is supported with mode 'sum' and 'mean', not 'max'")
-        sample_weights = as_sample_weights(per_sample_weights, indices.shape, weight.dtype)
+        sample_weights = as_sample_weights(per_sample_weights, indices.shape,
+                                           table_dtype.compute_dtype, also=weight.dtype)
     padding = normalize_padding_idx(padding_idx, num_embeddings)
     renorm = _max_norm_arguments(weight, max_norm, norm_type)
     flat = indices.reshape(-1)
@@ -182,18 +205,15 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
 
     padding = NO_PADDING if padding is None else padding
     table, table_indices, rows = _lookup_table(weight, flat)
-    table_padding = padding
-    if rows is not None and padding != NO_PADDING:
-        at = np.searchsorted(rows, padding)
-        table_padding = int(at) if at < rows.size and rows[at] == padding else NO_PADDING
     num_bags = bounds.size - 1
-    out = _core.empty_reused((num_bags, dim), weight.dtype)
+    out = _core.empty_reused((num_bags, dim), table_dtype.compute_dtype)
     winners = None
     if mode == "max" and record_winners:
         winners = np.empty((num_bags, dim), dtype=np.int64)
-    out_of_range = _core.bag_reduce(table, table_indices, bounds, BAG_MODES[mode],
-                                    sample_weights, table_padding, out, winners,
-                                    threads_for(flat.size * dim))
+    out_of_range = _core.bag_reduce(table_dtype.kernel_view(table), table_indices, bounds,
+                                    BAG_MODES[mode], sample_weights, _padding_in(rows, padding),
+                                    out, winners, threads_for(flat.size * dim),
+                                    table_dtype.kernel_format)
     if out_of_range and not checked_first:
         check_index_range(flat, indices.shape, num_embeddings)
     if rows is not None and winners is not None and rows.size:  # (no rows: every winner is -1)

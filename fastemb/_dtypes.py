@@ -1,0 +1,55 @@
+"""The table dtypes fastemb accepts, in one registry: float32 and float64, computed in their own
+dtype, and the 16-bit ``float16`` and ``bfloat16`` (NumPy's dtype from ``ml_dtypes``, when it is
+installed), which lookups read as float32: bag results, gradients and per-sample weights of a
+16-bit table are float32, and ``embedding`` returns its rows in the table's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._kernels import kernels as _core
+
+try:
+    import ml_dtypes
+except ImportError:  # bfloat16 tables need ml_dtypes (pip install "fastemb[bfloat16]")
+    ml_dtypes = None
+
+
+@dataclass(frozen=True)
+class TableDtype:
+    """One table dtype: its NumPy dtype, and for a 16-bit float the format the kernels read its
+    bits as (a ``HalfFormat``; None for float32 and float64)."""
+
+    dtype: np.dtype
+    half_format: int | None = None
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """The dtype lookups compute and return bag results, gradients in: the table's own for
+        float32/float64, float32 for a 16-bit table."""
+        return self.dtype if self.half_format is None else np.dtype(np.float32)
+
+    @property
+    def kernel_format(self) -> int:
+        """The ``half_format`` argument of the kernels (ignored for float32 and float64)."""
+        return _core.HalfFormat.BFLOAT16 if self.half_format is None else self.half_format
+
+    def kernel_view(self, array: np.ndarray) -> np.ndarray:
+        """``array`` (of this dtype) as the kernels take it: itself, or its 16-bit float's bits
+        as uint16 (a view, no copy)."""
+        return array if self.half_format is None else array.view(np.uint16)
+
+
+TABLE_DTYPES = {
+    table.dtype: table for table in (
+        TableDtype(np.dtype(np.float32)),
+        TableDtype(np.dtype(np.float64)),
+        TableDtype(np.dtype(np.float16), _core.HalfFormat.FLOAT16),
+        *([TableDtype(np.dtype(ml_dtypes.bfloat16), _core.HalfFormat.BFLOAT16)]
+          if ml_dtypes is not None else []),
+    )
+}
+TABLE_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
