@@ -13,10 +13,12 @@ from numpy.typing import ArrayLike
 
 from ._kernels import kernels as _core
 from ._config import threads_for
+from ._dtypes import TABLE_DTYPES
 from ._memory import with_reused_memory
 from ._validation import (FLOAT_DTYPES, as_count, as_index_array, check_index_range,
                           normalize_padding_idx)
-from .functional import BAG_MODES, NO_PADDING, BagForward, bag_forward
+from .functional import (BAG_MODES, NO_PADDING, BagForward, _lookup_table, _padding_in,
+                         bag_forward)
 from .sparse import GradientPlan, SparseGrad
 
 
@@ -47,10 +49,12 @@ def lookup_grad(flat_indices, output_shape, grad_output, dtype, num_embeddings, 
 
 @with_reused_memory
 def bag_grads(forward: BagForward, weight, grad_output, scale_grad_by_freq):
-    """(SparseGrad, per-sample-weights gradient or None) of an embedding_bag forward."""
+    """(SparseGrad, per-sample-weights gradient or None) of an embedding_bag forward. Of a
+    16-bit table they are float32, like its forward's output."""
     num_embeddings, dim = weight.shape
     num_bags = forward.bounds.size - 1
-    grad = _as_grad_output(grad_output, (num_bags, dim), weight.dtype)
+    dtype = TABLE_DTYPES[weight.dtype].compute_dtype
+    grad = _as_grad_output(grad_output, (num_bags, dim), dtype)
     indices, sample_weights = forward.indices, forward.sample_weights
     threads = threads_for(indices.size * dim)
     bag_of = np.empty(indices.size, dtype=np.int64)
@@ -58,8 +62,8 @@ def bag_grads(forward: BagForward, weight, grad_output, scale_grad_by_freq):
     coefficients = totals = None
     per_position = forward.mode == "mean" or sample_weights is not None
     if per_position:
-        coefficients = np.empty(indices.size, dtype=weight.dtype)
-        totals = np.empty(num_bags, dtype=weight.dtype)
+        coefficients = np.empty(indices.size, dtype=dtype)
+        totals = np.empty(num_bags, dtype=dtype)
         _core.bag_gradient_factors(coefficients, totals, indices, forward.bounds,
                                    BAG_MODES[forward.mode], sample_weights,
                                    forward.padding_idx, threads)
@@ -73,11 +77,14 @@ def bag_grads(forward: BagForward, weight, grad_output, scale_grad_by_freq):
     weight_grad = SparseGrad._planned(rows, num_embeddings, plan)
     if sample_weights is None:
         return weight_grad, None
-    sample_grad = np.empty(indices.size, dtype=weight.dtype)
+    sample_grad = np.empty(indices.size, dtype=dtype)
     mean = forward.mode == "mean"
-    _core.sample_weights_grad(np.ascontiguousarray(weight), indices, bag_of, grad,
+    # the looked-up rows, in the dtype the gradient is computed in (a copy of just those rows
+    # for a 16-bit or non-contiguous table)
+    table, table_indices, rows = _lookup_table(weight, indices, dtype)
+    _core.sample_weights_grad(table, table_indices, bag_of, grad,
                               forward.output if mean else None, totals if mean else None,
-                              forward.padding_idx, sample_grad, threads)
+                              _padding_in(rows, forward.padding_idx), sample_grad, threads)
     return weight_grad, sample_grad.reshape(forward.input_shape)
 
 
@@ -101,11 +108,14 @@ def embedding_backward(grad_output: ArrayLike, input: ArrayLike, num_embeddings:
     check_index_range(flat, indices.shape, num_embeddings)
     padding = normalize_padding_idx(padding_idx, num_embeddings)
     grad_output = np.asarray(grad_output)
-    if grad_output.dtype not in FLOAT_DTYPES or grad_output.ndim != indices.ndim + 1:
+    if grad_output.dtype not in TABLE_DTYPES or grad_output.ndim != indices.ndim + 1:
         raise ValueError(
-            f"grad_output must be float32/float64 with shape input.shape + (D,) = "
-            f"{indices.shape} + (D,), got {grad_output.dtype} {grad_output.shape}"
+            f"grad_output must be float32/float64 (or the float16/bfloat16 output of a 16-bit "
+            f"table) with shape input.shape + (D,) = {indices.shape} + (D,), got "
+            f"{grad_output.dtype} {grad_output.shape}"
         )
+    if grad_output.dtype not in FLOAT_DTYPES:  # a 16-bit table's gradient is float32
+        grad_output = grad_output.astype(np.float32)
     return lookup_grad(flat, indices.shape + grad_output.shape[-1:], grad_output,
                        grad_output.dtype, num_embeddings,
                        NO_PADDING if padding is None else padding, bool(scale_grad_by_freq))

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from reference import assert_same_bits
 
 import fastemb
+from fastemb._dtypes import TABLE_DTYPES
 
 COUNTS = collections.Counter()  # (entry point, "matched" | "rejected") -> cases
 MINIMUM_SHARE = 0.08  # each fuzz test must run at least this share of each kind of case
@@ -45,6 +46,8 @@ def examples(factor):
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# the 16-bit tables the lookups also take (computed in float32)
+HALF_FLOATS = tuple(dtype for dtype in TABLE_DTYPES if dtype not in FLOATS)
 seeds = st.integers(0, 2**32 - 1)
 
 
@@ -149,14 +152,15 @@ def shape_of(value):
         return None
 
 
-def weight_oracle(weight):
-    """(errors, array): a table must be a 2-D float32 or float64 array (array-likes converted)."""
+def weight_oracle(weight, reduced_precision=False):
+    """(errors, array): a table must be a 2-D float32 or float64 array (with
+    ``reduced_precision``, the lookups', also float16/bfloat16; array-likes converted)."""
     try:
         array = weight if isinstance(weight, np.ndarray) else np.asarray(weight)
     except ValueError:
         return {ValueError}, None
     errors = set()
-    if array.dtype not in FLOATS:
+    if array.dtype not in (FLOATS + HALF_FLOATS if reduced_precision else FLOATS):
         errors.add(TypeError)
     if array.ndim != 2:
         errors.add(ValueError)
@@ -215,16 +219,22 @@ def offsets_oracle(offsets, num_indices, include_last_offset):
     return set(), np.array(values, dtype=np.int64)
 
 
-def sample_weights_oracle(psw, input_shape, dtype):
-    """(errors, array) for per_sample_weights: the table's dtype (an array-like of real numbers
-    is converted) and the input's shape."""
+def computed_in(dtype):
+    """The dtype a lookup on a table of ``dtype`` computes in: float32 for a 16-bit table."""
+    return np.dtype(np.float32) if dtype in HALF_FLOATS else dtype
+
+
+def sample_weights_oracle(psw, input_shape, table_dtype):
+    """(errors, array) for per_sample_weights: the dtype the lookup computes in, or a 16-bit
+    table's own (an array-like of real numbers is converted), and the input's shape."""
+    dtype = None if table_dtype is None else computed_in(table_dtype)
     if isinstance(psw, np.ndarray):
         errors = set()
-        if dtype is not None and psw.dtype != dtype:
+        if dtype is not None and psw.dtype not in (dtype, table_dtype):
             errors.add(TypeError)
         if input_shape is not None and psw.shape != tuple(input_shape):
             errors.add(ValueError)
-        return errors, (None if errors else psw)
+        return errors, (None if errors else psw.astype(dtype))
     try:
         array = np.asarray(psw)
     except ValueError:

@@ -187,7 +187,7 @@ def renorm_ref(weight, indices, max_norm, norm_type=2.0):
 # Comparison helpers
 # --------------------------------------------------------------------------------------------
 
-_UINT_OF_WIDTH = {4: np.uint32, 8: np.uint64}
+_UINT_OF_WIDTH = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def assert_same_bits(actual, expected, nan_payload=False):

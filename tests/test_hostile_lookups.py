@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hostile import (
-    FLOATS, MODES, count_oracle, draw_grad, draw_indices, draw_max_norm, draw_offsets,
+    FLOATS, HALF_FLOATS, MODES, computed_in, count_oracle, draw_grad, draw_indices, draw_max_norm, draw_offsets,
     draw_padding, draw_sample_weights, draw_weight, examples, grad_oracle, hostile_targets,
     index_oracle, max_norm_oracle, offsets_oracle, padding_oracle, run_case, same_gradient,
     sample_weights_oracle, seeds, shape_of, shapes, weight_oracle,
@@ -14,6 +14,15 @@ from reference import assert_same_bits, embedding_bag_ref, embedding_ref, renorm
 from reference_training import bag_grad_ref, embedding_grad_ref, psw_grad_ref
 
 import fastemb
+
+
+def renorm_as_fastemb(table, indices, max_norm, norm_type):
+    """renorm_ref as fastemb applies max_norm: a 16-bit table in float32, rounded back. (The
+    arguments as floats: NumPy would compare a float64 norm with an np.float32 max_norm in
+    float32; fastemb takes max_norm as a Python float.)"""
+    renormed = renorm_ref(table.astype(computed_in(table.dtype)), indices, float(max_norm),
+                          float(norm_type))
+    return renormed.astype(table.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -33,7 +42,7 @@ def test_embedding_fuzz(scratch, data, seed):
     padding_idx = draw_padding(data, num_embeddings, "padding_idx" in hostile)
     max_norm, norm_type = draw_max_norm(data, "max_norm" in hostile)
 
-    weight_errors, table = weight_oracle(weight)
+    weight_errors, table = weight_oracle(weight, reduced_precision=True)
     known_rows = None if weight_errors else table.shape[0]
     index_errors, values = index_oracle(indices, known_rows)
     errors = (weight_errors | index_errors | padding_oracle(padding_idx, known_rows)
@@ -43,9 +52,7 @@ def test_embedding_fuzz(scratch, data, seed):
     def check(out):
         expected_table = before
         if max_norm is not None:
-            # (as floats: NumPy would compare a float64 norm with an np.float32 max_norm in
-            # float32; fastemb takes max_norm as a Python float)
-            expected_table = renorm_ref(before, values, float(max_norm), float(norm_type))
+            expected_table = renorm_as_fastemb(before, values, max_norm, norm_type)
             if isinstance(weight, np.ndarray):
                 assert_same_bits(weight, expected_table)
         assert_same_bits(out, embedding_ref(values, expected_table))
@@ -96,7 +103,7 @@ def draw_bag_case(data, rng, scratch, extra=()):
         mode, psw = "max", np.ones(input_shape, table_dtype or np.float32)
     padding_idx = draw_padding(data, num_embeddings, "padding_idx" in hostile)
 
-    weight_errors, table = weight_oracle(weight)
+    weight_errors, table = weight_oracle(weight, reduced_precision=True)
     known_rows = None if weight_errors else table.shape[0]
     errors = set(weight_errors)
     good_mode = isinstance(mode, str) and mode in MODES
@@ -130,7 +137,8 @@ def draw_bag_case(data, rng, scratch, extra=()):
                 padding_idx=padding_idx)
     reference = None
     if not errors:
-        reference = dict(indices=values, weight=np.array(table, copy=True),
+        # (a 16-bit table as the float32 it is computed in)
+        reference = dict(indices=values, weight=table.astype(computed_in(table.dtype)),
                          offsets=bounds_offsets, mode=str(mode), per_sample_weights=psw_values,
                          include_last_offset=include_last_offset, padding_idx=padding_idx)
     return case, errors, reference, hostile
@@ -146,10 +154,12 @@ def test_embedding_bag_fuzz(scratch, data, seed):
 
     def check(out):
         if max_norm is not None:
-            reference["weight"] = renorm_ref(reference["weight"], reference["indices"],
-                                             float(max_norm), float(norm_type))
+            table_dtype = np.asarray(case["weight"]).dtype
+            renormed = renorm_as_fastemb(reference["weight"].astype(table_dtype),
+                                         reference["indices"], max_norm, norm_type)
+            reference["weight"] = renormed.astype(computed_in(table_dtype))
             if isinstance(case["weight"], np.ndarray):
-                assert_same_bits(case["weight"], reference["weight"])
+                assert_same_bits(case["weight"], renormed)
         expected, _ = embedding_bag_ref(**reference)
         assert_same_bits(out, expected)
 
@@ -243,13 +253,14 @@ def test_embedding_backward_fuzz(scratch, data, seed):
         grad_array = np.asarray(grad)
     except ValueError:
         grad_array = None
-    if (grad_array is None or grad_array.dtype not in FLOATS or input_shape is None
+    if (grad_array is None or grad_array.dtype not in FLOATS + HALF_FLOATS or input_shape is None
             or grad_array.shape[:-1] != tuple(input_shape) or grad_array.ndim == 0):
         errors.add(ValueError)
 
     def check(result):
-        rows, expected = embedding_grad_ref(values, grad_array, known, padding_idx, scale)
-        same_gradient(result, rows, expected, known, grad_array.dtype)
+        grad_values = grad_array.astype(computed_in(grad_array.dtype))  # (16-bit: float32)
+        rows, expected = embedding_grad_ref(values, grad_values, known, padding_idx, scale)
+        same_gradient(result, rows, expected, known, grad_values.dtype)
 
     run_case("embedding_backward", errors,
              lambda: fastemb.embedding_backward(grad, indices, num_embeddings, padding_idx,
