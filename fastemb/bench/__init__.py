@@ -54,13 +54,14 @@ from .implementations import (EXACT_OPERATIONS, assert_agrees, available_impleme
 from .report import (format_ratio, format_seconds, format_table, machine_info, plot_speedups,
                      report)
 from .speed_of_light import compile_c_library, speed_of_light_callable
-from .workloads import (FORWARD_OPERATIONS, IMPLEMENTATIONS, OPERATIONS, SKEWS, SPEED_OF_LIGHT,
+from .workloads import (FORWARD_OPERATIONS, IMPLEMENTATIONS, OPERATIONS,
+                        REDUCED_PRECISION_OPERATIONS, SKEWS, SPEED_OF_LIGHT,
                         STEP_HYPERPARAMETERS, STEP_OPERATIONS, WORKLOADS, BenchData, Workload,
                         make_data, select_workloads, step_optimizer, workload_names)
 
 __all__ = [
     "EXACT_OPERATIONS", "FORWARD_OPERATIONS", "IMPLEMENTATIONS", "OPERATIONS",
-    "SKEWS", "SPEED_OF_LIGHT", "STEP_HYPERPARAMETERS", "STEP_OPERATIONS",
+    "REDUCED_PRECISION_OPERATIONS", "SKEWS", "SPEED_OF_LIGHT", "STEP_HYPERPARAMETERS", "STEP_OPERATIONS",
     "WORKLOADS", "BenchData", "Measurement", "Workload", "assert_agrees",
     "available_implementations", "benchmark_callable", "call_for", "compile_c_library",
     "default_thread_counts", "format_ratio", "format_seconds", "format_table", "machine_info",

@@ -16,7 +16,7 @@ from .._kernels import variant as _kernel_variant
 from .harness import measure
 from .implementations import (benchmark_callable, speed_of_light_is_available, thread_count,
                               torch_is_available)
-from .workloads import SPEED_OF_LIGHT, make_data
+from .workloads import REDUCED_PRECISION_OPERATIONS, SPEED_OF_LIGHT, make_data
 
 def format_seconds(seconds):
     """``"480 us"``, ``"12.34 ms"`` or ``"1.20 s"``; ``"-"`` for None."""
@@ -62,6 +62,14 @@ def format_table(measurements, repeat):
         lines.append("".join(f"{cell(measurement):>{width}}" if i
                              else f"{cell(measurement):<{width}}"
                              for i, (_, width, cell) in enumerate(TABLE_COLUMNS)))
+    float32_sum = next((m for m in measurements if m.operation == "bag_sum"), None)
+    for measurement in measurements:
+        if measurement.operation in REDUCED_PRECISION_OPERATIONS and float32_sum is not None:
+            torch_float32 = float32_sum.seconds("torch")
+            fastemb_seconds = measurement.seconds("fastemb")
+            if torch_float32 is not None and fastemb_seconds is not None:
+                lines.append(f"{measurement.operation}: {torch_float32 / fastemb_seconds:.2f}x "
+                             f"torch's float32 bag_sum")
     return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ import numpy as np
 from .._config import get_num_threads
 from .._kernels import kernels as _core
 from .._memory import aligned_full
-from .workloads import FORWARD_OPERATIONS, aligned_copy, step_state_arrays
+from .workloads import (FORWARD_OPERATIONS, REDUCED_PRECISION_OPERATIONS, aligned_copy,
+                        step_state_arrays, table_dtype_of)
 
 SPEED_OF_LIGHT_SOURCE = pathlib.Path(__file__).with_name("speed_of_light.c")
 SPEED_OF_LIGHT_SINK_WORDS = 17  # LANES + 1 in the C source
@@ -64,7 +65,8 @@ def speed_of_light_callable(operation, data):
     thread count) that move only the table-sized bytes the operation cannot avoid.
 
     - ``gather``: copy the looked-up rows into a preallocated buffer;
-    - the bag reductions: read the looked-up rows;
+    - the bag reductions: read the looked-up rows (of the 16-bit table, for the
+      reduced-precision bag sums);
     - ``forward_backward``: read the looked-up rows, then write one row of ``grad_output`` per
       unique index into a preallocated gradient;
     - the training steps: read the looked-up rows of a private copy of the table, then read and
@@ -80,7 +82,8 @@ def speed_of_light_callable(operation, data):
     sink = np.zeros(SPEED_OF_LIGHT_SINK_WORDS, dtype=np.uint32)
 
     def read(table):
-        library.sol_read(table.ctypes.data, dim, indices.ctypes.data, indices.size,
+        words = table.view(np.float32)  # (a 16-bit table's rows as as many bytes of float32)
+        library.sol_read(words.ctypes.data, words.shape[1], indices.ctypes.data, indices.size,
                          sink.ctypes.data, get_num_threads())
 
     if operation == "gather":
@@ -94,6 +97,9 @@ def speed_of_light_callable(operation, data):
         return copy_rows
     if operation in FORWARD_OPERATIONS:
         return lambda: read(data.table)
+    if operation in REDUCED_PRECISION_OPERATIONS:
+        table = data.table_in(table_dtype_of(operation))
+        return lambda: read(table)
     rows, first = np.unique(indices, return_index=True)
     if operation == "forward_backward":
         source_bags = np.searchsorted(data.offsets, first, side="right") - 1

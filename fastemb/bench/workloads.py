@@ -7,9 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import optim
+from .._dtypes import TABLE_DTYPES
 from .._memory import aligned_full
 
 FORWARD_OPERATIONS = ("gather", "bag_sum", "bag_mean", "bag_weighted_sum", "bag_max")
+# The bag sum of the workload's table in each 16-bit dtype this installation has (bfloat16
+# needs ml_dtypes): "bag_sum_float16", "bag_sum_bfloat16".
+REDUCED_PRECISION_OPERATIONS = tuple(f"bag_sum_{dtype.name}" for dtype in TABLE_DTYPES
+                                     if TABLE_DTYPES[dtype].half_format is not None)
 IMPLEMENTATIONS = ("fastemb", "torch", "numpy")
 SPEED_OF_LIGHT = "speed_of_light"
 SKEWS = ("uniform", "zipf")
@@ -27,7 +32,14 @@ STEP_HYPERPARAMETERS = {
     "adagrad": {"lr": 0.01, "eps": 1e-10},
 }
 STEP_OPERATIONS = tuple(f"step_{name}" for name in STEP_HYPERPARAMETERS)
-OPERATIONS = FORWARD_OPERATIONS + ("forward_backward",) + STEP_OPERATIONS
+OPERATIONS = (FORWARD_OPERATIONS + REDUCED_PRECISION_OPERATIONS + ("forward_backward",)
+              + STEP_OPERATIONS)
+
+
+def table_dtype_of(operation):
+    """The table dtype of a reduced-precision operation ("bag_sum_bfloat16": bfloat16)."""
+    name = operation.removeprefix("bag_sum_")
+    return next(dtype for dtype in TABLE_DTYPES if dtype.name == name)
 
 
 def step_optimizer(operation):
@@ -114,6 +126,10 @@ class BenchData:
         """The per-sample weights as a ``(num_bags, bag_size)`` view, one bag per row."""
         return self.per_sample_weights.reshape(self.workload.num_bags, self.workload.bag_size)
 
+    def table_in(self, dtype):
+        """The table rounded to ``dtype`` (cached; on a 64-byte boundary, like the table)."""
+        return make_table_in(self.workload, np.dtype(dtype))
+
 
 def sample_rows(rng, num_embeddings, size, skew):
     """Draw ``size`` int64 row ids in ``[0, num_embeddings)`` from ``rng``.
@@ -162,6 +178,12 @@ def make_data(workload, seed=0):
     per_sample_weights = rng.random(workload.num_indices, dtype=np.float32)
     grad_output = rng.standard_normal((workload.num_bags, workload.dim), dtype=np.float32)
     return BenchData(workload, table, indices, offsets, per_sample_weights, grad_output)
+
+
+@functools.lru_cache(maxsize=2)
+def make_table_in(workload, dtype):
+    """The table of ``workload`` (:func:`make_data`'s) rounded to ``dtype``, cached."""
+    return aligned_copy(make_data(workload).table.astype(dtype))
 
 
 def workload_names():
