@@ -23,7 +23,7 @@ import numpy as np
 from ._kernels import kernels as _core
 from ._config import threads_for
 from ._memory import aligned_full
-from ._validation import as_real, check_writable_table
+from ._validation import FLOAT_DTYPES, as_real, check_writable_table
 from .sparse import SparseGrad
 
 __all__ = ["OPTIMIZERS", "Adagrad", "LazyAdam", "OptimizerInfo", "RowWiseAdagrad", "SGD"]
@@ -101,6 +101,10 @@ class _SparseOptimizer:
                                 f"{type(grad).__name__}")
             if not isinstance(weight, np.ndarray):
                 raise TypeError(f"module.weight must be a NumPy array, got {type(weight).__name__}")
+            if weight.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"the optimizers update float32 and float64 tables; a "
+                                f"{weight.dtype} table can be looked up and differentiated, "
+                                f"not yet trained")
             if grad.shape != weight.shape or grad.dtype != weight.dtype:
                 raise ValueError(
                     f"the gradient {grad.shape} {grad.dtype} does not match the table "

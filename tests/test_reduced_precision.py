@@ -200,3 +200,16 @@ def test_other_dtypes_are_rejected_with_their_name():
         fastemb.embedding_bag([0], np.zeros((2, 2), np.int8), [0])
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         fastemb.embedding([0], np.zeros((2, 2), np.complex64))
+
+
+def test_optimizers_refuse_16_bit_tables_before_changing_anything(half, rng):
+    """(Modules hold float32/float64 tables; one whose weight was swapped for a 16-bit array
+    is refused by the optimizers, with nothing changed.)"""
+    module = fastemb.EmbeddingBag(10, 4, mode="sum", seed=0)
+    optimizer = fastemb.optim.SGD(module, lr=0.1)
+    module.backward(np.ones_like(module([[1, 2]])))
+    module.weight = module.weight.astype(half)
+    before = module.weight.copy()
+    with pytest.raises(TypeError, match="not yet trained"):
+        optimizer.step()
+    assert module.weight.tobytes() == before.tobytes()
