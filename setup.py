@@ -44,7 +44,7 @@ VARIANT_FLAGS = {
     "_avx2": ["-mavx2"],
     "_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],  # x86-64-v4's AVX-512
 }
-KERNEL_MODULES = ("_core", "_lookup", "_grouping", "_training")
+KERNEL_MODULES = ("_core", "_lookup", "_grouping", "_training", "_quantized")
 TRIVIAL_PROGRAM = "int main(void) { return 0; }\n"
 
 OPENMP_TEST_PROGRAM = textwrap.dedent(

@@ -71,7 +71,7 @@ def compile_flags():
 
 VARIANT_SUFFIX = next((suffix for suffix in ("_avx2", "_avx512") if __name__.endswith(suffix)), "")
 KERNEL_MODULES = tuple(importlib.import_module(f"fastemb.{name}{VARIANT_SUFFIX}")
-                       for name in ("_lookup", "_grouping", "_training"))
+                       for name in ("_lookup", "_grouping", "_training", "_quantized"))
 KERNEL_MODULES += (importlib.import_module("fastemb._allocator"),)
 for _module in KERNEL_MODULES:
     globals().update({name: getattr(_module, name) for name in _module.__all__})
