@@ -30,15 +30,8 @@ __all__ = ["gather_quantized", "quantize_rows", "quantized_bag_reduce", "quantiz
 cdef extern from "_quantized.h":
     float half_to_float "fastemb_half_to_float"(uint16_t half) noexcept nogil
     uint16_t float_to_half "fastemb_float_to_half"(float value) noexcept nogil
-    # (acc, codes, scale, bias, weight, dim): acc[j] combined with scale * q[j] + bias
-    void add_row_8bit "fastemb_add_row_8bit"(float *, const uint8_t *, float, float, float,
-                                             Py_ssize_t) noexcept nogil
-    void add_row_4bit "fastemb_add_row_4bit"(float *, const uint8_t *, float, float, float,
-                                             Py_ssize_t) noexcept nogil
-    void add_weighted_row_8bit "fastemb_add_weighted_row_8bit"(
-        float *, const uint8_t *, float, float, float, Py_ssize_t) noexcept nogil
-    void add_weighted_row_4bit "fastemb_add_weighted_row_4bit"(
-        float *, const uint8_t *, float, float, float, Py_ssize_t) noexcept nogil
+    # (acc, codes, scale, bias, weight, dim): acc[j] = max(acc[j], scale * q[j] + bias), or
+    # acc[j] = scale * q[j] + bias (store)
     void max_row_8bit "fastemb_max_row_8bit"(float *, const uint8_t *, float, float, float,
                                              Py_ssize_t) noexcept nogil
     void max_row_4bit "fastemb_max_row_4bit"(float *, const uint8_t *, float, float, float,
@@ -47,10 +40,25 @@ cdef extern from "_quantized.h":
                                                  Py_ssize_t) noexcept nogil
     void store_row_4bit "fastemb_store_row_4bit"(float *, const uint8_t *, float, float, float,
                                                  Py_ssize_t) noexcept nogil
+    # (out, rows, scales, biases, weights, count, dim): out[j] += (weights[e] *) (scales[e] *
+    # q_e[j] + biases[e]) for e = 0 .. count - 1, in that order
+    void sum_rows_8bit "fastemb_sum_rows_8bit"(
+        float *, const uint8_t *const *, const float *, const float *, const float *,
+        Py_ssize_t, Py_ssize_t) noexcept nogil
+    void sum_rows_4bit "fastemb_sum_rows_4bit"(
+        float *, const uint8_t *const *, const float *, const float *, const float *,
+        Py_ssize_t, Py_ssize_t) noexcept nogil
+    void sum_rows_8bit_weighted "fastemb_sum_rows_8bit_weighted"(
+        float *, const uint8_t *const *, const float *, const float *, const float *,
+        Py_ssize_t, Py_ssize_t) noexcept nogil
+    void sum_rows_4bit_weighted "fastemb_sum_rows_4bit_weighted"(
+        float *, const uint8_t *const *, const float *, const float *, const float *,
+        Py_ssize_t, Py_ssize_t) noexcept nogil
 
 cdef enum:
     BAGS_PER_CHUNK = 64  # bags reduced per prange iteration
-    ROWS_PER_CHUNK = 256  # rows quantized or gathered per prange iteration
+    ROWS_PER_CHUNK = 256  # rows quantized per prange iteration
+    ENTRIES_PER_PASS = 32  # a bag sum's kept entries collected before each call of its loops
 
 # As in _lookup: bags prefetch once the table is past half of a core's L2, a gather only past
 # the L3.
@@ -142,8 +150,10 @@ cdef inline void row_min_max(const float *values, Py_ssize_t dim, float *low,
         high[0] = values[j] if values[j] > high[0] else high[0]
 
 
-cdef inline void quantize_row_8bit(const float *values, Py_ssize_t dim,
+cdef inline void quantize_row_8bit(const float *table, Py_ssize_t r, Py_ssize_t dim,
                                    uint8_t *out) noexcept nogil:
+    """Row r of table (V, dim), quantized to 8 bits into out (dim + 8 bytes)."""
+    cdef const float *values = table + r * dim if dim else NULL
     cdef float low, high, value_range, inverse_scale, scale
     cdef Py_ssize_t j
     row_min_max(values, dim, &low, &high)
@@ -156,8 +166,10 @@ cdef inline void quantize_row_8bit(const float *values, Py_ssize_t dim,
     memcpy(out + dim + sizeof(float), &low, sizeof(float))
 
 
-cdef inline void quantize_row_4bit(const float *values, Py_ssize_t dim,
+cdef inline void quantize_row_4bit(const float *table, Py_ssize_t r, Py_ssize_t dim,
                                    uint8_t *out) noexcept nogil:
+    """Row r of table (V, dim), quantized to 4 bits into out (dim / 2 + 4 bytes)."""
+    cdef const float *values = table + r * dim if dim else NULL
     cdef float low, high, value_range, scale, inverse_scale
     cdef uint16_t halves[2]
     cdef long code
@@ -187,22 +199,23 @@ def quantize_rows(const float[:, ::1] weight, int bits, uint8_t[:, ::1] out, int
     in torch's prepacked layout (see the maths above). 4 bits needs an even D."""
     cdef Py_ssize_t num_rows = weight.shape[0], dim = weight.shape[1], chunk, r
     cdef Py_ssize_t num_chunks = (num_rows + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
+    cdef const float *table
     if bits == 4 and dim % 2:
         raise ValueError(f"4-bit quantization needs an even embedding_dim, got {dim}")
     if out.shape[0] != num_rows or out.shape[1] != quantized_row_bytes(dim, bits):
         raise ValueError("quantize_rows: out must have shape "
                          "(weight.shape[0], quantized_row_bytes(weight.shape[1], bits))")
-    if num_rows == 0 or dim == 0:
-        if num_rows:  # rows of no element: scale 0 and bias 0 (an empty row's min and max)
-            out[:, :] = 0
+    if num_rows == 0:
         return
+    # (a row of no element takes FLT_MAX and -FLT_MAX as its min and max, as FBGEMM does)
+    table = &weight[0, 0] if dim > 0 else NULL
     with nogil:
         for chunk in prange(num_chunks, schedule="static", num_threads=team_size(num_threads)):
             for r in range(chunk * ROWS_PER_CHUNK, min((chunk + 1) * ROWS_PER_CHUNK, num_rows)):
                 if bits == 8:
-                    quantize_row_8bit(&weight[r, 0], dim, &out[r, 0])
+                    quantize_row_8bit(table, r, dim, &out[r, 0])
                 else:
-                    quantize_row_4bit(&weight[r, 0], dim, &out[r, 0])
+                    quantize_row_4bit(table, r, dim, &out[r, 0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,16 +276,53 @@ def gather_quantized(const uint8_t[:, ::1] data, int bits, const index_t[::1] in
 # thread count and any build.
 # --------------------------------------------------------------------------------------------
 
-cdef inline void reduce_quantized_bag(const QuantizedRows *rows, const index_t *indices,
-                                      Py_ssize_t start, Py_ssize_t end, Py_ssize_t n,
-                                      const float *sample_weights, int64_t padding_idx,
-                                      bint take_max, float *out,
-                                      Py_ssize_t distance) noexcept nogil:
-    """out[:D] = the sum (weighted, with sample_weights) or the max of entries [start, end)."""
+cdef inline void sum_quantized_bag(const QuantizedRows *rows, const index_t *indices,
+                                   Py_ssize_t start, Py_ssize_t end, Py_ssize_t n,
+                                   const float *sample_weights, int64_t padding_idx, float *out,
+                                   Py_ssize_t distance) noexcept nogil:
+    """out[:D] = the sum of the kept entries of [start, end) (weighted, with sample_weights).
+    The entries are read ENTRIES_PER_PASS at a time (their rows, scales, biases and weights;
+    each prefetches the row ``distance`` positions ahead), then summed by the C loops, which
+    keep the running sums in registers over the whole pass."""
+    cdef const uint8_t *sources[ENTRIES_PER_PASS]
+    cdef float scales[ENTRIES_PER_PASS]
+    cdef float biases[ENTRIES_PER_PASS]
+    cdef float weights[ENTRIES_PER_PASS]
+    cdef Py_ssize_t k = start, count
+    cdef int64_t row
+    memset(out, 0, rows.dim * sizeof(float))
+    while k < end:
+        count = 0
+        while k < end and count < ENTRIES_PER_PASS:
+            if distance and k + distance < n:
+                prefetch_quantized_row(rows, indices[k + distance])
+            row = indices[k]
+            if is_kept(row, padding_idx, rows.num_rows):
+                sources[count] = rows.data + row * rows.row_bytes
+                read_scale_bias(rows, sources[count], &scales[count], &biases[count])
+                if sample_weights != NULL:
+                    weights[count] = sample_weights[k]
+                count += 1
+            k += 1
+        if sample_weights == NULL and rows.bits == 8:
+            sum_rows_8bit(out, sources, scales, biases, NULL, count, rows.dim)
+        elif sample_weights == NULL:
+            sum_rows_4bit(out, sources, scales, biases, NULL, count, rows.dim)
+        elif rows.bits == 8:
+            sum_rows_8bit_weighted(out, sources, scales, biases, weights, count, rows.dim)
+        else:
+            sum_rows_4bit_weighted(out, sources, scales, biases, weights, count, rows.dim)
+
+
+cdef inline void max_quantized_bag(const QuantizedRows *rows, const index_t *indices,
+                                   Py_ssize_t start, Py_ssize_t end, Py_ssize_t n,
+                                   int64_t padding_idx, float *out,
+                                   Py_ssize_t distance) noexcept nogil:
+    """out[:D] = the max of the kept entries of [start, end); zeros if there is none."""
     cdef Py_ssize_t k
     cdef int64_t row
     cdef const uint8_t *source
-    cdef float scale, bias, weight = 1
+    cdef float scale, bias
     cdef bint first = True
     memset(out, 0, rows.dim * sizeof(float))
     for k in range(start, end):
@@ -283,28 +333,32 @@ cdef inline void reduce_quantized_bag(const QuantizedRows *rows, const index_t *
             continue
         source = rows.data + row * rows.row_bytes
         read_scale_bias(rows, source, &scale, &bias)
-        if sample_weights != NULL:
-            weight = sample_weights[k]
-        if take_max and first:
-            if rows.bits == 8:
-                store_row_8bit(out, source, scale, bias, weight, rows.dim)
-            else:
-                store_row_4bit(out, source, scale, bias, weight, rows.dim)
-        elif take_max:
-            if rows.bits == 8:
-                max_row_8bit(out, source, scale, bias, weight, rows.dim)
-            else:
-                max_row_4bit(out, source, scale, bias, weight, rows.dim)
-        elif sample_weights != NULL:
-            if rows.bits == 8:
-                add_weighted_row_8bit(out, source, scale, bias, weight, rows.dim)
-            else:
-                add_weighted_row_4bit(out, source, scale, bias, weight, rows.dim)
+        if first and rows.bits == 8:
+            store_row_8bit(out, source, scale, bias, 1, rows.dim)
+        elif first:
+            store_row_4bit(out, source, scale, bias, 1, rows.dim)
         elif rows.bits == 8:
-            add_row_8bit(out, source, scale, bias, weight, rows.dim)
+            max_row_8bit(out, source, scale, bias, 1, rows.dim)
         else:
-            add_row_4bit(out, source, scale, bias, weight, rows.dim)
+            max_row_4bit(out, source, scale, bias, 1, rows.dim)
         first = False
+
+
+cdef inline void reduce_quantized_bags(const QuantizedRows *rows, const index_t *indices,
+                                       Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
+                                       Py_ssize_t end_bag, const float *sample_weights,
+                                       int64_t padding_idx, bint take_max, float *out,
+                                       Py_ssize_t distance) noexcept nogil:
+    """The sums or maxima of bags [first_bag, end_bag) into their rows of out (B, D)."""
+    cdef Py_ssize_t b, start, end
+    for b in range(first_bag, end_bag):
+        bag_extent(bounds, b, n, &start, &end)
+        if take_max:
+            max_quantized_bag(rows, indices, start, end, n, padding_idx, out + b * rows.dim,
+                              distance)
+        else:
+            sum_quantized_bag(rows, indices, start, end, n, sample_weights, padding_idx,
+                              out + b * rows.dim, distance)
 
 
 def quantized_bag_reduce(const uint8_t[:, ::1] data, int bits, const index_t[::1] indices,
@@ -321,7 +375,7 @@ def quantized_bag_reduce(const uint8_t[:, ::1] data, int bits, const index_t[::1
     check_enum(mode, BAG_MAX, "bag mode")
     cdef QuantizedRows rows = describe_rows(data, bits)
     cdef Py_ssize_t n = indices.shape[0], num_bags = bounds.shape[0] - 1
-    cdef Py_ssize_t num_chunks, chunk, first, last, b, start, end, out_of_range = 0
+    cdef Py_ssize_t num_chunks, chunk, first, last, out_of_range = 0
     cdef const index_t *index_data = &indices[0] if n > 0 else NULL
     cdef const float *weights_data = NULL
     cdef Py_ssize_t distance = prefetch_distance(rows.num_rows, rows.row_bytes, 1,
@@ -343,10 +397,8 @@ def quantized_bag_reduce(const uint8_t[:, ::1] data, int bits, const index_t[::1
         for chunk in prange(num_chunks, schedule="dynamic", num_threads=team_size(num_threads)):
             first = chunk * BAGS_PER_CHUNK
             last = min(first + BAGS_PER_CHUNK, num_bags)
-            for b in range(first, last):
-                bag_extent(&bounds[0], b, n, &start, &end)
-                reduce_quantized_bag(&rows, index_data, start, end, n, weights_data,
-                                     padding_idx, mode == BAG_MAX, &out[b, 0], distance)
+            reduce_quantized_bags(&rows, index_data, n, &bounds[0], first, last, weights_data,
+                                  padding_idx, mode == BAG_MAX, &out[0, 0], distance)
             if mode == BAG_MEAN:
                 divide_by_bag_sizes(rows.num_rows, rows.dim, index_data, n, &bounds[0], first,
                                     last, weights_data, padding_idx, &out[0, 0])
