@@ -48,6 +48,22 @@ static inline uint16_t fastemb_float_to_half(float value) {
     return bits;
 }
 
+/* The scale and bias stored after a row's `code_bytes` bytes of codes: float32 (8 bits) or
+   float16 (4 bits), at any alignment. */
+static inline void fastemb_scale_bias_8bit(const uint8_t *row, Py_ssize_t code_bytes,
+                                           float *scale, float *bias) {
+    memcpy(scale, row + code_bytes, sizeof *scale);
+    memcpy(bias, row + code_bytes + sizeof *scale, sizeof *bias);
+}
+
+static inline void fastemb_scale_bias_4bit(const uint8_t *row, Py_ssize_t code_bytes,
+                                           float *scale, float *bias) {
+    uint16_t halves[2];
+    memcpy(halves, row + code_bytes, sizeof halves);
+    *scale = fastemb_half_to_float(halves[0]);
+    *bias = fastemb_half_to_float(halves[1]);
+}
+
 /* What a bag does with a dequantized value of an entry: add it, add it times the entry's
    weight, keep the larger (a later entry wins only if strictly greater), or store it. */
 #define FASTEMB_COMBINE_ADD(acc, value, weight) (acc) = (acc) + (value)
@@ -87,9 +103,11 @@ FASTEMB_QUANTIZED_ROW_LOOPS(max_row, FASTEMB_COMBINE_MAX)
 FASTEMB_QUANTIZED_ROW_LOOPS(store_row, FASTEMB_COMBINE_STORE)
 
 /* ---- Sums of rows with the running sums in vector registers ----
-   fastemb_sum_rows_<bits>bit[_weighted](out, rows, scales, biases, weights, count, dim):
+   fastemb_sum_rows_<bits>bit[_weighted](out, rows, code_bytes, weights, count, dim):
    out[j] = out[j] + value_e[j] for e = 0, 1, ..., count - 1 in that order (times weights[e]
-   when weighted), value_e[j] = scales[e] * q_e[j] + biases[e], q_e the codes of rows[e].
+   when weighted), value_e[j] = scale_e * q_e[j] + bias_e from the codes, scale and bias of
+   rows[e]. The rows are read here only (the caller collects their addresses), so their codes,
+   scale and bias come in together.
    Columns go in blocks of FASTEMB_QUANTIZED_BLOCK whose sums stay in registers over all the
    rows (gcc's vector extension: the block's loops unroll into one variable per vector), then
    the columns left take the plain loops above. Each column sees the same operations in the
@@ -103,85 +121,103 @@ FASTEMB_QUANTIZED_ROW_LOOPS(store_row, FASTEMB_COMBINE_STORE)
 #else
 #define FASTEMB_QUANTIZED_LANES 4
 #endif
-/* 64 columns (32 with 16-byte vectors): 4 to 8 vectors of sums, registers left for the rest */
-#define FASTEMB_QUANTIZED_BLOCK (FASTEMB_QUANTIZED_LANES == 4 ? 32 : 64)
-#define FASTEMB_QUANTIZED_VECTORS (FASTEMB_QUANTIZED_BLOCK / FASTEMB_QUANTIZED_LANES)
+/* Codes go 16 at a time (one 16-byte register of u8 codes, a "group"); a block is 4 groups,
+   64 columns (2 groups with 16-byte float vectors, so that the sums leave registers free). */
+#define FASTEMB_QUANTIZED_GROUPS (FASTEMB_QUANTIZED_LANES == 4 ? 2 : 4)
+#define FASTEMB_QUANTIZED_BLOCK (16 * FASTEMB_QUANTIZED_GROUPS)
+#define FASTEMB_VECTORS_PER_GROUP (16 / FASTEMB_QUANTIZED_LANES)
 typedef float fastemb_lanes_float __attribute__((vector_size(4 * FASTEMB_QUANTIZED_LANES)));
 typedef int32_t fastemb_lanes_int __attribute__((vector_size(4 * FASTEMB_QUANTIZED_LANES)));
 
-/* The first `count` bytes at `source` in the low bytes of a vector register. */
-static inline __m128i fastemb_load_bytes(const uint8_t *source, size_t count) {
-    __m128i bytes = _mm_setzero_si128();
-    memcpy(&bytes, source, count);
-    return bytes;
-}
-
-/* The first FASTEMB_QUANTIZED_LANES bytes of `bytes`, zero-extended to int32 lanes. */
-static inline fastemb_lanes_int fastemb_widen_bytes(__m128i bytes) {
+/* 16 u8 codes, zero-extended to int32 and converted: FASTEMB_VECTORS_PER_GROUP vectors. */
+static inline void fastemb_widen_group(__m128i codes,
+                                       fastemb_lanes_float out[FASTEMB_VECTORS_PER_GROUP]) {
 #if defined(__AVX512F__)
-    return (fastemb_lanes_int)_mm512_cvtepu8_epi32(bytes);
+    out[0] = (fastemb_lanes_float)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
 #elif defined(__AVX2__)
-    return (fastemb_lanes_int)_mm256_cvtepu8_epi32(bytes);
+    out[0] = (fastemb_lanes_float)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+    out[1] = (fastemb_lanes_float)_mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(codes, codes)));
 #else
     const __m128i zero = _mm_setzero_si128();
-    return (fastemb_lanes_int)_mm_unpacklo_epi16(_mm_unpacklo_epi8(bytes, zero), zero);
+    const __m128i low = _mm_unpacklo_epi8(codes, zero), high = _mm_unpackhi_epi8(codes, zero);
+    out[0] = (fastemb_lanes_float)_mm_cvtepi32_ps(_mm_unpacklo_epi16(low, zero));
+    out[1] = (fastemb_lanes_float)_mm_cvtepi32_ps(_mm_unpackhi_epi16(low, zero));
+    out[2] = (fastemb_lanes_float)_mm_cvtepi32_ps(_mm_unpacklo_epi16(high, zero));
+    out[3] = (fastemb_lanes_float)_mm_cvtepi32_ps(_mm_unpackhi_epi16(high, zero));
 #endif
 }
 
-/* The codes of FASTEMB_QUANTIZED_LANES columns from column `column` of a row, as floats. */
-static inline fastemb_lanes_float fastemb_lanes_8bit(const uint8_t *codes, Py_ssize_t column) {
-    return __builtin_convertvector(
-        fastemb_widen_bytes(fastemb_load_bytes(codes + column, FASTEMB_QUANTIZED_LANES)),
-        fastemb_lanes_float);
+/* The codes of a block's groups, from column `column` of a row: 8 bits, 16 bytes a group;
+   4 bits, 16 bytes for two groups, whose low nibbles (the even columns) and high nibbles
+   (the odd ones) are interleaved back into column order. */
+static inline void fastemb_block_codes_8bit(const uint8_t *row, Py_ssize_t column,
+                                            __m128i groups[FASTEMB_QUANTIZED_GROUPS]) {
+    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g++)
+        groups[g] = _mm_loadu_si128((const __m128i *)(row + column + 16 * g));
 }
 
-static inline fastemb_lanes_float fastemb_lanes_4bit(const uint8_t *codes, Py_ssize_t column) {
-    /* each byte twice, widened: lane 2i and 2i + 1 hold byte i, then the even lanes keep the
-       low nibble and the odd lanes the high one */
-    static const int32_t nibble_shift[16] = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
-    fastemb_lanes_int shifts;
-    __m128i pairs = fastemb_load_bytes(codes + column / 2, FASTEMB_QUANTIZED_LANES / 2);
-    fastemb_lanes_int doubled = fastemb_widen_bytes(_mm_unpacklo_epi8(pairs, pairs));
-    memcpy(&shifts, nibble_shift, sizeof shifts);
-    return __builtin_convertvector((doubled >> shifts) & 15, fastemb_lanes_float);
+static inline void fastemb_block_codes_4bit(const uint8_t *row, Py_ssize_t column,
+                                            __m128i groups[FASTEMB_QUANTIZED_GROUPS]) {
+    const __m128i nibble = _mm_set1_epi8(15);
+    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g += 2) {
+        const __m128i pairs = _mm_loadu_si128((const __m128i *)(row + column / 2 + 8 * g));
+        const __m128i even = _mm_and_si128(pairs, nibble);
+        const __m128i odd = _mm_and_si128(_mm_srli_epi16(pairs, 4), nibble);
+        groups[g] = _mm_unpacklo_epi8(even, odd);
+        groups[g + 1] = _mm_unpackhi_epi8(even, odd);
+    }
 }
 
 #define FASTEMB_QUANTIZED_SUM_ROWS(name, bits, COMBINE, row_loop) \
     static inline void name(float *restrict out, const uint8_t *const *rows, \
-                            const float *scales, const float *biases, const float *weights, \
-                            Py_ssize_t count, Py_ssize_t dim) { \
+                            Py_ssize_t code_bytes, const float *weights, Py_ssize_t count, \
+                            Py_ssize_t dim) { \
+        enum { VECTORS = FASTEMB_QUANTIZED_GROUPS * FASTEMB_VECTORS_PER_GROUP }; \
         Py_ssize_t column = 0, e; \
         (void)weights; \
         for (; column + FASTEMB_QUANTIZED_BLOCK <= dim; column += FASTEMB_QUANTIZED_BLOCK) { \
-            fastemb_lanes_float acc[FASTEMB_QUANTIZED_VECTORS]; \
+            fastemb_lanes_float acc[VECTORS]; \
             _Pragma("GCC unroll 16") \
-            for (int v = 0; v < FASTEMB_QUANTIZED_VECTORS; v++) \
+            for (int v = 0; v < VECTORS; v++) \
                 memcpy(&acc[v], out + column + v * FASTEMB_QUANTIZED_LANES, sizeof acc[v]); \
             for (e = 0; e < count; e++) { \
-                const float scale = scales[e], bias = biases[e]; \
-                _Pragma("GCC unroll 16") \
-                for (int v = 0; v < FASTEMB_QUANTIZED_VECTORS; v++) { \
-                    const fastemb_lanes_float value = scale * fastemb_lanes_##bits##bit( \
-                        rows[e], column + v * FASTEMB_QUANTIZED_LANES) + bias; \
-                    COMBINE(acc[v], value, weights[e]); \
+                float scale, bias; \
+                __m128i groups[FASTEMB_QUANTIZED_GROUPS]; \
+                fastemb_scale_bias_##bits##bit(rows[e], code_bytes, &scale, &bias); \
+                fastemb_block_codes_##bits##bit(rows[e], column, groups); \
+                _Pragma("GCC unroll 4") \
+                for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g++) { \
+                    fastemb_lanes_float codes[FASTEMB_VECTORS_PER_GROUP]; \
+                    fastemb_widen_group(groups[g], codes); \
+                    _Pragma("GCC unroll 4") \
+                    for (int i = 0; i < FASTEMB_VECTORS_PER_GROUP; i++) { \
+                        const fastemb_lanes_float value = scale * codes[i] + bias; \
+                        COMBINE(acc[g * FASTEMB_VECTORS_PER_GROUP + i], value, weights[e]); \
+                    } \
                 } \
             } \
             _Pragma("GCC unroll 16") \
-            for (int v = 0; v < FASTEMB_QUANTIZED_VECTORS; v++) \
+            for (int v = 0; v < VECTORS; v++) \
                 memcpy(out + column + v * FASTEMB_QUANTIZED_LANES, &acc[v], sizeof acc[v]); \
         } \
-        if (column < dim) \
-            for (e = 0; e < count; e++) \
-                row_loop(out + column, rows[e] + column * bits / 8, scales[e], biases[e], \
-                         weights ? weights[e] : 1, dim - column); \
+        for (e = 0; column < dim && e < count; e++) { \
+            float scale, bias; \
+            fastemb_scale_bias_##bits##bit(rows[e], code_bytes, &scale, &bias); \
+            row_loop(out + column, rows[e] + column * bits / 8, scale, bias, \
+                     weights ? weights[e] : 1, dim - column); \
+        } \
     }
 #else  /* no vector extension: the plain loops, row by row */
 #define FASTEMB_QUANTIZED_SUM_ROWS(name, bits, COMBINE, row_loop) \
     static inline void name(float *restrict out, const uint8_t *const *rows, \
-                            const float *scales, const float *biases, const float *weights, \
-                            Py_ssize_t count, Py_ssize_t dim) { \
-        for (Py_ssize_t e = 0; e < count; e++) \
-            row_loop(out, rows[e], scales[e], biases[e], weights ? weights[e] : 1, dim); \
+                            Py_ssize_t code_bytes, const float *weights, Py_ssize_t count, \
+                            Py_ssize_t dim) { \
+        for (Py_ssize_t e = 0; e < count; e++) { \
+            float scale, bias; \
+            fastemb_scale_bias_##bits##bit(rows[e], code_bytes, &scale, &bias); \
+            row_loop(out, rows[e], scale, bias, weights ? weights[e] : 1, dim); \
+        } \
     }
 #endif
 FASTEMB_QUANTIZED_SUM_ROWS(fastemb_sum_rows_8bit, 8, FASTEMB_COMBINE_ADD, fastemb_add_row_8bit)

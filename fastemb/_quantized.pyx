@@ -40,20 +40,25 @@ cdef extern from "_quantized.h":
                                                  Py_ssize_t) noexcept nogil
     void store_row_4bit "fastemb_store_row_4bit"(float *, const uint8_t *, float, float, float,
                                                  Py_ssize_t) noexcept nogil
-    # (out, rows, scales, biases, weights, count, dim): out[j] += (weights[e] *) (scales[e] *
-    # q_e[j] + biases[e]) for e = 0 .. count - 1, in that order
+    # (row, code_bytes, &scale, &bias): the scale and bias stored after a row's codes
+    void scale_bias_8bit "fastemb_scale_bias_8bit"(const uint8_t *, Py_ssize_t, float *,
+                                                   float *) noexcept nogil
+    void scale_bias_4bit "fastemb_scale_bias_4bit"(const uint8_t *, Py_ssize_t, float *,
+                                                   float *) noexcept nogil
+    # (out, rows, code_bytes, weights, count, dim): out[j] += (weights[e] *) (scale_e *
+    # q_e[j] + bias_e) for e = 0 .. count - 1, in that order
     void sum_rows_8bit "fastemb_sum_rows_8bit"(
-        float *, const uint8_t *const *, const float *, const float *, const float *,
-        Py_ssize_t, Py_ssize_t) noexcept nogil
+        float *, const uint8_t *const *, Py_ssize_t, const float *, Py_ssize_t,
+        Py_ssize_t) noexcept nogil
     void sum_rows_4bit "fastemb_sum_rows_4bit"(
-        float *, const uint8_t *const *, const float *, const float *, const float *,
-        Py_ssize_t, Py_ssize_t) noexcept nogil
+        float *, const uint8_t *const *, Py_ssize_t, const float *, Py_ssize_t,
+        Py_ssize_t) noexcept nogil
     void sum_rows_8bit_weighted "fastemb_sum_rows_8bit_weighted"(
-        float *, const uint8_t *const *, const float *, const float *, const float *,
-        Py_ssize_t, Py_ssize_t) noexcept nogil
+        float *, const uint8_t *const *, Py_ssize_t, const float *, Py_ssize_t,
+        Py_ssize_t) noexcept nogil
     void sum_rows_4bit_weighted "fastemb_sum_rows_4bit_weighted"(
-        float *, const uint8_t *const *, const float *, const float *, const float *,
-        Py_ssize_t, Py_ssize_t) noexcept nogil
+        float *, const uint8_t *const *, Py_ssize_t, const float *, Py_ssize_t,
+        Py_ssize_t) noexcept nogil
 
 cdef enum:
     BAGS_PER_CHUNK = 64  # bags reduced per prange iteration
@@ -108,14 +113,10 @@ cdef QuantizedRows describe_rows(const uint8_t[:, ::1] data, int bits) except *:
 cdef inline void read_scale_bias(const QuantizedRows *rows, const uint8_t *row, float *scale,
                                  float *bias) noexcept nogil:
     """The scale and bias stored after a row's codes (float32, or float16 for 4 bits)."""
-    cdef uint16_t halves[2]
     if rows.bits == 8:
-        memcpy(scale, row + rows.code_bytes, sizeof(float))
-        memcpy(bias, row + rows.code_bytes + sizeof(float), sizeof(float))
+        scale_bias_8bit(row, rows.code_bytes, scale, bias)
     else:
-        memcpy(halves, row + rows.code_bytes, sizeof(halves))
-        scale[0] = half_to_float(halves[0])
-        bias[0] = half_to_float(halves[1])
+        scale_bias_4bit(row, rows.code_bytes, scale, bias)
 
 
 cdef inline void prefetch_quantized_row(const QuantizedRows *rows, int64_t row) noexcept nogil:
@@ -281,12 +282,10 @@ cdef inline void sum_quantized_bag(const QuantizedRows *rows, const index_t *ind
                                    const float *sample_weights, int64_t padding_idx, float *out,
                                    Py_ssize_t distance) noexcept nogil:
     """out[:D] = the sum of the kept entries of [start, end) (weighted, with sample_weights).
-    The entries are read ENTRIES_PER_PASS at a time (their rows, scales, biases and weights;
-    each prefetches the row ``distance`` positions ahead), then summed by the C loops, which
-    keep the running sums in registers over the whole pass."""
+    The entries' rows (and weights) are collected ENTRIES_PER_PASS at a time, each entry
+    prefetching the row ``distance`` positions ahead, then summed by the C loops, which keep
+    the running sums in registers over the whole pass."""
     cdef const uint8_t *sources[ENTRIES_PER_PASS]
-    cdef float scales[ENTRIES_PER_PASS]
-    cdef float biases[ENTRIES_PER_PASS]
     cdef float weights[ENTRIES_PER_PASS]
     cdef Py_ssize_t k = start, count
     cdef int64_t row
@@ -299,19 +298,18 @@ cdef inline void sum_quantized_bag(const QuantizedRows *rows, const index_t *ind
             row = indices[k]
             if is_kept(row, padding_idx, rows.num_rows):
                 sources[count] = rows.data + row * rows.row_bytes
-                read_scale_bias(rows, sources[count], &scales[count], &biases[count])
                 if sample_weights != NULL:
                     weights[count] = sample_weights[k]
                 count += 1
             k += 1
         if sample_weights == NULL and rows.bits == 8:
-            sum_rows_8bit(out, sources, scales, biases, NULL, count, rows.dim)
+            sum_rows_8bit(out, sources, rows.code_bytes, NULL, count, rows.dim)
         elif sample_weights == NULL:
-            sum_rows_4bit(out, sources, scales, biases, NULL, count, rows.dim)
+            sum_rows_4bit(out, sources, rows.code_bytes, NULL, count, rows.dim)
         elif rows.bits == 8:
-            sum_rows_8bit_weighted(out, sources, scales, biases, weights, count, rows.dim)
+            sum_rows_8bit_weighted(out, sources, rows.code_bytes, weights, count, rows.dim)
         else:
-            sum_rows_4bit_weighted(out, sources, scales, biases, weights, count, rows.dim)
+            sum_rows_4bit_weighted(out, sources, rows.code_bytes, weights, count, rows.dim)
 
 
 cdef inline void max_quantized_bag(const QuantizedRows *rows, const index_t *indices,
