@@ -102,6 +102,32 @@ FASTEMB_QUANTIZED_ROW_LOOPS(add_weighted_row, FASTEMB_COMBINE_ADD_WEIGHTED)
 FASTEMB_QUANTIZED_ROW_LOOPS(max_row, FASTEMB_COMBINE_MAX)
 FASTEMB_QUANTIZED_ROW_LOOPS(store_row, FASTEMB_COMBINE_STORE)
 
+/* acc[:dim] = the dequantized row (store), or its elementwise max with it (max), for a table
+   of `bits` bits whose rows have `code_bytes` bytes of codes. */
+static inline void fastemb_store_row(int bits, float *restrict acc, const uint8_t *row,
+                                     Py_ssize_t code_bytes, Py_ssize_t dim) {
+    float scale, bias;
+    if (bits == 8) {
+        fastemb_scale_bias_8bit(row, code_bytes, &scale, &bias);
+        fastemb_store_row_8bit(acc, row, scale, bias, 1, dim);
+    } else {
+        fastemb_scale_bias_4bit(row, code_bytes, &scale, &bias);
+        fastemb_store_row_4bit(acc, row, scale, bias, 1, dim);
+    }
+}
+
+static inline void fastemb_max_row(int bits, float *restrict acc, const uint8_t *row,
+                                   Py_ssize_t code_bytes, Py_ssize_t dim) {
+    float scale, bias;
+    if (bits == 8) {
+        fastemb_scale_bias_8bit(row, code_bytes, &scale, &bias);
+        fastemb_max_row_8bit(acc, row, scale, bias, 1, dim);
+    } else {
+        fastemb_scale_bias_4bit(row, code_bytes, &scale, &bias);
+        fastemb_max_row_4bit(acc, row, scale, bias, 1, dim);
+    }
+}
+
 /* ---- Sums of rows with the running sums in vector registers ----
    fastemb_sum_rows_<bits>bit[_weighted](out, rows, code_bytes, weights, count, dim):
    out[j] = out[j] + value_e[j] for e = 0, 1, ..., count - 1 in that order (times weights[e]
@@ -226,5 +252,19 @@ FASTEMB_QUANTIZED_SUM_ROWS(fastemb_sum_rows_8bit_weighted, 8, FASTEMB_COMBINE_AD
                            fastemb_add_weighted_row_8bit)
 FASTEMB_QUANTIZED_SUM_ROWS(fastemb_sum_rows_4bit_weighted, 4, FASTEMB_COMBINE_ADD_WEIGHTED,
                            fastemb_add_weighted_row_4bit)
+
+/* The sum loop of a table of `bits` bits, weighted unless weights is NULL. */
+static inline void fastemb_sum_rows(int bits, float *restrict out, const uint8_t *const *rows,
+                                    Py_ssize_t code_bytes, const float *weights,
+                                    Py_ssize_t count, Py_ssize_t dim) {
+    if (bits == 8 && weights == NULL)
+        fastemb_sum_rows_8bit(out, rows, code_bytes, NULL, count, dim);
+    else if (bits == 8)
+        fastemb_sum_rows_8bit_weighted(out, rows, code_bytes, weights, count, dim);
+    else if (weights == NULL)
+        fastemb_sum_rows_4bit(out, rows, code_bytes, NULL, count, dim);
+    else
+        fastemb_sum_rows_4bit_weighted(out, rows, code_bytes, weights, count, dim);
+}
 
 #endif  /* FASTEMB_QUANTIZED_H */

@@ -30,35 +30,16 @@ __all__ = ["gather_quantized", "quantize_rows", "quantized_bag_reduce", "quantiz
 cdef extern from "_quantized.h":
     float half_to_float "fastemb_half_to_float"(uint16_t half) noexcept nogil
     uint16_t float_to_half "fastemb_float_to_half"(float value) noexcept nogil
-    # (acc, codes, scale, bias, weight, dim): acc[j] = max(acc[j], scale * q[j] + bias), or
-    # acc[j] = scale * q[j] + bias (store)
-    void max_row_8bit "fastemb_max_row_8bit"(float *, const uint8_t *, float, float, float,
-                                             Py_ssize_t) noexcept nogil
-    void max_row_4bit "fastemb_max_row_4bit"(float *, const uint8_t *, float, float, float,
-                                             Py_ssize_t) noexcept nogil
-    void store_row_8bit "fastemb_store_row_8bit"(float *, const uint8_t *, float, float, float,
-                                                 Py_ssize_t) noexcept nogil
-    void store_row_4bit "fastemb_store_row_4bit"(float *, const uint8_t *, float, float, float,
-                                                 Py_ssize_t) noexcept nogil
-    # (row, code_bytes, &scale, &bias): the scale and bias stored after a row's codes
-    void scale_bias_8bit "fastemb_scale_bias_8bit"(const uint8_t *, Py_ssize_t, float *,
-                                                   float *) noexcept nogil
-    void scale_bias_4bit "fastemb_scale_bias_4bit"(const uint8_t *, Py_ssize_t, float *,
-                                                   float *) noexcept nogil
-    # (out, rows, code_bytes, weights, count, dim): out[j] += (weights[e] *) (scale_e *
-    # q_e[j] + bias_e) for e = 0 .. count - 1, in that order
-    void sum_rows_8bit "fastemb_sum_rows_8bit"(
-        float *, const uint8_t *const *, Py_ssize_t, const float *, Py_ssize_t,
-        Py_ssize_t) noexcept nogil
-    void sum_rows_4bit "fastemb_sum_rows_4bit"(
-        float *, const uint8_t *const *, Py_ssize_t, const float *, Py_ssize_t,
-        Py_ssize_t) noexcept nogil
-    void sum_rows_8bit_weighted "fastemb_sum_rows_8bit_weighted"(
-        float *, const uint8_t *const *, Py_ssize_t, const float *, Py_ssize_t,
-        Py_ssize_t) noexcept nogil
-    void sum_rows_4bit_weighted "fastemb_sum_rows_4bit_weighted"(
-        float *, const uint8_t *const *, Py_ssize_t, const float *, Py_ssize_t,
-        Py_ssize_t) noexcept nogil
+    # (bits, acc, row, code_bytes, dim): acc[j] = scale * q[j] + bias (store), or
+    # acc[j] = max(acc[j], scale * q[j] + bias), a later value winning only if greater (max)
+    void store_row "fastemb_store_row"(int, float *, const uint8_t *, Py_ssize_t,
+                                       Py_ssize_t) noexcept nogil
+    void max_row "fastemb_max_row"(int, float *, const uint8_t *, Py_ssize_t,
+                                   Py_ssize_t) noexcept nogil
+    # (bits, out, rows, code_bytes, weights, count, dim): out[j] += (weights[e] *) (scale_e *
+    # q_e[j] + bias_e) for e = 0 .. count - 1, in that order (weights NULL: unweighted)
+    void sum_rows "fastemb_sum_rows"(int, float *, const uint8_t *const *, Py_ssize_t,
+                                     const float *, Py_ssize_t, Py_ssize_t) noexcept nogil
 
 cdef enum:
     BAGS_PER_CHUNK = 64  # bags reduced per prange iteration
@@ -108,15 +89,6 @@ cdef QuantizedRows describe_rows(const uint8_t[:, ::1] data, int bits) except *:
                          f"{rows.row_bytes - rows.code_bytes} bytes, got {rows.row_bytes}")
     rows.data = &data[0, 0] if rows.num_rows > 0 and rows.row_bytes > 0 else NULL
     return rows
-
-
-cdef inline void read_scale_bias(const QuantizedRows *rows, const uint8_t *row, float *scale,
-                                 float *bias) noexcept nogil:
-    """The scale and bias stored after a row's codes (float32, or float16 for 4 bits)."""
-    if rows.bits == 8:
-        scale_bias_8bit(row, rows.code_bytes, scale, bias)
-    else:
-        scale_bias_4bit(row, rows.code_bytes, scale, bias)
 
 
 cdef inline void prefetch_quantized_row(const QuantizedRows *rows, int64_t row) noexcept nogil:
@@ -224,17 +196,6 @@ def quantize_rows(const float[:, ::1] weight, int bits, uint8_t[:, ::1] out, int
 #   out[i, j] = scale_r * q_r[j] + bias_r      with r = indices[i]; zeros if r is not a row
 # --------------------------------------------------------------------------------------------
 
-cdef inline void dequantize_row(const QuantizedRows *rows, int64_t row, float *out) noexcept nogil:
-    """out[:D] = table row ``row``, dequantized."""
-    cdef const uint8_t *source = rows.data + row * rows.row_bytes
-    cdef float scale, bias
-    read_scale_bias(rows, source, &scale, &bias)
-    if rows.bits == 8:
-        store_row_8bit(out, source, scale, bias, 1, rows.dim)
-    else:
-        store_row_4bit(out, source, scale, bias, 1, rows.dim)
-
-
 def gather_quantized(const uint8_t[:, ::1] data, int bits, const index_t[::1] indices,
                      float[:, ::1] out, int num_threads):
     """Dequantize table row ``indices[i]`` into ``out[i]`` for every i (zeros if out of range).
@@ -257,7 +218,8 @@ def gather_quantized(const uint8_t[:, ::1] data, int bits, const index_t[::1] in
                 prefetch_quantized_row(&rows, indices[i + distance])
             row = indices[i]
             if 0 <= row < rows.num_rows:
-                dequantize_row(&rows, row, &out[i, 0])
+                store_row(bits, &out[i, 0], rows.data + row * rows.row_bytes, rows.code_bytes,
+                          rows.dim)
             else:
                 memset(&out[i, 0], 0, rows.dim * sizeof(float))
                 out_of_range += 1  # (an OpenMP reduction)
@@ -302,14 +264,8 @@ cdef inline void sum_quantized_bag(const QuantizedRows *rows, const index_t *ind
                     weights[count] = sample_weights[k]
                 count += 1
             k += 1
-        if sample_weights == NULL and rows.bits == 8:
-            sum_rows_8bit(out, sources, rows.code_bytes, NULL, count, rows.dim)
-        elif sample_weights == NULL:
-            sum_rows_4bit(out, sources, rows.code_bytes, NULL, count, rows.dim)
-        elif rows.bits == 8:
-            sum_rows_8bit_weighted(out, sources, rows.code_bytes, weights, count, rows.dim)
-        else:
-            sum_rows_4bit_weighted(out, sources, rows.code_bytes, weights, count, rows.dim)
+        sum_rows(rows.bits, out, sources, rows.code_bytes,
+                 weights if sample_weights != NULL else NULL, count, rows.dim)
 
 
 cdef inline void max_quantized_bag(const QuantizedRows *rows, const index_t *indices,
@@ -319,8 +275,6 @@ cdef inline void max_quantized_bag(const QuantizedRows *rows, const index_t *ind
     """out[:D] = the max of the kept entries of [start, end); zeros if there is none."""
     cdef Py_ssize_t k
     cdef int64_t row
-    cdef const uint8_t *source
-    cdef float scale, bias
     cdef bint first = True
     memset(out, 0, rows.dim * sizeof(float))
     for k in range(start, end):
@@ -329,16 +283,12 @@ cdef inline void max_quantized_bag(const QuantizedRows *rows, const index_t *ind
         row = indices[k]
         if not is_kept(row, padding_idx, rows.num_rows):
             continue
-        source = rows.data + row * rows.row_bytes
-        read_scale_bias(rows, source, &scale, &bias)
-        if first and rows.bits == 8:
-            store_row_8bit(out, source, scale, bias, 1, rows.dim)
-        elif first:
-            store_row_4bit(out, source, scale, bias, 1, rows.dim)
-        elif rows.bits == 8:
-            max_row_8bit(out, source, scale, bias, 1, rows.dim)
+        if first:
+            store_row(rows.bits, out, rows.data + row * rows.row_bytes, rows.code_bytes,
+                      rows.dim)
         else:
-            max_row_4bit(out, source, scale, bias, 1, rows.dim)
+            max_row(rows.bits, out, rows.data + row * rows.row_bytes, rows.code_bytes,
+                    rows.dim)
         first = False
 
 

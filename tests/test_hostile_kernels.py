@@ -98,6 +98,21 @@ def bags_by_hand(weight, indices, bounds, mode, psw, padding):
 
 BOUND_SETS = [[0, 3, 100, 2, -5, 8], [0, INT64_MAX], [INT64_MIN, 4, 2, 11], [5, 5, 5], [-1, -1],
               [0, 11], [12, 0, 11, 3], [0]]
+
+def bag_indices():
+    # 11 indices for the bag kernels: rows in and out of [0, 5)
+    return I([0, 4, -1, 2, 5, 2, INT64_MAX, 1, 3, INT64_MIN, 0])
+
+def bag_calls(dtype):
+    # (bounds, mode, padding, per-sample weights or None) of every bag-kernel call: each set
+    # of garbage bounds, mode and padding, weighted and not (not with max)
+    for bounds_list in BOUND_SETS:
+        for mode in ("sum", "mean", "max"):
+            for padding in (-1, 2, 99):
+                for with_weights in ((False, True) if mode != "max" else (False,)):
+                    psw = guarded(rng.choice([-1.0, 0.5, 2.0], 11), dtype) \
+                        if with_weights else None
+                    yield bounds_list, mode, padding, psw
 """
 
 KERNEL_SAFE_CASES = KERNEL_SAFE_HELPERS + r"""
@@ -141,27 +156,20 @@ for side in ("after", "before"):
             assert not out.any()
 
             case(f"bag_reduce {tag}")
-            indices = I([0, 4, -1, 2, 5, 2, INT64_MAX, 1, 3, INT64_MIN, 0])
-            n = 11
-            for bounds_list in BOUND_SETS:
-                bounds = I(bounds_list)
+            indices = bag_indices()
+            n = len(indices)
+            for bounds_list, mode, padding, psw in bag_calls(dtype):
                 B = len(bounds_list) - 1
-                for mode in ("sum", "mean", "max"):
-                    for padding in (-1, 2, 99):
-                        for with_weights in ((False, True) if mode != "max" else (False,)):
-                            psw = guarded(rng.choice([-1.0, 0.5, 2.0], n), dtype) \
-                                if with_weights else None
-                            out = guarded(np.full((B, D), 9, dtype))
-                            winners = guarded(np.full((B, D), 9, np.int64)) \
-                                if mode == "max" else None
-                            K.bag_reduce(weight, indices, bounds, MODE[mode], psw, padding, out,
-                                         winners, threads)
-                            want, want_winners = bags_by_hand(
-                                table, np.asarray(indices), bounds_list, mode,
-                                None if psw is None else np.asarray(psw), padding)
-                            assert_same_bits(out, want)
-                            if winners is not None:
-                                assert (winners == want_winners).all()
+                out = guarded(np.full((B, D), 9, dtype))
+                winners = guarded(np.full((B, D), 9, np.int64)) if mode == "max" else None
+                K.bag_reduce(weight, indices, I(bounds_list), MODE[mode], psw, padding, out,
+                             winners, threads)
+                want, want_winners = bags_by_hand(table, np.asarray(indices), bounds_list, mode,
+                                                  None if psw is None else np.asarray(psw),
+                                                  padding)
+                assert_same_bits(out, want)
+                if winners is not None:
+                    assert (winners == want_winners).all()
             bounds = I([0, 3, 11])
             for bad in (
                 lambda: K.bag_reduce(weight, indices, bounds, MODE["sum"], None, -1,
@@ -397,23 +405,14 @@ for side in ("after", "before"):
             assert not out.any()
 
             case(f"quantized_bag_reduce {tag}")
-            indices = I([0, 4, -1, 2, 5, 2, INT64_MAX, 1, 3, INT64_MIN, 0])
-            n = 11
-            for bounds_list in BOUND_SETS:
-                bounds = I(bounds_list)
-                B = len(bounds_list) - 1
-                for mode in ("sum", "mean", "max"):
-                    for padding in (-1, 2, 99):
-                        for with_weights in ((False, True) if mode != "max" else (False,)):
-                            psw = guarded(rng.choice([-1.0, 0.5, 2.0], n), f4) \
-                                if with_weights else None
-                            out = guarded(np.full((B, D), 9, f4))
-                            K.quantized_bag_reduce(data, bits, indices, bounds, MODE[mode], psw,
-                                                   padding, out, threads)
-                            want, _ = bags_by_hand(values, np.asarray(indices), bounds_list, mode,
-                                                   None if psw is None else np.asarray(psw),
-                                                   padding)
-                            assert_same_bits(out, want)
+            indices = bag_indices()
+            for bounds_list, mode, padding, psw in bag_calls(f4):
+                out = guarded(np.full((len(bounds_list) - 1, D), 9, f4))
+                K.quantized_bag_reduce(data, bits, indices, I(bounds_list), MODE[mode], psw,
+                                       padding, out, threads)
+                want, _ = bags_by_hand(values, np.asarray(indices), bounds_list, mode,
+                                       None if psw is None else np.asarray(psw), padding)
+                assert_same_bits(out, want)
             bounds = I([0, 3, 11])
             for bad in (
                 lambda: K.quantized_bag_reduce(data, bits, indices, bounds, MODE["sum"], None,
