@@ -102,30 +102,24 @@ FASTEMB_QUANTIZED_ROW_LOOPS(add_weighted_row, FASTEMB_COMBINE_ADD_WEIGHTED)
 FASTEMB_QUANTIZED_ROW_LOOPS(max_row, FASTEMB_COMBINE_MAX)
 FASTEMB_QUANTIZED_ROW_LOOPS(store_row, FASTEMB_COMBINE_STORE)
 
-/* acc[:dim] = the dequantized row (store), or its elementwise max with it (max), for a table
-   of `bits` bits whose rows have `code_bytes` bytes of codes. */
-static inline void fastemb_store_row(int bits, float *restrict acc, const uint8_t *row,
-                                     Py_ssize_t code_bytes, Py_ssize_t dim) {
+/* acc[:dim] = the dequantized row (take_max 0), or the elementwise max of acc and it
+   (take_max 1), for a table of `bits` bits whose rows have `code_bytes` bytes of codes. */
+static inline void fastemb_dequantize_row(int bits, int take_max, float *restrict acc,
+                                          const uint8_t *row, Py_ssize_t code_bytes,
+                                          Py_ssize_t dim) {
     float scale, bias;
-    if (bits == 8) {
+    if (bits == 8)
         fastemb_scale_bias_8bit(row, code_bytes, &scale, &bias);
-        fastemb_store_row_8bit(acc, row, scale, bias, 1, dim);
-    } else {
+    else
         fastemb_scale_bias_4bit(row, code_bytes, &scale, &bias);
-        fastemb_store_row_4bit(acc, row, scale, bias, 1, dim);
-    }
-}
-
-static inline void fastemb_max_row(int bits, float *restrict acc, const uint8_t *row,
-                                   Py_ssize_t code_bytes, Py_ssize_t dim) {
-    float scale, bias;
-    if (bits == 8) {
-        fastemb_scale_bias_8bit(row, code_bytes, &scale, &bias);
+    if (bits == 8 && take_max)
         fastemb_max_row_8bit(acc, row, scale, bias, 1, dim);
-    } else {
-        fastemb_scale_bias_4bit(row, code_bytes, &scale, &bias);
+    else if (bits == 8)
+        fastemb_store_row_8bit(acc, row, scale, bias, 1, dim);
+    else if (take_max)
         fastemb_max_row_4bit(acc, row, scale, bias, 1, dim);
-    }
+    else
+        fastemb_store_row_4bit(acc, row, scale, bias, 1, dim);
 }
 
 /* ---- Sums of rows with the running sums in vector registers ----

@@ -30,12 +30,10 @@ __all__ = ["gather_quantized", "quantize_rows", "quantized_bag_reduce", "quantiz
 cdef extern from "_quantized.h":
     float half_to_float "fastemb_half_to_float"(uint16_t half) noexcept nogil
     uint16_t float_to_half "fastemb_float_to_half"(float value) noexcept nogil
-    # (bits, acc, row, code_bytes, dim): acc[j] = scale * q[j] + bias (store), or
-    # acc[j] = max(acc[j], scale * q[j] + bias), a later value winning only if greater (max)
-    void store_row "fastemb_store_row"(int, float *, const uint8_t *, Py_ssize_t,
-                                       Py_ssize_t) noexcept nogil
-    void max_row "fastemb_max_row"(int, float *, const uint8_t *, Py_ssize_t,
-                                   Py_ssize_t) noexcept nogil
+    # (bits, take_max, acc, row, code_bytes, dim): acc[j] = scale * q[j] + bias, or with
+    # take_max acc[j] = max(acc[j], scale * q[j] + bias) (the new value only if greater)
+    void dequantize_row "fastemb_dequantize_row"(int, bint, float *, const uint8_t *,
+                                                 Py_ssize_t, Py_ssize_t) noexcept nogil
     # (bits, out, rows, code_bytes, weights, count, dim): out[j] += (weights[e] *) (scale_e *
     # q_e[j] + bias_e) for e = 0 .. count - 1, in that order (weights NULL: unweighted)
     void sum_rows "fastemb_sum_rows"(int, float *, const uint8_t *const *, Py_ssize_t,
@@ -218,8 +216,8 @@ def gather_quantized(const uint8_t[:, ::1] data, int bits, const index_t[::1] in
                 prefetch_quantized_row(&rows, indices[i + distance])
             row = indices[i]
             if 0 <= row < rows.num_rows:
-                store_row(bits, &out[i, 0], rows.data + row * rows.row_bytes, rows.code_bytes,
-                          rows.dim)
+                dequantize_row(bits, False, &out[i, 0], rows.data + row * rows.row_bytes,
+                               rows.code_bytes, rows.dim)
             else:
                 memset(&out[i, 0], 0, rows.dim * sizeof(float))
                 out_of_range += 1  # (an OpenMP reduction)
@@ -283,12 +281,8 @@ cdef inline void max_quantized_bag(const QuantizedRows *rows, const index_t *ind
         row = indices[k]
         if not is_kept(row, padding_idx, rows.num_rows):
             continue
-        if first:
-            store_row(rows.bits, out, rows.data + row * rows.row_bytes, rows.code_bytes,
-                      rows.dim)
-        else:
-            max_row(rows.bits, out, rows.data + row * rows.row_bytes, rows.code_bytes,
-                    rows.dim)
+        dequantize_row(rows.bits, not first, out, rows.data + row * rows.row_bytes,
+                       rows.code_bytes, rows.dim)
         first = False
 
 
