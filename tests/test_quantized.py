@@ -134,10 +134,12 @@ def test_quantize_corner_rows_give_torch_bytes(bits):
 
 @pytest.mark.parametrize("bits", BITS)
 def test_quantize_nan_is_skipped_by_min_and_max(bits):
-    """NaN never becomes the min or the max (FBGEMM's scalar loop; torch agrees on rows of
-    fewer than 8 elements, which its vector loop never reaches: in its vector loop a NaN in a
-    lane can win, so for wider rows torch's bytes depend on the lane NaN falls in). Its own
-    code is whatever lrint makes of NaN; the rest of the row is quantized as without it."""
+    """NaN never becomes the min or the max, as in FBGEMM's scalar loop. Where torch differs:
+    its AVX2 min/max loop takes 8 elements at a time, and there a NaN can win depending on its
+    position (torch 2.13 here: rows of 4 and 8 elements always agree; with 16 elements a NaN in
+    1 of the 16 positions, with 64 in 7 to 10 of the 64, changes torch's scale and bias), so
+    only a short row is compared with torch. The NaN's own code is whatever lrint makes of
+    NaN; the rest of the row is quantized as without it."""
     rows = np.array([[1.0, np.nan, 2.0, 3.0], [np.nan, 1.0, 2.0, 3.0]], np.float32)
     data = fastemb.quantize(rows, bits).data
     without_nan = fastemb.quantize(np.array([[1.0, 2.0, 3.0, 1.0]], np.float32), bits).data
@@ -177,7 +179,8 @@ def test_every_half_converts_as_numpy_does():
     data[:, 0] = 1
     data[:, 1:3] = halves.view(np.uint8).reshape(-1, 2)
     got = fastemb.QuantizedTable.from_prepacked(data, 4).dequantize()[:, 0]
-    expected = halves.view(np.float16).astype(np.float32) * np.float32(1) + np.float32(0)
+    with np.errstate(invalid="ignore"):  # (NaN halves)
+        expected = halves.view(np.float16).astype(np.float32) * np.float32(1) + np.float32(0)
     assert_same_bits(got, expected)
 
 
@@ -273,12 +276,10 @@ def test_bags_match_the_float32_reference_bit_for_bit(case):
     assert_same_bits(fastemb.embedding_bag(**case), expected)
 
 
-@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize(("mode", "weighted"), [("sum", False), ("mean", False), ("max", False),
+                                               ("sum", True), ("mean", True)])
 @pytest.mark.parametrize(("bits", "dim"), bits_and_dims())
 def test_bags_match_the_float64_reference(bits, dim, mode, weighted, rng):
-    if weighted and mode == "max":
-        pytest.skip("per_sample_weights only with sum and mean")
     table = fastemb.quantize(random_table(rng, 50, dim), bits)
     indices = rng.integers(0, 50, 200)
     offsets = np.sort(rng.integers(0, 201, 30))
