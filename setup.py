@@ -8,7 +8,7 @@ Environment variables (all optional):
 - ``FASTEMB_EXTRA_CFLAGS="-march=native ..."``: extra compiler flags, appended last.
 
 The kernels are built three times from one source: ``fastemb._core`` with ``_lookup``,
-``_grouping`` and ``_training`` (portable x86-64) and, where the compiler accepts the flags,
+``_grouping``, ``_training`` and ``_quantized`` (portable x86-64) and, where the compiler accepts the flags,
 ``fastemb._core_avx2`` with ``_lookup_avx2``, ... (``-mavx2``: 256-bit vectors) and
 ``fastemb._core_avx512`` with ``_lookup_avx512``, ... (AVX-512: 512-bit vectors);
 ``fastemb/_kernels.py`` picks the widest the CPU has at import time. All give the same results
@@ -44,7 +44,7 @@ VARIANT_FLAGS = {
     "_avx2": ["-mavx2"],
     "_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],  # x86-64-v4's AVX-512
 }
-KERNEL_MODULES = ("_core", "_lookup", "_grouping", "_training")
+KERNEL_MODULES = ("_core", "_lookup", "_grouping", "_training", "_quantized")
 TRIVIAL_PROGRAM = "int main(void) { return 0; }\n"
 
 OPENMP_TEST_PROGRAM = textwrap.dedent(

@@ -13,11 +13,13 @@ from .backward import embedding_backward, embedding_bag_backward
 from .checkpoint import load, save
 from .functional import embedding, embedding_bag
 from .modules import Embedding, EmbeddingBag
+from .quantized import QuantizedTable, quantize
 from .sparse import SparseGrad
 
 __all__ = [
     "Embedding",
     "EmbeddingBag",
+    "QuantizedTable",
     "SparseGrad",
     "__version__",
     "embedding",
@@ -27,6 +29,7 @@ __all__ = [
     "get_num_threads",
     "load",
     "optim",
+    "quantize",
     "release_memory",
     "save",
     "set_num_threads",

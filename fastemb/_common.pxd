@@ -1,5 +1,5 @@
 """Declarations and inline helpers that fastemb's kernel modules share (``_lookup``,
-``_grouping``, ``_training``, ``_allocator``; ``_core`` is their entry). The C they use
+``_grouping``, ``_training``, ``_quantized``, ``_allocator``; ``_core`` is their entry). The C they use
 beside Cython's lives in ``_core.h``. The enums are exposed to Python by ``fastemb._common``.
 """
 
@@ -107,6 +107,35 @@ cdef inline double element_value(const table_t *row, Py_ssize_t j) noexcept nogi
 cdef inline bint is_kept(int64_t row, int64_t padding_idx, Py_ssize_t num_rows) noexcept nogil:
     """True for an entry a bag reduces: a row of the table that is not padding."""
     return <uint64_t>row < <uint64_t>num_rows and row != padding_idx
+
+
+cdef inline void bag_extent(const int64_t *bounds, Py_ssize_t b, Py_ssize_t n,
+                            Py_ssize_t *start, Py_ssize_t *end) noexcept nogil:
+    """Bag b's positions [start, end): its bounds clamped into [0, n], with end >= start."""
+    start[0] = clamp(bounds[b], 0, n)
+    end[0] = clamp(bounds[b + 1], start[0], n)
+
+
+cdef inline void divide_by_bag_sizes(Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
+                                     Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
+                                     Py_ssize_t end_bag, const floating *sample_weights,
+                                     int64_t padding_idx, floating *out) noexcept nogil:
+    """Mean: divide each bag's sum by its kept entries' count (weighted: their weights' sum),
+    for the bags in [first_bag, end_bag)."""
+    cdef Py_ssize_t b, k, j, start, end, count
+    cdef floating divisor, weight_total
+    for b in range(first_bag, end_bag):
+        bag_extent(bounds, b, n, &start, &end)
+        count = 0
+        weight_total = 0
+        for k in range(start, end):
+            if is_kept(indices[k], padding_idx, num_rows):
+                count += 1
+                if sample_weights != NULL:
+                    weight_total = weight_total + sample_weights[k]
+        divisor = weight_total if sample_weights != NULL else <floating>count
+        for j in range(dim):
+            out[b * dim + j] = out[b * dim + j] / divisor if divisor != 0 else 0
 
 
 cdef inline Py_ssize_t count_out_of_range(const index_t *indices, Py_ssize_t start,

@@ -4,7 +4,8 @@
 The kernels live in modules by concern, sharing declarations and inline helpers through
 ``_common.pxd`` and C through ``_core.h``: ``_lookup`` (gather, bag reductions, max_norm, the
 lookups' index checks), ``_grouping`` (the radix sort by row), ``_training`` (sparse gradients
-and the fused optimizer steps) and ``_allocator`` (the block cache). This module gives their
+and the fused optimizer steps), ``_quantized`` (quantized tables: quantization and their
+lookups) and ``_allocator`` (the block cache). This module gives their
 functions in one place, with the build information; ``_core_avx2`` and ``_core_avx512`` are the
 same entry over the kernels compiled with -mavx2 (``_lookup_avx2``, ...) and with AVX-512
 (``_lookup_avx512``, ...), and ``fastemb/_kernels.py`` picks one.
@@ -71,7 +72,7 @@ def compile_flags():
 
 VARIANT_SUFFIX = next((suffix for suffix in ("_avx2", "_avx512") if __name__.endswith(suffix)), "")
 KERNEL_MODULES = tuple(importlib.import_module(f"fastemb.{name}{VARIANT_SUFFIX}")
-                       for name in ("_lookup", "_grouping", "_training"))
+                       for name in ("_lookup", "_grouping", "_training", "_quantized"))
 KERNEL_MODULES += (importlib.import_module("fastemb._allocator"),)
 for _module in KERNEL_MODULES:
     globals().update({name: getattr(_module, name) for name in _module.__all__})

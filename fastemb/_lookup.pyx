@@ -10,10 +10,10 @@ from libc.string cimport memcpy, memset
 import numpy as np
 
 from fastemb._common cimport (BAG_MAX, BAG_MEAN, BFLOAT16, FLOAT16, BagMode, HalfFormat,
-                              bfloat16_t, check_enum, clamp, count_out_of_range, element_value,
-                              float16_t, floating, index_t, is_kept, prefetch_ahead,
-                              prefetch_distance, prefetch_table_row, rows_on_lines, stored_t,
-                              table_t, team_size)
+                              bag_extent, bfloat16_t, check_enum, clamp, count_out_of_range,
+                              divide_by_bag_sizes, element_value, float16_t, floating, index_t,
+                              is_kept, prefetch_ahead, prefetch_distance, prefetch_table_row,
+                              rows_on_lines, stored_t, table_t, team_size)
 
 __all__ = ["bag_reduce", "bounds_from_offsets", "first_decrease", "first_out_of_range",
            "gather_rows", "renorm_rows"]
@@ -346,13 +346,6 @@ ctypedef fused reduction_t:
     MaxReduction
 
 
-cdef inline void bag_extent(const int64_t *bounds, Py_ssize_t b, Py_ssize_t n,
-                            Py_ssize_t *start, Py_ssize_t *end) noexcept nogil:
-    """Bag b's positions [start, end): its bounds clamped into [0, n], with end >= start."""
-    start[0] = clamp(bounds[b], 0, n)
-    end[0] = clamp(bounds[b + 1], start[0], n)
-
-
 cdef inline void sum_block(reduction_t *reduction, const table_t *table, Py_ssize_t num_rows,
                            Py_ssize_t dim, const index_t *indices, Py_ssize_t n,
                            const int64_t *bounds, Py_ssize_t first_bag, Py_ssize_t end_bag,
@@ -545,28 +538,6 @@ cdef inline void reduce_bags(reduction_t *reduction, const table_t *table,
         for b in range(first_bag, end_bag):
             reduce_columns(reduction, table, num_rows, dim, indices, n, bounds, b, b + 1,
                            sample_weights, padding_idx, out, winners, distance, lines_aligned)
-
-
-cdef inline void divide_by_bag_sizes(Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
-                                     Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
-                                     Py_ssize_t end_bag, const floating *sample_weights,
-                                     int64_t padding_idx, floating *out) noexcept nogil:
-    """Mean: divide each bag's sum by its kept entries' count (weighted: their weights' sum),
-    for the bags in [first_bag, end_bag)."""
-    cdef Py_ssize_t b, k, j, start, end, count
-    cdef floating divisor, weight_total
-    for b in range(first_bag, end_bag):
-        bag_extent(bounds, b, n, &start, &end)
-        count = 0
-        weight_total = 0
-        for k in range(start, end):
-            if is_kept(indices[k], padding_idx, num_rows):
-                count += 1
-                if sample_weights != NULL:
-                    weight_total = weight_total + sample_weights[k]
-        divisor = weight_total if sample_weights != NULL else <floating>count
-        for j in range(dim):
-            out[b * dim + j] = out[b * dim + j] / divisor if divisor != 0 else 0
 
 
 cdef inline bint sums_in(stored_t *table_type, floating *sum_type) noexcept nogil:

@@ -15,6 +15,10 @@ from ._kernels import kernels as _core
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 NATIVE_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 INT64_MAX = np.iinfo(np.int64).max
+# The bag modes of the public API and the kernels' names for them.
+BAG_MODES = {"sum": _core.BagMode.BAG_SUM, "mean": _core.BagMode.BAG_MEAN,
+             "max": _core.BagMode.BAG_MAX}
+NO_PADDING = -1  # what the kernels take for "no padding_idx"
 
 
 def _position(flat_position, shape):
@@ -180,10 +184,10 @@ def as_sample_weights(per_sample_weights, input_shape, dtype, also=None):
     """
     if isinstance(per_sample_weights, np.ndarray):
         weights = per_sample_weights
-        if weights.dtype == also:
+        if also is not None and weights.dtype == also:  # (np.dtype == None compares to float64)
             weights = weights.astype(dtype)
         elif weights.dtype != dtype:
-            wanted = dtype if also in (None, dtype) else f"{dtype} or {also}"
+            wanted = dtype if also is None or also == dtype else f"{dtype} or {also}"
             raise TypeError(f"per_sample_weights must have dtype {wanted}, got {weights.dtype}")
     else:
         try:
@@ -200,3 +204,43 @@ def as_sample_weights(per_sample_weights, input_shape, dtype, also=None):
             f"got {weights.shape}"
         )
     return np.ascontiguousarray(weights).reshape(-1)
+
+
+def check_mode(mode):
+    """The bag mode as a plain str (a str subclass such as np.str_ is accepted)."""
+    if not isinstance(mode, str) or mode not in BAG_MODES:
+        raise ValueError(f"mode must be one of {', '.join(BAG_MODES)}; got {mode!r}")
+    return str(mode)
+
+
+def bag_arguments(input, offsets, mode, per_sample_weights, include_last_offset, padding_idx,
+                  num_embeddings, dtype, table_dtype=None):
+    """Validate the arguments of an embedding_bag call that say what its bags are, for a table
+    of ``num_embeddings`` rows whose per-sample weights have ``dtype`` (or, converted,
+    ``table_dtype``: see :func:`as_sample_weights`). Returns ``(mode,
+    indices, bounds, sample_weights, padding)``: the mode as a str, the indices (1-D, or 2-D
+    with one bag per row), the bags' int64 bounds (see :func:`bag_bounds`), the weights flat
+    (or None) and padding_idx in ``[0, V)`` (or None)."""
+    mode = check_mode(mode)
+    indices = as_index_array(input)
+    if indices.ndim == 2:
+        if offsets is not None:
+            raise ValueError(
+                "offsets must be None when input is 2-D (each row of input is one bag)"
+            )
+        num_bags, bag_size = indices.shape
+        bounds = np.arange(num_bags + 1, dtype=np.int64) * bag_size
+    elif indices.ndim == 1:
+        if offsets is None:
+            raise ValueError("offsets is required when input is 1-D")
+        bounds = bag_bounds(offsets, indices.size, include_last_offset)
+    else:
+        raise ValueError(f"input must be 1-D (with offsets) or 2-D, got shape {indices.shape}")
+    sample_weights = None
+    if per_sample_weights is not None:
+        if mode == "max":
+            raise ValueError("per_sample_weights is supported with mode 'sum' and 'mean', not 'max'")
+        sample_weights = as_sample_weights(per_sample_weights, indices.shape, dtype,
+                                           also=table_dtype)
+    padding = normalize_padding_idx(padding_idx, num_embeddings)
+    return mode, indices, bounds, sample_weights, padding

@@ -17,27 +17,17 @@ from ._config import threads_for
 from ._dtypes import TABLE_DTYPES
 from ._memory import reused_memory, with_reused_memory
 from ._validation import (
+    BAG_MODES,
+    NO_PADDING,
     as_index_array,
     as_real,
-    as_sample_weights,
     as_weight,
-    bag_bounds,
+    bag_arguments,
     check_index_range,
     check_writable_table,
     normalize_padding_idx,
 )
-
-# The bag modes of the public API and the kernels' names for them.
-BAG_MODES = {"sum": _core.BagMode.BAG_SUM, "mean": _core.BagMode.BAG_MEAN,
-             "max": _core.BagMode.BAG_MAX}
-NO_PADDING = -1  # what the kernels take for "no padding_idx"
-
-
-def check_mode(mode):
-    """The bag mode as a plain str (a str subclass such as np.str_ is accepted)."""
-    if not isinstance(mode, str) or mode not in BAG_MODES:
-        raise ValueError(f"mode must be one of {', '.join(BAG_MODES)}; got {mode!r}")
-    return str(mode)
+from .quantized import QuantizedTable, quantized_embedding, quantized_embedding_bag
 
 
 def _max_norm_arguments(weight, max_norm, norm_type):
@@ -138,7 +128,12 @@ def embedding(input: ArrayLike, weight: np.ndarray, padding_idx: int | None = No
     >>> fastemb.embedding([[0, 2], [3, 3]], weight)[1]
     array([[ 9., 10., 11.],
            [ 9., 10., 11.]], dtype=float32)
+
+    ``weight`` may also be a :class:`fastemb.QuantizedTable` (``fastemb.quantize``): the rows
+    come back dequantized, in float32.
     """
+    if isinstance(weight, QuantizedTable):
+        return quantized_embedding(input, weight, padding_idx, max_norm)
     return lookup_forward(input, weight, padding_idx, max_norm, norm_type)[0]
 
 
@@ -176,28 +171,9 @@ def bag_forward(input, weight, offsets=None, mode="mean", per_sample_weights=Non
     weight = as_weight(weight, reduced_precision=True)
     table_dtype = TABLE_DTYPES[weight.dtype]
     num_embeddings, dim = weight.shape
-    mode = check_mode(mode)
-    indices = as_index_array(input)
-    if indices.ndim == 2:
-        if offsets is not None:
-            raise ValueError(
-                "offsets must be None when input is 2-D (each row of input is one bag)"
-            )
-        num_bags, bag_size = indices.shape
-        bounds = np.arange(num_bags + 1, dtype=np.int64) * bag_size
-    elif indices.ndim == 1:
-        if offsets is None:
-            raise ValueError("offsets is required when input is 1-D")
-        bounds = bag_bounds(offsets, indices.size, include_last_offset)
-    else:
-        raise ValueError(f"input must be 1-D (with offsets) or 2-D, got shape {indices.shape}")
-    sample_weights = None
-    if per_sample_weights is not None:
-        if mode == "max":
-            raise ValueError("per_sample_weights is supported with mode 'sum' and 'mean', not 'max'")
-        sample_weights = as_sample_weights(per_sample_weights, indices.shape,
-                                           table_dtype.compute_dtype, also=weight.dtype)
-    padding = normalize_padding_idx(padding_idx, num_embeddings)
+    mode, indices, bounds, sample_weights, padding = bag_arguments(
+        input, offsets, mode, per_sample_weights, include_last_offset, padding_idx,
+        num_embeddings, table_dtype.compute_dtype, weight.dtype)
     renorm = _max_norm_arguments(weight, max_norm, norm_type)
     flat = indices.reshape(-1)
     checked_first = _check_indices_first(weight, flat, indices.shape, renorm)
@@ -241,6 +217,13 @@ def embedding_bag(input: ArrayLike, weight: np.ndarray, offsets: ArrayLike | Non
     array([[ 4.,  2.],
            [ 0.,  0.],
            [-2., 10.]], dtype=float32)
+
+    ``weight`` may also be a :class:`fastemb.QuantizedTable` (``fastemb.quantize``): bags of
+    its dequantized rows, in float32 (per-sample weights float32; no max_norm). Only this
+    forward takes one (a quantized table serves inference: it has no gradient).
     """
+    if isinstance(weight, QuantizedTable):
+        return quantized_embedding_bag(input, weight, offsets, mode, per_sample_weights,
+                                       include_last_offset, padding_idx, max_norm)
     return bag_forward(input, weight, offsets, mode, per_sample_weights, include_last_offset,
                        padding_idx, max_norm, norm_type, record_winners=False).output

@@ -11,9 +11,9 @@ import numbers
 import numpy as np
 
 from ._memory import aligned_full, reused_memory
-from ._validation import FLOAT_DTYPES, as_real, as_weight, normalize_padding_idx
+from ._validation import FLOAT_DTYPES, as_real, as_weight, check_mode, normalize_padding_idx
 from .backward import bag_grads, lookup_grad
-from .functional import NO_PADDING, bag_forward, check_mode, lookup_forward
+from .functional import NO_PADDING, bag_forward, lookup_forward
 
 
 def _check_size(value, name):

@@ -70,7 +70,7 @@ def case(name):
     print("CASE", name, flush=True)
 """
 
-KERNEL_SAFE_CASES = r"""
+KERNEL_SAFE_HELPERS = r"""
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 f4, f8 = np.float32, np.float64
 rng = np.random.default_rng(0)
@@ -96,6 +96,26 @@ def bags_by_hand(weight, indices, bounds, mode, psw, padding):
         return embedding_bag_ref(np.array(flat, np.int64), weight, np.array(offsets, np.int64),
                                  mode, None if psw is None else np.array(weights, weight.dtype))
 
+BOUND_SETS = [[0, 3, 100, 2, -5, 8], [0, INT64_MAX], [INT64_MIN, 4, 2, 11], [5, 5, 5], [-1, -1],
+              [0, 11], [12, 0, 11, 3], [0]]
+
+def bag_indices():
+    # 11 indices for the bag kernels: rows in and out of [0, 5)
+    return I([0, 4, -1, 2, 5, 2, INT64_MAX, 1, 3, INT64_MIN, 0])
+
+def bag_calls(dtype):
+    # (bounds, mode, padding, per-sample weights or None) of every bag-kernel call: each set
+    # of garbage bounds, mode and padding, weighted and not (not with max)
+    for bounds_list in BOUND_SETS:
+        for mode in ("sum", "mean", "max"):
+            for padding in (-1, 2, 99):
+                for with_weights in ((False, True) if mode != "max" else (False,)):
+                    psw = guarded(rng.choice([-1.0, 0.5, 2.0], 11), dtype) \
+                        if with_weights else None
+                    yield bounds_list, mode, padding, psw
+"""
+
+KERNEL_SAFE_CASES = KERNEL_SAFE_HELPERS + r"""
 for side in ("after", "before"):
     SIDE = side
     for dtype in (f4, f8):
@@ -136,29 +156,20 @@ for side in ("after", "before"):
             assert not out.any()
 
             case(f"bag_reduce {tag}")
-            indices = I([0, 4, -1, 2, 5, 2, INT64_MAX, 1, 3, INT64_MIN, 0])
-            n = 11
-            bound_sets = [[0, 3, 100, 2, -5, 8], [0, INT64_MAX], [INT64_MIN, 4, 2, 11],
-                          [5, 5, 5], [-1, -1], [0, 11], [12, 0, 11, 3], [0]]
-            for bounds_list in bound_sets:
-                bounds = I(bounds_list)
+            indices = bag_indices()
+            n = len(indices)
+            for bounds_list, mode, padding, psw in bag_calls(dtype):
                 B = len(bounds_list) - 1
-                for mode in ("sum", "mean", "max"):
-                    for padding in (-1, 2, 99):
-                        for with_weights in ((False, True) if mode != "max" else (False,)):
-                            psw = guarded(rng.choice([-1.0, 0.5, 2.0], n), dtype) \
-                                if with_weights else None
-                            out = guarded(np.full((B, D), 9, dtype))
-                            winners = guarded(np.full((B, D), 9, np.int64)) \
-                                if mode == "max" else None
-                            K.bag_reduce(weight, indices, bounds, MODE[mode], psw, padding, out,
-                                         winners, threads)
-                            want, want_winners = bags_by_hand(
-                                table, np.asarray(indices), bounds_list, mode,
-                                None if psw is None else np.asarray(psw), padding)
-                            assert_same_bits(out, want)
-                            if winners is not None:
-                                assert (winners == want_winners).all()
+                out = guarded(np.full((B, D), 9, dtype))
+                winners = guarded(np.full((B, D), 9, np.int64)) if mode == "max" else None
+                K.bag_reduce(weight, indices, I(bounds_list), MODE[mode], psw, padding, out,
+                             winners, threads)
+                want, want_winners = bags_by_hand(table, np.asarray(indices), bounds_list, mode,
+                                                  None if psw is None else np.asarray(psw),
+                                                  padding)
+                assert_same_bits(out, want)
+                if winners is not None:
+                    assert (winners == want_winners).all()
             bounds = I([0, 3, 11])
             for bad in (
                 lambda: K.bag_reduce(weight, indices, bounds, MODE["sum"], None, -1,
@@ -212,7 +223,7 @@ for side in ("after", "before"):
                 expect(ValueError, lambda: K.group_by_row(I(values), 5, -1, threads, wrong))
 
             case(f"bags_of_positions {tag}")
-            for bounds_list in bound_sets:
+            for bounds_list in BOUND_SETS:
                 bag_of = guarded(np.full(n, -7, np.int64))
                 K.bags_of_positions(I(bounds_list), bag_of, threads)
                 if threads == 1:
@@ -224,7 +235,7 @@ for side in ("after", "before"):
                     assert bag_of.tolist() == want, (bounds_list, bag_of)
 
             case(f"bag_gradient_factors {tag}")
-            for bounds_list in bound_sets:
+            for bounds_list in BOUND_SETS:
                 B = len(bounds_list) - 1
                 for mode, psw in (("mean", None), ("mean", guarded(np.ones(n), dtype)),
                                   ("sum", guarded(np.full(n, 0.5), dtype))):
@@ -346,6 +357,83 @@ for side in ("after", "before"):
 print("ALL OK", flush=True)
 """
 
+# The quantized-table kernels (_quantized.pyx), as KERNEL_SAFE_CASES does the others.
+QUANTIZED_SAFE_CASES = KERNEL_SAFE_HELPERS + r"""
+for side in ("after", "before"):
+    SIDE = side
+    for bits in (8, 4):
+        for threads in (1, 2):
+            tag = f"{side} bits={bits} threads={threads}"
+            V, D = 5, 4
+            table = rng.standard_normal((V, D)).astype(f4)
+            quantized = fastemb.quantize(table, bits)
+            data = guarded(quantized.data)
+            values = quantized.dequantize()
+
+            case(f"quantize_rows {tag}")
+            out = guarded(np.full(quantized.data.shape, 7, np.uint8))
+            K.quantize_rows(guarded(table), bits, out, threads)
+            assert (out == quantized.data).all()
+            for wrong in (np.zeros((V + 1, out.shape[1]), np.uint8),
+                          np.zeros((V, out.shape[1] + 1), np.uint8)):
+                expect(ValueError, lambda: K.quantize_rows(guarded(table), bits, guarded(wrong),
+                                                           threads))
+            expect(ValueError, lambda: K.quantize_rows(guarded(table[:, :3]), 4, guarded(
+                np.zeros((V, 5), np.uint8)), threads))
+            expect(ValueError, lambda: K.quantize_rows(guarded(table), 3, out, threads))
+
+            case(f"gather_quantized {tag}")
+            for index_dtype, rows in ((np.int64, [0, 4] + BAD_ROWS + [2]),
+                                      (np.int32, [0, 4, -1, 5, -2**31, 2**31 - 1, 3])):
+                indices = guarded(np.array(rows, index_dtype))
+                out = guarded(np.full((len(rows), D), 7, f4))
+                bad = K.gather_quantized(data, bits, indices, out, threads)
+                want = np.array([values[r] if 0 <= r < V else np.zeros(D, f4) for r in rows])
+                assert_same_bits(out, want)
+                assert bad == sum(not 0 <= r < V for r in rows)
+                expect(ValueError, lambda: K.gather_quantized(data, bits, indices, guarded(
+                    np.zeros((len(rows) + 1, D), f4)), threads))
+                expect(ValueError, lambda: K.gather_quantized(data, bits, indices, guarded(
+                    np.zeros((len(rows), D + 1), f4)), threads))
+            for row_bytes, bad_bits in ((7, 8), (3, 4), (12, 2)):
+                expect(ValueError, lambda: K.gather_quantized(guarded(np.zeros(
+                    (V, row_bytes), np.uint8)), bad_bits, I([0]), guarded(np.zeros((1, D), f4)),
+                    threads))
+            out = guarded(np.ones((3, D), f4))
+            K.gather_quantized(guarded(np.zeros((0, data.shape[1]), np.uint8)), bits,
+                               I([0, -1, 1]), out, threads)
+            assert not out.any()
+
+            case(f"quantized_bag_reduce {tag}")
+            indices = bag_indices()
+            for bounds_list, mode, padding, psw in bag_calls(f4):
+                out = guarded(np.full((len(bounds_list) - 1, D), 9, f4))
+                K.quantized_bag_reduce(data, bits, indices, I(bounds_list), MODE[mode], psw,
+                                       padding, out, threads)
+                want, _ = bags_by_hand(values, np.asarray(indices), bounds_list, mode,
+                                       None if psw is None else np.asarray(psw), padding)
+                assert_same_bits(out, want)
+            bounds = I([0, 3, 11])
+            for bad in (
+                lambda: K.quantized_bag_reduce(data, bits, indices, bounds, MODE["sum"], None,
+                                               -1, guarded(np.zeros((3, D), f4)), threads),
+                lambda: K.quantized_bag_reduce(data, bits, indices, bounds, MODE["sum"], None,
+                                               -1, guarded(np.zeros((2, D + 1), f4)), threads),
+                lambda: K.quantized_bag_reduce(data, bits, indices, I([]), MODE["sum"], None,
+                                               -1, guarded(np.zeros((0, D), f4)), threads),
+                lambda: K.quantized_bag_reduce(data, bits, indices, bounds, MODE["sum"],
+                                               guarded(np.ones(3, f4)), -1,
+                                               guarded(np.zeros((2, D), f4)), threads),
+                lambda: K.quantized_bag_reduce(guarded(np.zeros((V, 2), np.uint8)), bits,
+                                               indices, bounds, MODE["sum"], None, -1,
+                                               guarded(np.zeros((2, D), f4)), threads),
+                lambda: K.quantized_bag_reduce(data, bits, indices, bounds, 7, None, -1,
+                                               guarded(np.zeros((2, D), f4)), threads),
+            ):
+                expect(ValueError, bad)
+print("ALL OK", flush=True)
+"""
+
 # Inconsistent GradientPlans: each once read out of bounds (the kernels trusted the plan).
 KERNEL_CRASH_CASES = {
     "accumulate_rows: starts past the order array in the middle": (
@@ -451,6 +539,14 @@ def test_kernels_given_inconsistent_arrays_raise_or_stay_in_bounds(build):
     shapes: ValueError, or a result that only used the in-bounds part (checked against the
     documented clamping), on guarded arrays, serial and parallel."""
     result = run_kernel_script(build, KERNEL_SAFE_CASES)
+    assert result.returncode == 0 and "ALL OK" in result.stdout, describe(result)
+
+
+@pytest.mark.parametrize("build", _kernel_builds())
+def test_quantized_kernels_given_inconsistent_arrays_raise_or_stay_in_bounds(build):
+    """The quantized-table kernels, likewise: bad rows, garbage bounds, wrong shapes, rows too
+    short for their scale and bias, on guarded arrays."""
+    result = run_kernel_script(build, QUANTIZED_SAFE_CASES)
     assert result.returncode == 0 and "ALL OK" in result.stdout, describe(result)
 
 
