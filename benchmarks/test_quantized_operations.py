@@ -8,7 +8,8 @@ torch's ``embedding_bag_byte_rowwise_offsets`` and torch's float32 ``F.embedding
 int4 bag sum next to torch's ``embedding_bag_4bit_rowwise_offsets``. Each result is first
 checked against fastemb's (to float32 rounding: torch fuses multiply-adds)::
 
-    pytest benchmarks/test_quantized_operations.py --benchmark-only --benchmark-columns=min,median,rounds
+    pytest benchmarks/test_quantized_operations.py --benchmark-only \
+        --benchmark-columns=min,median,rounds
 """
 
 import numpy as np

@@ -1,6 +1,7 @@
 """Declarations and inline helpers that fastemb's kernel modules share (``_lookup``,
-``_grouping``, ``_training``, ``_quantized``, ``_allocator``; ``_core`` is their entry). The C they use
-beside Cython's lives in ``_core.h``. The enums are exposed to Python by ``fastemb._common``.
+``_grouping``, ``_training``, ``_quantized``, ``_allocator``; ``_core`` is their entry). The C
+they use beside Cython's lives in ``_core.h``. The enums are exposed to Python by
+``fastemb._common``.
 """
 
 from cython cimport floating
