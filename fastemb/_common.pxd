@@ -29,6 +29,7 @@ cdef extern from "_core.h":
         uint16_t bits
     float bfloat16_value "fastemb_bfloat16_value"(bfloat16_t value) noexcept nogil
     float float16_value "fastemb_float16_value"(float16_t value) noexcept nogil
+    float16_t float16_nearest "fastemb_float16_nearest"(float value) noexcept nogil
 
 # What a table holds: float32 and float64 (computed in their own dtype), or bfloat16 and
 # float16 (read as float32, computed in float32).

@@ -165,6 +165,43 @@ static inline float fastemb_float16_value(fastemb_float16 x) {
 }
 #endif
 
+/* The float16 nearest to a float32 (ties to even; overflow gives infinity), as FBGEMM's
+   cpu_float2half_rn: the compiler's _Float16 conversion (vcvtps2ph with F16C), or by hand. */
+#if FASTEMB_HAVE_FLOAT16
+static inline fastemb_float16 fastemb_float16_nearest(float value) {
+    _Float16 half = (_Float16)value;
+    fastemb_float16 rounded;
+    memcpy(&rounded.bits, &half, sizeof(rounded.bits));
+    return rounded;
+}
+#else
+static inline fastemb_float16 fastemb_float16_nearest(float value) {
+    uint32_t bits, magnitude, sign;
+    fastemb_float16 rounded;
+    memcpy(&bits, &value, sizeof(bits));
+    sign = (bits >> 16) & 0x8000;
+    magnitude = bits & 0x7fffffff;
+    if (magnitude > 0x7f800000) {  /* NaN: keep it quiet */
+        rounded.bits = (uint16_t)(sign | 0x7e00 | (magnitude >> 13));
+    } else if (magnitude >= 0x477ff000) {  /* rounds past the largest half: infinity */
+        rounded.bits = (uint16_t)(sign | 0x7c00);
+    } else if (magnitude < 0x38800000) {  /* subnormal or zero: the float's value in 2^-24 */
+        float scaled;
+        memcpy(&scaled, &magnitude, sizeof(scaled));
+        scaled = scaled * 16777216.0f;  /* exact */
+        uint32_t units = (uint32_t)scaled, rest;
+        float fraction = scaled - (float)units;
+        rest = fraction > 0.5f || (fraction == 0.5f && (units & 1));
+        rounded.bits = (uint16_t)(sign | (units + rest));
+    } else {  /* normal: rebias, round the 13 dropped bits to nearest even */
+        uint32_t kept = magnitude - (112u << 23);
+        kept += 0x0fff + ((kept >> 13) & 1);
+        rounded.bits = (uint16_t)(sign | (kept >> 13));
+    }
+    return rounded;
+}
+#endif
+
 /* The bag kernels' block loops over 16-bit rows: acc (float32) += source (times weight), a
    vector of float32 at a time, each widened from half as many bytes of the row. */
 #if defined(__GNUC__) || defined(__clang__)

@@ -1,5 +1,5 @@
 /* fastemb/_quantized.h: the C that the quantized-table kernels (fastemb/_quantized.pyx) use:
- * IEEE half-precision conversions and the loops that dequantize one row and combine it into
+ * the loops that dequantize one row and combine it into
  * a float32 row, written so that gcc vectorises them (u8 -> i32 -> f32, times scale, plus
  * bias). Every build compiles them with -ffp-contract=off: no fused multiply-add, so each
  * value is rounded after the multiply and after each add, the same in every build. */
@@ -10,43 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float fastemb_float_from_bits(uint32_t bits) {
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-static inline uint32_t fastemb_bits_of_float(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    return bits;
-}
-
-/* The float32 value of an IEEE binary16 (exact: every half is a float). Without a branch on
-   the exponent beyond one select, as in Marat Dukhan's FP16 library: a normal half's exponent
-   and mantissa are moved into a float's and rebased by one exact multiply by 2^-112 (which
-   also maps the half's infinity and NaNs to the float's); a subnormal half is its mantissa
-   placed under the exponent of 0.5, minus 0.5. */
-static inline float fastemb_half_to_float(uint16_t half) {
-    const uint32_t shifted = (uint32_t)half << 16;
-    const uint32_t sign = shifted & 0x80000000u;
-    const uint32_t doubled = shifted + shifted;  /* exponent and mantissa, sign dropped */
-    const float normal = fastemb_float_from_bits((doubled >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-    const float subnormal = fastemb_float_from_bits((doubled >> 17) | (126u << 23)) - 0.5f;
-    const uint32_t magnitude = doubled < (1u << 27) ? fastemb_bits_of_float(subnormal)
-                                                    : fastemb_bits_of_float(normal);
-    return fastemb_float_from_bits(sign | magnitude);
-}
-
-/* The IEEE binary16 nearest to a float32 (ties to even; overflow gives infinity), as FBGEMM's
-   cpu_float2half_rn. Only quantization uses it (once per row), so the compiler's own
-   conversion is fine: _Float16 (gcc 12 and clang on x86-64) converts correctly rounded. */
-static inline uint16_t fastemb_float_to_half(float value) {
-    _Float16 half = (_Float16)value;
-    uint16_t bits;
-    memcpy(&bits, &half, sizeof bits);
-    return bits;
-}
+#include "_core.h"  /* the float16 conversions */
 
 /* The scale and bias stored after a row's `code_bytes` bytes of codes: float32 (8 bits) or
    float16 (4 bits), at any alignment. */
@@ -60,8 +24,8 @@ static inline void fastemb_scale_bias_4bit(const uint8_t *row, Py_ssize_t code_b
                                            float *scale, float *bias) {
     uint16_t halves[2];
     memcpy(halves, row + code_bytes, sizeof halves);
-    *scale = fastemb_half_to_float(halves[0]);
-    *bias = fastemb_half_to_float(halves[1]);
+    *scale = fastemb_float16_value((fastemb_float16){halves[0]});
+    *bias = fastemb_float16_value((fastemb_float16){halves[1]});
 }
 
 /* What a bag does with a dequantized value of an entry: add it, add it times the entry's

@@ -22,14 +22,13 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t
 from libc.string cimport memcpy, memset
 
 from fastemb._common cimport (BAG_MAX, BAG_MEAN, BagMode, bag_extent, check_enum, clamp,
-                              count_out_of_range, divide_by_bag_sizes, index_t, is_kept,
-                              prefetch_distance, prefetch_row, team_size)
+                              count_out_of_range, divide_by_bag_sizes, float16_nearest,
+                              float16_t, float16_value, index_t, is_kept, prefetch_distance,
+                              prefetch_row, team_size)
 
 __all__ = ["gather_quantized", "quantize_rows", "quantized_bag_reduce", "quantized_row_bytes"]
 
 cdef extern from "_quantized.h":
-    float half_to_float "fastemb_half_to_float"(uint16_t half) noexcept nogil
-    uint16_t float_to_half "fastemb_float_to_half"(float value) noexcept nogil
     # (bits, take_max, acc, row, code_bytes, dim): acc[j] = scale * q[j] + bias, or with
     # take_max acc[j] = max(acc[j], scale * q[j] + bias) (the new value only if greater)
     void dequantize_row "fastemb_dequantize_row"(int, bint, float *, const uint8_t *,
@@ -142,22 +141,22 @@ cdef inline void quantize_row_4bit(const float *table, Py_ssize_t r, Py_ssize_t 
     """Row r of table (V, dim), quantized to 4 bits into out (dim / 2 + 4 bytes)."""
     cdef const float *values = table + r * dim if dim else NULL
     cdef float low, high, value_range, scale, inverse_scale
-    cdef uint16_t halves[2]
+    cdef float16_t halves[2]  # the stored scale and bias
     cdef long code
     cdef Py_ssize_t j
     row_min_max(values, dim, &low, &high)
-    halves[1] = float_to_half(low)
-    low = half_to_float(halves[1])
+    halves[1] = float16_nearest(low)
+    low = float16_value(halves[1])
     value_range = high - low
     scale = 1.0 if value_range == 0 else value_range / <float>15.0
-    scale = half_to_float(float_to_half(scale))
+    scale = float16_value(float16_nearest(scale))
     if scale == 0:
         scale = 1.0
     inverse_scale = <float>1.0 / scale
     if isinf(inverse_scale):
         scale = 1.0
         inverse_scale = 1.0
-    halves[0] = float_to_half(scale)
+    halves[0] = float16_nearest(scale)
     memset(out, 0, dim // 2)
     for j in range(dim):
         code = min(max(lrintf((values[j] - low) * inverse_scale), 0), 15)

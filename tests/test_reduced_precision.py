@@ -213,3 +213,62 @@ def test_optimizers_refuse_16_bit_tables_before_changing_anything(half, rng):
     with pytest.raises(TypeError, match="not yet trained"):
         optimizer.step()
     assert module.weight.tobytes() == before.tobytes()
+
+
+CONVERSIONS_PROGRAM = r"""
+#include <stddef.h>
+typedef ptrdiff_t Py_ssize_t;
+#include "_core.h"
+void widen_every_float16(float *out) {
+    for (uint32_t bits = 0; bits < 65536; bits++)
+        out[bits] = fastemb_float16_value((fastemb_float16){(uint16_t)bits});
+}
+void nearest_float16s(const float *values, uint16_t *out, size_t count) {
+    for (size_t i = 0; i < count; i++) out[i] = fastemb_float16_nearest(values[i]).bits;
+}
+"""
+
+
+@pytest.mark.parametrize("compiler_float16", [True, False], ids=["_Float16", "by hand"])
+def test_float16_conversions_match_numpy(compiler_float16, tmp_path, rng):
+    """fastemb's float16 conversions (_core.h), with the compiler's _Float16 and with the
+    by-hand code of compilers that lack it: every float16 widens to NumPy's float32 bits, and
+    float32s (ties, subnormals, overflow, random) round to NumPy's nearest float16."""
+    import ctypes
+    import pathlib
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    source = tmp_path / "conversions.c"
+    source.write_text(CONVERSIONS_PROGRAM)
+    library = tmp_path / "conversions.so"
+    include = pathlib.Path(fastemb.__file__).parent
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-ffp-contract=off", f"-I{include}",
+                    *([] if compiler_float16 else ["-U__FLT16_MAX__"]), "-o", str(library),
+                    str(source)], check=True, capture_output=True)
+    conversions = ctypes.CDLL(str(library))
+    every_half = np.arange(65536, dtype=np.uint16).view(np.float16)
+    widened = np.empty(65536, np.float32)
+    conversions.widen_every_float16(widened.ctypes.data_as(ctypes.c_void_p))
+    # (NaNs stay NaN; the compiler's conversion may quiet a signaling one)
+    assert_same_bits(widened, every_half.astype(np.float32))
+
+    finite = every_half[np.isfinite(every_half)].astype(np.float32)
+    ordered = np.sort(finite[finite >= 0])
+    ties = ((ordered[:-1].astype(np.float64) + ordered[1:]) / 2).astype(np.float32)
+    values = np.concatenate([
+        finite, ties, -ties, rng.standard_normal(20000).astype(np.float32) * 1e3,
+        rng.standard_normal(5000).astype(np.float32) * 1e-6, np.float32([
+            65504, 65519.99, 65520, 65536, 1e30, np.inf, -np.inf, np.nan, 1e-45, 2.0 ** -25,
+            2.0 ** -24 * 1.5, 2.0 ** -14 - 2.0 ** -25, 0.0, -0.0])])
+    rounded = np.empty(values.size, np.uint16)
+    conversions.nearest_float16s(values.ctypes.data_as(ctypes.c_void_p),
+                                 rounded.ctypes.data_as(ctypes.c_void_p),
+                                 ctypes.c_size_t(values.size))
+    with np.errstate(over="ignore"):  # (values past the largest float16 round to infinity)
+        expected = values.astype(np.float16)
+    nan = np.isnan(values)
+    assert np.isnan(rounded[nan].view(np.float16)).all()
+    assert rounded[~nan].tolist() == expected[~nan].view(np.uint16).tolist()
