@@ -15,7 +15,7 @@ from ._kernels import kernels as _core
 from ._config import threads_for
 from ._dtypes import TABLE_DTYPES
 from ._memory import with_reused_memory
-from ._validation import (FLOAT_DTYPES, as_count, as_index_array, check_index_range,
+from ._validation import (as_count, as_index_array, check_index_range,
                           normalize_padding_idx)
 from .functional import (BAG_MODES, NO_PADDING, BagForward, _lookup_table, _padding_in,
                          bag_forward)
@@ -114,8 +114,8 @@ def embedding_backward(grad_output: ArrayLike, input: ArrayLike, num_embeddings:
             f"table) with shape input.shape + (D,) = {indices.shape} + (D,), got "
             f"{grad_output.dtype} {grad_output.shape}"
         )
-    if grad_output.dtype not in FLOAT_DTYPES:  # a 16-bit table's gradient is float32
-        grad_output = grad_output.astype(np.float32)
+    # (a 16-bit table's gradient is float32, as its bags are)
+    grad_output = grad_output.astype(TABLE_DTYPES[grad_output.dtype].compute_dtype, copy=False)
     return lookup_grad(flat, indices.shape + grad_output.shape[-1:], grad_output,
                        grad_output.dtype, num_embeddings,
                        NO_PADDING if padding is None else padding, bool(scale_grad_by_freq))

@@ -15,7 +15,7 @@ from numpy.typing import ArrayLike
 from ._kernels import kernels as _core
 from ._config import threads_for
 from ._dtypes import TABLE_DTYPES
-from ._memory import reused_memory, with_reused_memory
+from ._memory import with_reused_memory
 from ._validation import (
     BAG_MODES,
     NO_PADDING,
