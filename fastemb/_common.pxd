@@ -56,6 +56,10 @@ cdef enum:
     PREFETCH_BYTES_IN_FLIGHT = 4096
     PREFETCH_MIN_ROWS = 4
     PREFETCH_MAX_ROWS = 32
+    # A kernel call with less work than this (in table elements touched) runs on one thread:
+    # the fork/join costs more than it saves, and far more when the cores are shared with other
+    # work.
+    PARALLEL_GRAIN = 32768
 
 # What a bag reduces to, and which update an optimizer step applies. The public API names them
 # with strings ("sum", "adam"); the Python layer maps those to these once.

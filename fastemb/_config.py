@@ -12,12 +12,6 @@ from ._kernels import variant
 
 __version__ = "0.1.0"
 
-_requested_threads = None
-
-# A kernel call with less work than this (in table elements touched) runs on one thread: the
-# fork/join costs more than it saves, and far more when the cores are shared with other work.
-PARALLEL_GRAIN = 32768
-
 
 def set_num_threads(n: int | None) -> None:
     """Set how many OpenMP threads fastemb's kernels use; ``None`` restores the default.
@@ -32,14 +26,13 @@ def set_num_threads(n: int | None) -> None:
     1
     >>> fastemb.set_num_threads(None)
     """
-    global _requested_threads
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             raise TypeError(f"num_threads must be an int or None, got {type(n).__name__}")
         if n < 1:
             raise ValueError(f"num_threads must be >= 1, got {n}")
         n = int(n)
-    _requested_threads = n
+    _core.set_requested_threads(0 if n is None else n)  # (the kernels' module keeps it)
 
 
 def get_num_threads() -> int:
@@ -49,16 +42,12 @@ def get_num_threads() -> int:
     >>> fastemb.get_num_threads() >= 1
     True
     """
-    if not _core.has_openmp():
-        return 1
-    if _requested_threads is not None:
-        return _requested_threads
-    return _core.openmp_max_threads()
+    return _core.get_num_threads()
 
 
-def threads_for(work):
-    """Threads for a kernel call that touches about ``work`` table elements."""
-    return get_num_threads() if work >= PARALLEL_GRAIN else 1
+# Threads for a kernel call that touches about ``work`` table elements: get_num_threads(), or
+# one for a call too small to gain from more.
+threads_for = _core.threads_for
 
 
 def show_config(file=None) -> None:

@@ -9,7 +9,20 @@
 #include <string.h>
 
 /* ---- Prefetching, OpenMP and build information ---- */
-#if defined(__GNUC__) || defined(__clang__)
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+/* As volatile asm, not __builtin_prefetch: GCC takes a function whose only effects are
+ * __builtin_prefetch calls for a pure one, and where it can prove the function's loop ends (it
+ * can unless -fwrapv is given, as CPython's own flags do) it deletes the calls as unused: the
+ * Cython prefetch helpers would compile to nothing. */
+#define FASTEMB_PREFETCH(address) \
+    __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)(address)))
+#ifdef __PRFCHW__  /* (what __builtin_prefetch(address, 1, 3) compiles to, with or without) */
+#define FASTEMB_PREFETCH_WRITE(address) \
+    __asm__ volatile("prefetchw %0" : : "m"(*(const char *)(address)))
+#else
+#define FASTEMB_PREFETCH_WRITE(address) FASTEMB_PREFETCH(address)
+#endif
+#elif defined(__GNUC__) || defined(__clang__)
 #define FASTEMB_PREFETCH(address) __builtin_prefetch((const void *)(address), 0, 3)
 #define FASTEMB_PREFETCH_WRITE(address) __builtin_prefetch((const void *)(address), 1, 3)
 #else

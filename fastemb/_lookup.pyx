@@ -5,18 +5,29 @@ index checks of the lookups. The rules every kernel follows are in ``fastemb/_co
 from cython.parallel cimport prange
 from libc.math cimport INFINITY, NAN, fabs, isinf, pow, sqrt
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
+
+cimport numpy as cnp
+from fastemb._common cimport (BAG_MAX, BAG_MEAN, BAG_SUM, BFLOAT16, FASTEMB_HAVE_OPENMP, FLOAT16,
+                              PARALLEL_GRAIN, BagMode, HalfFormat, bag_extent, bfloat16_t,
+                              check_enum, clamp, count_out_of_range, divide_by_bag_sizes,
+                              element_value, float16_t, floating, index_t, is_kept,
+                              omp_get_max_threads, prefetch_ahead, prefetch_distance,
+                              prefetch_table_row, rows_on_lines, stored_t, table_t, team_size)
 
 import numpy as np
 
-from fastemb._common cimport (BAG_MAX, BAG_MEAN, BFLOAT16, FLOAT16, BagMode, HalfFormat,
-                              bag_extent, bfloat16_t, check_enum, clamp, count_out_of_range,
-                              divide_by_bag_sizes, element_value, float16_t, floating, index_t,
-                              is_kept, prefetch_ahead, prefetch_distance, prefetch_table_row,
-                              rows_on_lines, stored_t, table_t, team_size)
+from fastemb._allocator import BLOCK_CACHE_HANDLER
 
-__all__ = ["bag_reduce", "bounds_from_offsets", "first_decrease", "first_out_of_range",
-           "gather_rows", "renorm_rows"]
+cdef extern from "numpy/arrayobject.h":
+    object PyDataMem_SetHandler(object handler)  # (the allocator new arrays take their data from)
+
+cnp.import_array()
+
+__all__ = ["bag_forward_common", "bag_reduce", "bounds_from_offsets", "first_decrease",
+           "first_out_of_range", "gather_rows", "get_num_threads", "renorm_rows",
+           "set_parallel_grain", "set_requested_threads", "threads_for"]
 
 cdef enum:
     RANGE_CHECK_CHUNK = 4096  # indices checked per chunk by first_out_of_range
@@ -61,7 +72,7 @@ def first_out_of_range(const index_t[::1] indices, int64_t num_embeddings, int n
     return found
 
 
-cdef bint copy_valid_offsets(const index_t[::1] offsets, int64_t[::1] bounds,
+cdef bint copy_valid_offsets(const index_t *offsets, Py_ssize_t num_offsets, int64_t *bounds,
                              Py_ssize_t num_bags, int64_t num_indices,
                              bint include_last_offset) noexcept nogil:
     """Fill bounds (num_bags + 1 entries) from torch-style offsets; False if they are not valid:
@@ -69,7 +80,7 @@ cdef bint copy_valid_offsets(const index_t[::1] offsets, int64_t[::1] bounds,
     include_last_offset)."""
     cdef Py_ssize_t b
     cdef int64_t previous = 0, offset
-    for b in range(offsets.shape[0]):
+    for b in range(num_offsets):
         offset = offsets[b]
         if offset < previous or (b == 0 and offset != 0):
             return False
@@ -81,27 +92,58 @@ cdef bint copy_valid_offsets(const index_t[::1] offsets, int64_t[::1] bounds,
     return previous <= num_indices
 
 
+cdef bint is_plain_array(object value) noexcept:
+    """True for an ndarray (not a subclass) that is C-contiguous, aligned and in native byte
+    order: one whose data a kernel may read as it is."""
+    return (cnp.PyArray_CheckExact(value) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>value)
+            and cnp.PyArray_ISALIGNED(<cnp.ndarray>value)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>value))
+
+
+cdef int index_type_of(object value, int ndim) noexcept:
+    """NPY_INT32 or NPY_INT64 for a plain array (is_plain_array) of ndim dimensions holding
+    those; -1 for anything else."""
+    cdef int type_number
+    if not is_plain_array(value) or cnp.PyArray_NDIM(<cnp.ndarray>value) != ndim:
+        return -1
+    type_number = cnp.PyArray_TYPE(<cnp.ndarray>value)
+    return type_number if type_number == cnp.NPY_INT32 or type_number == cnp.NPY_INT64 else -1
+
+
+cdef Py_ssize_t bag_count(object offsets, bint include_last_offset) noexcept:
+    """The number of bags B that torch-style ``offsets`` give, if they are a plain 1-D
+    int32/int64 array (see index_type_of); -1 for any other offsets."""
+    cdef Py_ssize_t num_offsets
+    if index_type_of(offsets, 1) < 0:
+        return -1
+    num_offsets = cnp.PyArray_DIM(<cnp.ndarray>offsets, 0)
+    return num_offsets - 1 if include_last_offset else num_offsets
+
+
+cdef bint copy_offsets(cnp.ndarray offsets, int64_t *bounds, Py_ssize_t num_bags,
+                       int64_t num_indices, bint include_last_offset) noexcept:
+    """copy_valid_offsets on offsets that bag_count accepted (it gave num_bags >= 0)."""
+    cdef Py_ssize_t num_offsets = cnp.PyArray_DIM(offsets, 0)
+    if cnp.PyArray_TYPE(offsets) == cnp.NPY_INT64:
+        return copy_valid_offsets(<const int64_t *>cnp.PyArray_DATA(offsets), num_offsets,
+                                  bounds, num_bags, num_indices, include_last_offset)
+    return copy_valid_offsets(<const int32_t *>cnp.PyArray_DATA(offsets), num_offsets, bounds,
+                              num_bags, num_indices, include_last_offset)
+
+
 def bounds_from_offsets(offsets, int64_t num_indices, bint include_last_offset):
     """The bags' bounds (int64, B + 1 entries: bag b is ``input[bounds[b]:bounds[b+1]]``) of
     torch-style ``offsets`` that are a 1-D C-contiguous int32/int64 array and valid; None for
     anything else, which the caller converts or explains. One call, for the lookups' common
     case (a chain of NumPy calls costs more than the loop, with its code out of the caches)."""
-    cdef Py_ssize_t num_bags
-    if (type(offsets) is not np.ndarray or offsets.ndim != 1 or not offsets.flags.c_contiguous
-            or offsets.dtype.kind != "i" or offsets.dtype.itemsize not in (4, 8)
-            or not offsets.dtype.isnative):
-        return None
-    num_bags = offsets.shape[0] - 1 if include_last_offset else offsets.shape[0]
+    cdef Py_ssize_t num_bags = bag_count(offsets, include_last_offset)
     if num_bags < 0:
         return None
     bounds = np.empty(num_bags + 1, dtype=np.int64)
-    if offsets.dtype.itemsize == 8:
-        valid = copy_valid_offsets[int64_t](offsets, bounds, num_bags, num_indices,
-                                            include_last_offset)
-    else:
-        valid = copy_valid_offsets[int32_t](offsets, bounds, num_bags, num_indices,
-                                            include_last_offset)
-    return bounds if valid else None
+    if not copy_offsets(offsets, <int64_t *>cnp.PyArray_DATA(bounds), num_bags, num_indices,
+                        include_last_offset):
+        return None
+    return bounds
 
 
 def first_decrease(const int64_t[::1] values):
@@ -662,6 +704,166 @@ def bag_reduce(const stored_t[:, ::1] weight, const index_t[::1] indices,
                                          mode, weights_data, padding_idx, &out[0, 0],
                                          winner_data, num_threads)
     return out_of_range
+
+
+# --------------------------------------------------------------------------------------------
+# embedding_bag's common case in one call: plain arrays, no max_norm. Each Python-level step
+# of the general path is cheap, but after a bag reduction has streamed the table through the
+# caches every one of them misses, and together they cost a large batch several percent.
+# --------------------------------------------------------------------------------------------
+
+cdef int requested_threads = 0  # what fastemb.set_num_threads asked for; 0: OpenMP's default
+cdef Py_ssize_t parallel_grain = PARALLEL_GRAIN  # (tests lower it to run small calls threaded)
+
+
+def set_requested_threads(int num_threads):
+    """Record fastemb.set_num_threads's count (0 restores OpenMP's default)."""
+    global requested_threads
+    requested_threads = num_threads if num_threads > 0 else 0
+
+
+def set_parallel_grain(Py_ssize_t elements):
+    """Make calls with at least ``elements`` of work run threaded (see threads_for); returns
+    the previous grain. Tests set 0, so that their small calls run on every thread."""
+    global parallel_grain
+    previous, parallel_grain = parallel_grain, elements
+    return previous
+
+
+cpdef int get_num_threads() noexcept:
+    """The number of threads a kernel call with enough work uses (see fastemb.get_num_threads)."""
+    if not FASTEMB_HAVE_OPENMP:
+        return 1
+    return requested_threads if requested_threads > 0 else omp_get_max_threads()
+
+
+cpdef int threads_for(Py_ssize_t work) noexcept:
+    """Threads for a kernel call that touches about ``work`` table elements: one below the
+    parallel grain (PARALLEL_GRAIN), where the fork/join costs more than it saves."""
+    return get_num_threads() if work >= parallel_grain else 1
+
+
+cdef Py_ssize_t reduce_table(const void *table, int table_type, Py_ssize_t num_rows,
+                             Py_ssize_t dim, const index_t *indices, Py_ssize_t n,
+                             const int64_t *bounds, Py_ssize_t num_bags, BagMode mode,
+                             const void *sample_weights, int64_t padding_idx, void *out,
+                             int num_threads) noexcept nogil:
+    """reduce_chunks on a table of NumPy type ``table_type`` (float32, float64 or float16;
+    out and sample_weights float64 for float64, float32 otherwise), without winners."""
+    if table_type == cnp.NPY_FLOAT64:
+        return reduce_chunks(<const double *>table, num_rows, dim, indices, n, bounds, num_bags,
+                             mode, <const double *>sample_weights, padding_idx, <double *>out,
+                             NULL, num_threads)
+    if table_type == cnp.NPY_FLOAT16:
+        return reduce_chunks(<const float16_t *>table, num_rows, dim, indices, n, bounds,
+                             num_bags, mode, <const float *>sample_weights, padding_idx,
+                             <float *>out, NULL, num_threads)
+    return reduce_chunks(<const float *>table, num_rows, dim, indices, n, bounds, num_bags, mode,
+                         <const float *>sample_weights, padding_idx, <float *>out, NULL,
+                         num_threads)
+
+
+cdef int bag_mode_of(object mode) noexcept:
+    """The BagMode of a mode string ("sum", "mean", "max"); -1 for anything else."""
+    if type(mode) is not str:
+        return -1
+    if mode == "sum":
+        return BAG_SUM
+    if mode == "mean":
+        return BAG_MEAN
+    if mode == "max":
+        return BAG_MAX
+    return -1
+
+
+def bag_forward_common(input, weight, offsets, mode, per_sample_weights,
+                       bint include_last_offset, padding_idx):
+    """``fastemb.embedding_bag`` without max_norm, in one call, for its common case: a plain
+    (C-contiguous, aligned, native) float32, float64 or float16 table; plain int32/int64
+    indices, 1-D with plain offsets or 2-D without; a str mode; per-sample weights None or a
+    plain array of the input's shape in the dtype the bags are computed in; padding_idx None or
+    an int. Returns the bags, bit for bit those of the general path, or None when the call is
+    not that case or its arguments are not valid (an index out of range, bad offsets): the
+    caller then takes the general path, which converts or explains. It writes nothing but the
+    fresh output it returns."""
+    cdef int table_type, index_type, bag_mode = bag_mode_of(mode)
+    cdef int sum_type, input_dims, num_threads
+    cdef Py_ssize_t num_rows, dim, n, bag_size, num_bags, b, out_of_range
+    cdef int64_t padding = -1
+    cdef int64_t *bounds = NULL
+    cdef const void *table = NULL
+    cdef const void *indices = NULL
+    cdef const void *weights_data = NULL
+    cdef void *out_data
+    cdef cnp.npy_intp out_shape[2]
+    if bag_mode < 0 or not is_plain_array(weight) or cnp.PyArray_NDIM(<cnp.ndarray>weight) != 2:
+        return None
+    table_type = cnp.PyArray_TYPE(<cnp.ndarray>weight)
+    if (table_type != cnp.NPY_FLOAT32 and table_type != cnp.NPY_FLOAT64
+            and table_type != cnp.NPY_FLOAT16):
+        return None
+    sum_type = cnp.NPY_FLOAT64 if table_type == cnp.NPY_FLOAT64 else cnp.NPY_FLOAT32
+    num_rows = cnp.PyArray_DIM(<cnp.ndarray>weight, 0)
+    dim = cnp.PyArray_DIM(<cnp.ndarray>weight, 1)
+    input_dims = 1 if offsets is not None else 2
+    index_type = index_type_of(input, input_dims)
+    if index_type < 0:
+        return None
+    n = cnp.PyArray_SIZE(<cnp.ndarray>input)
+    if padding_idx is not None:
+        if type(padding_idx) is not int or not -num_rows <= padding_idx < num_rows:
+            return None
+        padding = padding_idx % num_rows
+    if per_sample_weights is not None:
+        if (bag_mode == BAG_MAX or not is_plain_array(per_sample_weights)
+                or cnp.PyArray_TYPE(<cnp.ndarray>per_sample_weights) != sum_type
+                or cnp.PyArray_NDIM(<cnp.ndarray>per_sample_weights) != input_dims
+                or cnp.PyArray_DIM(<cnp.ndarray>per_sample_weights, 0)
+                != cnp.PyArray_DIM(<cnp.ndarray>input, 0)
+                or cnp.PyArray_SIZE(<cnp.ndarray>per_sample_weights) != n):
+            return None
+        weights_data = cnp.PyArray_DATA(<cnp.ndarray>per_sample_weights)
+    if input_dims == 2:
+        num_bags = cnp.PyArray_DIM(<cnp.ndarray>input, 0)
+        bag_size = cnp.PyArray_DIM(<cnp.ndarray>input, 1)
+    else:
+        num_bags = bag_count(offsets, include_last_offset)
+    if num_bags <= 0 or dim == 0:  # (the general path's rare cases)
+        return None
+    bounds = <int64_t *>malloc((num_bags + 1) * sizeof(int64_t))
+    if bounds == NULL:
+        raise MemoryError()
+    try:
+        if input_dims == 2:
+            for b in range(num_bags + 1):
+                bounds[b] = b * bag_size
+        elif not copy_offsets(offsets, bounds, num_bags, n, include_last_offset):
+            return None
+        out_shape[0] = num_bags
+        out_shape[1] = dim
+        previous_handler = PyDataMem_SetHandler(BLOCK_CACHE_HANDLER)
+        try:
+            out = cnp.PyArray_EMPTY(2, out_shape, sum_type, 0)
+        finally:
+            PyDataMem_SetHandler(previous_handler)
+        table = cnp.PyArray_DATA(<cnp.ndarray>weight) if num_rows else NULL
+        indices = cnp.PyArray_DATA(<cnp.ndarray>input) if n else NULL
+        out_data = cnp.PyArray_DATA(<cnp.ndarray>out)
+        num_threads = threads_for(n * dim)
+        with nogil:
+            if index_type == cnp.NPY_INT64:
+                out_of_range = reduce_table(table, table_type, num_rows, dim,
+                                            <const int64_t *>indices, n, bounds, num_bags,
+                                            <BagMode>bag_mode, weights_data, padding, out_data,
+                                            num_threads)
+            else:
+                out_of_range = reduce_table(table, table_type, num_rows, dim,
+                                            <const int32_t *>indices, n, bounds, num_bags,
+                                            <BagMode>bag_mode, weights_data, padding, out_data,
+                                            num_threads)
+    finally:
+        free(bounds)
+    return out if out_of_range == 0 else None
 
 
 # --------------------------------------------------------------------------------------------

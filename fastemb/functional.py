@@ -222,6 +222,11 @@ def embedding_bag(input: ArrayLike, weight: np.ndarray, offsets: ArrayLike | Non
     its dequantized rows, in float32 (per-sample weights float32; no max_norm). Only this
     forward takes one (a quantized table serves inference: it has no gradient).
     """
+    if max_norm is None:
+        out = _core.bag_forward_common(input, weight, offsets, mode, per_sample_weights,
+                                       include_last_offset, padding_idx)
+        if out is not None:
+            return out  # (else the call is not the common case, or not valid: see below)
     if isinstance(weight, QuantizedTable):
         return quantized_embedding_bag(input, weight, offsets, mode, per_sample_weights,
                                        include_last_offset, padding_idx, max_norm)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import fastemb
+from fastemb._kernels import kernels
 
 settings.register_profile(
     "fastemb",
@@ -47,18 +48,24 @@ def rng(request):
 
 
 @pytest.fixture
-def thread_count(monkeypatch):
+def every_call_threaded():
+    """Every kernel call runs threaded, however little work it has, during the test."""
+    previous = kernels.set_parallel_grain(0)
+    yield
+    kernels.set_parallel_grain(previous)
+
+
+@pytest.fixture
+def thread_count(every_call_threaded):
     """``fastemb.set_num_threads``, with every kernel call really using that many threads
     (the autouse fixture restores the default afterwards)."""
-    monkeypatch.setattr(fastemb._config, "PARALLEL_GRAIN", 0)
     return fastemb.set_num_threads
 
 
 @pytest.fixture
-def threads(monkeypatch):
+def threads(every_call_threaded):
     """``with threads(n): ...`` runs the block with ``fastemb.set_num_threads(n)``, and with
     every kernel call really using n threads however little work it has."""
-    monkeypatch.setattr(fastemb._config, "PARALLEL_GRAIN", 0)
 
     @contextlib.contextmanager
     def use(n):

@@ -262,6 +262,76 @@ def test_offsets_fast_path_gives_the_reference_bounds_or_declines(include_last_o
         assert kernels.bounds_from_offsets(offsets, num_indices, include_last_offset) is None
 
 
+def common_path(case):
+    """What the one-call path of fastemb.embedding_bag gives for ``case`` (None: declined)."""
+    from fastemb._kernels import kernels
+
+    return kernels.bag_forward_common(
+        case["input"], case["weight"], case.get("offsets"), case["mode"],
+        case.get("per_sample_weights"), case.get("include_last_offset", False),
+        case.get("padding_idx"))
+
+
+@given(bag_cases(modes=("sum", "mean", "max"), weights=True))
+def test_common_path_gives_the_general_paths_bits_or_declines(case):
+    """The one-call path equals the general path (bag_forward) bit for bit wherever it runs
+    (embedding_bag takes it only without max_norm)."""
+    if case.get("max_norm") is None:
+        out = common_path(case)
+        if out is not None:
+            assert_same_bits(out, bag_forward(**case).output)
+
+
+@pytest.mark.parametrize("table_dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_common_path_runs_on_plain_arrays_and_declines_the_rest(table_dtype, index_dtype, rng):
+    """Plain arrays take the one-call path (with the general path's bits); every other kind of
+    argument, and any invalid one, is declined (None), so that the general path converts or
+    explains it; nothing the caller holds changes either way."""
+    weight = random_table(rng, 9, 5, table_dtype)
+    sum_dtype = np.float64 if table_dtype == np.float64 else np.float32
+    indices = rng.integers(0, 9, 12).astype(index_dtype)
+    offsets = np.array([0, 3, 3, 7], index_dtype)
+    sample_weights = rng.random(12).astype(sum_dtype)
+    plain = dict(input=indices, weight=weight, offsets=offsets, mode="sum")
+    runs = [plain, {**plain, "mode": "mean", "per_sample_weights": sample_weights},
+            {**plain, "mode": "max", "padding_idx": -2},
+            {**plain, "offsets": np.append(offsets, 12), "include_last_offset": True},
+            {**plain, "input": indices.reshape(3, 4), "offsets": None,
+             "per_sample_weights": sample_weights.reshape(3, 4)}]
+    for case in runs:
+        before = {name: np.copy(value) for name, value in case.items()
+                  if isinstance(value, np.ndarray)}
+        out = common_path(case)
+        assert out is not None, case
+        assert_same_bits(out, bag_forward(**case).output)
+        for name, value in before.items():
+            assert_same_bits(case[name], value)
+    bad_index = indices.copy()
+    bad_index[5] = 9
+    declined = [
+        {**plain, "input": bad_index}, {**plain, "offsets": np.array([1, 3], index_dtype)},
+        {**plain, "offsets": np.array([0, 13], index_dtype)},
+        {**plain, "offsets": np.array([0, 5, 3], index_dtype)},
+        {**plain, "offsets": offsets.tolist()}, {**plain, "input": indices.tolist()},
+        {**plain, "input": indices.astype(np.int16)}, {**plain, "input": indices[::-1]},
+        {**plain, "weight": np.asfortranarray(weight)}, {**plain, "weight": weight.tolist()},
+        {**plain, "weight": weight.astype(">" + np.dtype(table_dtype).str[1:])},
+        {**plain, "mode": np.str_("sum")}, {**plain, "mode": "product"},
+        {**plain, "mode": np.array(["sum"])},
+        {**plain, "per_sample_weights": sample_weights.astype(np.float16)},
+        {**plain, "per_sample_weights": sample_weights[:11]},
+        {**plain, "per_sample_weights": sample_weights.tolist()},
+        {**plain, "mode": "max", "per_sample_weights": sample_weights},
+        {**plain, "padding_idx": 9}, {**plain, "padding_idx": True},
+        {**plain, "padding_idx": np.int64(2)}, {**plain, "padding_idx": 2**70},
+        {**plain, "input": indices.reshape(3, 4)},
+        {**plain, "offsets": np.zeros(0, index_dtype)},
+        {**plain, "weight": weight[:, :0]}]
+    for case in declined:
+        assert common_path(case) is None, case
+
+
 @pytest.mark.parametrize("index_dtype", [np.int8, np.uint16, np.int32, np.uint64])
 def test_converted_index_dtypes(index_dtype):
     expected = fastemb.embedding_bag(I6, W5, offsets=[0, 2, 2, 5], mode="max", padding_idx=4)
