@@ -30,6 +30,13 @@ cdef extern from "_core.h":
     float bfloat16_value "fastemb_bfloat16_value"(bfloat16_t value) noexcept nogil
     float float16_value "fastemb_float16_value"(float16_t value) noexcept nogil
     float16_t float16_nearest "fastemb_float16_nearest"(float value) noexcept nogil
+    bfloat16_t bfloat16_nearest "fastemb_bfloat16_nearest"(float value) noexcept nogil
+    # (stochastic rounding: see _core.h)
+    float16_t float16_stochastic "fastemb_float16_stochastic"(float value,
+                                                             uint64_t random) noexcept nogil
+    bfloat16_t bfloat16_stochastic "fastemb_bfloat16_stochastic"(float value,
+                                                                uint64_t random) noexcept nogil
+    uint64_t mix64 "fastemb_mix64"(uint64_t value) noexcept nogil
 
 # What a table holds: float32 and float64 (computed in their own dtype), or bfloat16 and
 # float16 (read as float32, computed in float32).

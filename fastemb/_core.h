@@ -215,6 +215,76 @@ static inline fastemb_float16 fastemb_float16_nearest(float value) {
 }
 #endif
 
+/* The bfloat16 nearest to a float32 (ties to even; NaN stays a quiet NaN), as ml_dtypes and
+   torch round. */
+static inline fastemb_bfloat16 fastemb_bfloat16_nearest(float value) {
+    uint32_t bits;
+    fastemb_bfloat16 rounded;
+    memcpy(&bits, &value, sizeof(bits));
+    if ((bits & 0x7fffffff) > 0x7f800000)
+        rounded.bits = (uint16_t)((bits >> 16) | 0x40);
+    else
+        rounded.bits = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+    return rounded;
+}
+
+/* ---- Stochastic rounding of float32 to a 16-bit format ----
+   A magnitude between two neighbouring 16-bit magnitudes low < x < high (consecutive bit
+   patterns) becomes high with probability (x - low) / (high - low), else low: the expected
+   result is x, so many small updates add up where rounding to nearest would drop them all.
+   The draw is the top 32 bits of `random`. Exact values, infinities and NaN round to nearest;
+   a magnitude past the largest finite one stays at it (high is infinity: probability 0). */
+static inline uint16_t fastemb_round_between(float magnitude, uint16_t low, float low_value,
+                                             float high_value, uint64_t random) {
+    double chance = ((double)magnitude - low_value) / ((double)high_value - low_value);
+    return (uint16_t)(low + ((double)(random >> 32) * 0x1p-32 < chance));
+}
+
+static inline fastemb_bfloat16 fastemb_bfloat16_stochastic(float value, uint64_t random) {
+    uint32_t bits, magnitude_bits;
+    fastemb_bfloat16 low, high, rounded;
+    float magnitude;
+    memcpy(&bits, &value, sizeof(bits));
+    magnitude_bits = bits & 0x7fffffff;
+    if (magnitude_bits >= 0x7f800000 || (magnitude_bits & 0xffff) == 0)
+        return fastemb_bfloat16_nearest(value);
+    memcpy(&magnitude, &magnitude_bits, sizeof(magnitude));
+    low.bits = (uint16_t)(magnitude_bits >> 16);  /* truncation: the neighbour below */
+    high.bits = (uint16_t)(low.bits + 1);
+    rounded.bits = (uint16_t)(((bits >> 16) & 0x8000) | fastemb_round_between(
+        magnitude, low.bits, fastemb_bfloat16_value(low), fastemb_bfloat16_value(high), random));
+    return rounded;
+}
+
+static inline fastemb_float16 fastemb_float16_stochastic(float value, uint64_t random) {
+    uint32_t bits, magnitude_bits;
+    fastemb_float16 low, high, rounded;
+    float magnitude;
+    memcpy(&bits, &value, sizeof(bits));
+    magnitude_bits = bits & 0x7fffffff;
+    if (magnitude_bits >= 0x7f800000)
+        return fastemb_float16_nearest(value);
+    memcpy(&magnitude, &magnitude_bits, sizeof(magnitude));
+    low = fastemb_float16_nearest(magnitude);
+    if (fastemb_float16_value(low) > magnitude)  /* (it rounded up, perhaps to infinity) */
+        low.bits = (uint16_t)(low.bits - 1);
+    if (fastemb_float16_value(low) == magnitude)
+        return fastemb_float16_nearest(value);
+    high.bits = (uint16_t)(low.bits + 1);
+    rounded.bits = (uint16_t)(((bits >> 16) & 0x8000) | fastemb_round_between(
+        magnitude, low.bits, fastemb_float16_value(low), fastemb_float16_value(high), random));
+    return rounded;
+}
+
+/* splitmix64's output function: a well-mixed 64-bit hash, for counter-based random numbers
+   (the draw of element (row, j) depends on the key, the row and j only: on no thread). */
+static inline uint64_t fastemb_mix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
 /* The bag kernels' block loops over 16-bit rows: acc (float32) += source (times weight), a
    vector of float32 at a time, each widened from half as many bytes of the row. */
 #if defined(__GNUC__) || defined(__clang__)

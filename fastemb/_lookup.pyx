@@ -788,7 +788,7 @@ def bag_forward_common(input, weight, offsets, mode, per_sample_weights,
     fresh output it returns."""
     cdef int table_type, index_type, bag_mode = bag_mode_of(mode)
     cdef int sum_type, input_dims, num_threads
-    cdef Py_ssize_t num_rows, dim, n, bag_size, num_bags, b, out_of_range
+    cdef Py_ssize_t num_rows, dim, n, num_bags, b, out_of_range, bag_size = 0
     cdef int64_t padding = -1
     cdef int64_t *bounds = NULL
     cdef const void *table = NULL

@@ -5,17 +5,20 @@ gradient's accumulation. The rules every kernel follows are in ``fastemb/_core.p
 
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt, sqrtf
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
 
-from fastemb._common cimport (BAG_MEAN, CACHE_LINE_BYTES, FASTEMB_PREFETCH, STEP_ADAGRAD,
-                              STEP_ADAM, STEP_ROWWISE_ADAGRAD, STEP_SGD, BagMode, StepMethod,
-                              check_enum, clamp, floating, index_t, prefetch_row, team_size)
+from fastemb._common cimport (BAG_MEAN, BFLOAT16, CACHE_LINE_BYTES, FASTEMB_PREFETCH, FLOAT16,
+                              STEP_ADAGRAD, STEP_ADAM, STEP_ROWWISE_ADAGRAD, STEP_SGD, BagMode,
+                              HalfFormat, StepMethod, bfloat16_nearest, bfloat16_stochastic,
+                              bfloat16_t, check_enum, clamp, element_value, float16_nearest,
+                              float16_stochastic, float16_t, floating, index_t, mix64,
+                              prefetch_row, table_t, team_size)
 
 __all__ = ["accumulate_rows", "bag_gradient_factors", "bags_of_positions",
-           "sample_weights_grad", "sparse_step"]
+           "sample_weights_grad", "sparse_step", "sparse_step_half"]
 
 # Optimizer steps walk the sorted unique rows and prefetch this many rows ahead.
 cdef Py_ssize_t UPDATE_PREFETCH_ROWS = 32
@@ -377,6 +380,118 @@ cdef void update_row(StepMethod method, floating *w, floating *state_a, floating
             w[j] = w[j] + lr * (m / (square_root(v) + eps))
 
 
+cdef inline void widen_row(const table_t *row, float *wide, Py_ssize_t dim) noexcept nogil:
+    """wide[:dim] = a 16-bit row's values in float32 (exact)."""
+    cdef Py_ssize_t j
+    for j in range(dim):
+        wide[j] = <float>element_value(row, j)
+
+
+cdef inline void round_row(const float *wide, table_t *row, Py_ssize_t dim,
+                           bint stochastic, uint64_t row_key) noexcept nogil:
+    """row[:dim] = wide[:dim] rounded to the 16-bit format, to nearest or stochastically (the
+    draw of column j is mix64(row_key + j): the same on any thread)."""
+    cdef Py_ssize_t j
+    for j in range(dim):
+        if table_t is bfloat16_t:
+            row[j] = (bfloat16_stochastic(wide[j], mix64(row_key + <uint64_t>j)) if stochastic
+                      else bfloat16_nearest(wide[j]))
+        elif table_t is float16_t:
+            row[j] = (float16_stochastic(wide[j], mix64(row_key + <uint64_t>j)) if stochastic
+                      else float16_nearest(wide[j]))
+
+
+cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_ssize_t dim,
+                    floating *state_a, Py_ssize_t state_a_width, floating *state_b,
+                    const int64_t *rows, Py_ssize_t num_groups, const floating *grad,
+                    const PlanView *view, floating *buffers, Py_ssize_t buffer_stride,
+                    floating lr, floating one_minus_beta1, floating one_minus_beta2,
+                    floating eps, bint maximize, floating decay, bint stochastic,
+                    uint64_t rounding_key, int num_threads) noexcept nogil:
+    """sparse_step's loop over the unique rows, on checked arguments. A float32 or float64
+    table (of the state's dtype) is updated in place; a 16-bit one (float32 state) through a
+    float32 copy of each row, rounded back (see round_row). Each thread owns two rows of
+    ``buffers``: the summed gradient, then the widened weight."""
+    cdef Py_ssize_t u, j
+    cdef floating *buffer
+    cdef floating *w
+    cdef const floating *g
+    cdef int64_t row, ahead
+    cdef bint direct = (not maximize and decay == 0 and view.coefficients == NULL
+                        and not view.scale_by_frequency and view.winners == NULL)
+    cdef bint half = table_t is bfloat16_t or table_t is float16_t
+    if table_t is double:
+        if floating is float:
+            return  # (a pair the callers never make: a float64 table has float64 state)
+    elif floating is double:
+        return  # (float32, bfloat16 and float16 tables have float32 state)
+    # dynamic: a frequent row's sum has thousands of positions, a static split would leave the
+    # other threads waiting
+    for u in prange(num_groups, schedule="dynamic", chunksize=256,
+                    num_threads=team_size(num_threads)):
+        if u + UPDATE_PREFETCH_ROWS < num_groups:
+            ahead = rows[u + UPDATE_PREFETCH_ROWS]
+            if 0 <= ahead < num_rows:
+                prefetch_row(weight + ahead * dim, dim * sizeof(table_t), True)
+                if state_a_width:
+                    prefetch_row(state_a + ahead * state_a_width,
+                                 state_a_width * sizeof(floating), True)
+                if method == STEP_ADAM:
+                    prefetch_row(state_b + ahead * dim, dim * sizeof(floating), True)
+        prefetch_group_gradient(grad, dim, view, u, num_groups)
+        row = rows[u]
+        if row < 0 or row >= num_rows:
+            continue
+        buffer = buffers + threadid() * 2 * buffer_stride
+        if half:
+            w = buffer + buffer_stride
+            widen_row(weight + row * dim, <float *>w, dim)
+        else:
+            w = <floating *>(weight + row * dim)
+        # a row looked up once (most rows of a uniform batch) reads its grad row in place
+        g = single_gradient_row(grad, dim, view, u) if direct else NULL
+        if g == NULL:
+            accumulate_one_row(grad, dim, row, view, u, buffer)
+            if maximize:
+                for j in range(dim):
+                    buffer[j] = -buffer[j]
+            if decay != 0:
+                for j in range(dim):
+                    buffer[j] = buffer[j] + decay * w[j]
+            g = buffer
+        update_row(method, w, state_a + row * state_a_width if state_a_width else NULL,
+                   state_b + row * dim if method == STEP_ADAM else NULL, g, dim, lr,
+                   one_minus_beta1, one_minus_beta2, eps)
+        if half:
+            round_row(<float *>w, weight + row * dim, dim, stochastic,
+                      mix64(rounding_key ^ <uint64_t>row) * <uint64_t>dim)
+
+
+cdef Py_ssize_t check_state(str kernel, StepMethod method, Py_ssize_t num_rows,
+                            Py_ssize_t dim, floating[:, ::1] state_a,
+                            floating[:, ::1] state_b) except -1:
+    """Raise ValueError unless the state fits a (num_rows, dim) table and the method. Returns
+    the state_a row width (0: none)."""
+    cdef Py_ssize_t state_a_width = 0 if state_a is None else state_a.shape[1]
+    check_enum(method, STEP_ADAM, "optimizer step method")
+    if (state_a is not None and state_a.shape[0] != num_rows) or (
+            state_b is not None and state_b.shape[0] != num_rows):
+        raise ValueError(f"{kernel}: optimizer state does not match the table")
+    if (method == STEP_ADAGRAD or method == STEP_ADAM) and (
+            state_a is None or state_a_width != dim):
+        raise ValueError(f"{kernel}: this method needs (V, D) state")
+    if method == STEP_ADAM and (state_b is None or state_b.shape[1] != dim):
+        raise ValueError(f"{kernel}: Adam needs two (V, D) states")
+    if method == STEP_ROWWISE_ADAGRAD and (state_a is None or state_a_width != 1):
+        raise ValueError(f"{kernel}: row-wise Adagrad needs (V, 1) state")
+    return state_a_width
+
+
+cdef floating *state_data(floating[:, ::1] state) noexcept:
+    """The first element of a state array; NULL for None or an empty one."""
+    return &state[0, 0] if state is not None and state.shape[0] and state.shape[1] else NULL
+
+
 def sparse_step(StepMethod method, floating[:, ::1] weight not None, floating[:, ::1] state_a,
                 floating[:, ::1] state_b, const int64_t[::1] rows not None, plan, double lr,
                 double one_minus_beta1, double one_minus_beta2, double eps, bint maximize,
@@ -387,80 +502,77 @@ def sparse_step(StepMethod method, floating[:, ::1] weight not None, floating[:,
     or -step_size); state_a / state_b are the per-row state (None where the method has none;
     row-wise Adagrad's accumulator is (V, 1)); ``weight_decay`` is the L2 factor (0: none).
     """
-    check_enum(method, STEP_ADAM, "optimizer step method")
     cdef Py_ssize_t num_groups = rows.shape[0], dim = weight.shape[1]
-    cdef Py_ssize_t num_rows = weight.shape[0], u, j
     cdef const floating[:, ::1] grad = plan.grad
     cdef const floating[::1] coefficients = plan.coefficients
     cdef const int64_t[::1] starts = plan.starts, order = plan.order, source = plan.source
     cdef const int64_t[:, ::1] winners = plan.winners
-    cdef bint scale_by_frequency = plan.scale_by_frequency
     cdef PlanView view
-    cdef floating *state_a_row
-    cdef floating *state_b_row
-    cdef floating *buffer
-    cdef const floating *g
-    cdef int64_t row, ahead
-    cdef bint direct
-    cdef floating decay = <floating>weight_decay
-    cdef floating *w
-    cdef Py_ssize_t state_a_width = 0 if state_a is None else state_a.shape[1]
-    # one gradient-row buffer per thread (threadid() < num_threads), each followed by a cache
-    # line that nobody writes, so no two threads ever write the same line (the false sharing
-    # made the 2-thread SGD step as slow as the 1-thread one)
-    cdef floating[:, ::1] buffers = np.empty(
-        (team_size(num_threads), dim + CACHE_LINE_BYTES // sizeof(floating)),
-        dtype=np.asarray(weight).dtype)
+    cdef Py_ssize_t state_a_width = check_state("sparse_step", method, weight.shape[0], dim,
+                                                state_a, state_b)
+    # per thread, two rows (see step_rows), each followed by a cache line that nobody writes,
+    # so no two threads ever write the same line (the false sharing made the 2-thread SGD step
+    # as slow as the 1-thread one)
+    cdef Py_ssize_t stride = dim + CACHE_LINE_BYTES // sizeof(floating)
+    cdef floating[:, ::1] buffers = np.empty((2 * team_size(num_threads), stride),
+                                             dtype=np.asarray(weight).dtype)
+    cdef floating *state_a_data = state_data(state_a)
+    cdef floating *state_b_data = state_data(state_b)
+    cdef bint scale_by_frequency = plan.scale_by_frequency
     check_plan("sparse_step", grad, num_groups, starts, order, source, coefficients, winners,
                scale_by_frequency, &view)
     if grad.shape[1] != dim:
         raise ValueError("sparse_step: the gradient does not match the table")
-    if (state_a is not None and state_a.shape[0] != num_rows) or (
-            state_b is not None and state_b.shape[0] != num_rows):
-        raise ValueError("sparse_step: optimizer state does not match the table")
-    if (method == STEP_ADAGRAD or method == STEP_ADAM) and (
-            state_a is None or state_a_width != dim):
-        raise ValueError("sparse_step: this method needs (V, D) state")
-    if method == STEP_ADAM and (state_b is None or state_b.shape[1] != dim):
-        raise ValueError("sparse_step: Adam needs two (V, D) states")
-    if method == STEP_ROWWISE_ADAGRAD and (state_a is None or state_a_width != 1):
-        raise ValueError("sparse_step: row-wise Adagrad needs (V, 1) state")
     if num_groups == 0 or dim == 0 or grad.shape[0] == 0:
         return
-    direct = (not maximize and decay == 0 and view.coefficients == NULL
-              and not view.scale_by_frequency and view.winners == NULL)
     with nogil:
-        # dynamic: a frequent row's sum has thousands of positions, a static split would
-        # leave the other threads waiting
-        for u in prange(num_groups, schedule="dynamic", chunksize=256,
-                        num_threads=team_size(num_threads)):
-            if u + UPDATE_PREFETCH_ROWS < num_groups:
-                ahead = rows[u + UPDATE_PREFETCH_ROWS]
-                if 0 <= ahead < num_rows:
-                    prefetch_row(&weight[ahead, 0], dim * sizeof(floating), True)
-                    if state_a_width:
-                        prefetch_row(&state_a[ahead, 0], state_a_width * sizeof(floating), True)
-                    if method == STEP_ADAM:
-                        prefetch_row(&state_b[ahead, 0], dim * sizeof(floating), True)
-            prefetch_group_gradient(&grad[0, 0], dim, &view, u, num_groups)
-            row = rows[u]
-            if row < 0 or row >= num_rows:
-                continue
-            # a row looked up once (most rows of a uniform batch) reads its grad row in place
-            g = single_gradient_row(&grad[0, 0], dim, &view, u) if direct else NULL
-            w = &weight[row, 0]
-            if g == NULL:
-                buffer = &buffers[threadid(), 0]
-                accumulate_one_row(&grad[0, 0], dim, row, &view, u, buffer)
-                if maximize:
-                    for j in range(dim):
-                        buffer[j] = -buffer[j]
-                if decay != 0:
-                    for j in range(dim):
-                        buffer[j] = buffer[j] + decay * w[j]
-                g = buffer
-            state_a_row = &state_a[row, 0] if state_a_width else NULL
-            state_b_row = &state_b[row, 0] if method == STEP_ADAM else NULL
-            update_row(method, w, state_a_row, state_b_row, g, dim,
-                       <floating>lr, <floating>one_minus_beta1, <floating>one_minus_beta2,
-                       <floating>eps)
+        step_rows(method, &weight[0, 0], weight.shape[0], dim, state_a_data, state_a_width,
+                  state_b_data, &rows[0], num_groups, &grad[0, 0], &view, &buffers[0, 0],
+                  stride, <floating>lr, <floating>one_minus_beta1, <floating>one_minus_beta2,
+                  <floating>eps, maximize, <floating>weight_decay, False, 0, num_threads)
+
+
+def sparse_step_half(StepMethod method, uint16_t[:, ::1] weight not None,
+                     float[:, ::1] state_a, float[:, ::1] state_b,
+                     const int64_t[::1] rows not None, plan, double lr, double one_minus_beta1,
+                     double one_minus_beta2, double eps, bint maximize, double weight_decay,
+                     int num_threads, HalfFormat half_format, bint stochastic_rounding,
+                     uint64_t rounding_key):
+    """sparse_step on a 16-bit table (the bits of a ``half_format`` table: BFLOAT16 or FLOAT16)
+    with float32 state and gradient: each updated row is computed in float32, then rounded to
+    the table's format, to nearest (ties to even) or, with ``stochastic_rounding``, up or down
+    with the probabilities that make the expected result the float32 one, drawn from
+    ``rounding_key``, the row and the column (the same for any thread count)."""
+    cdef Py_ssize_t num_groups = rows.shape[0], dim = weight.shape[1]
+    cdef const float[:, ::1] grad = plan.grad
+    cdef const float[::1] coefficients = plan.coefficients
+    cdef const int64_t[::1] starts = plan.starts, order = plan.order, source = plan.source
+    cdef const int64_t[:, ::1] winners = plan.winners
+    cdef PlanView view
+    cdef Py_ssize_t state_a_width = check_state("sparse_step_half", method, weight.shape[0],
+                                                dim, state_a, state_b)
+    cdef Py_ssize_t stride = dim + CACHE_LINE_BYTES // sizeof(float)
+    cdef float[:, ::1] buffers = np.empty((2 * team_size(num_threads), stride), dtype=np.float32)
+    cdef float *state_a_data = state_data(state_a)
+    cdef float *state_b_data = state_data(state_b)
+    check_enum(half_format, FLOAT16, "half format")
+    cdef bint scale_by_frequency = plan.scale_by_frequency
+    check_plan("sparse_step_half", grad, num_groups, starts, order, source, coefficients,
+               winners, scale_by_frequency, &view)
+    if grad.shape[1] != dim:
+        raise ValueError("sparse_step_half: the gradient does not match the table")
+    if num_groups == 0 or dim == 0 or grad.shape[0] == 0:
+        return
+    with nogil:
+        if half_format == BFLOAT16:
+            step_rows(method, <bfloat16_t *>&weight[0, 0], weight.shape[0], dim, state_a_data,
+                      state_a_width, state_b_data, &rows[0], num_groups, &grad[0, 0], &view,
+                      &buffers[0, 0], stride, <float>lr, <float>one_minus_beta1,
+                      <float>one_minus_beta2, <float>eps, maximize, <float>weight_decay,
+                      stochastic_rounding, rounding_key, num_threads)
+        else:
+            step_rows(method, <float16_t *>&weight[0, 0], weight.shape[0], dim, state_a_data,
+                      state_a_width, state_b_data, &rows[0], num_groups, &grad[0, 0], &view,
+                      &buffers[0, 0], stride, <float>lr, <float>one_minus_beta1,
+                      <float>one_minus_beta2, <float>eps, maximize, <float>weight_decay,
+                      stochastic_rounding, rounding_key, num_threads)

@@ -15,6 +15,8 @@ import zlib
 
 import numpy as np
 
+from ._dtypes import TABLE_DTYPES
+
 FORMAT = "fastemb-checkpoint"
 VERSION = 1
 
@@ -25,6 +27,22 @@ def _module_list(modules):
         if not isinstance(getattr(module, "weight", None), np.ndarray):
             raise TypeError(f"expected fastemb modules, got {type(module).__name__}")
     return module_list
+
+
+def _stored(table):
+    """A table as the .npz format can hold it: a dtype NumPy has no format for (bfloat16) as
+    its bits (unsigned integers of its size); the header records the dtype's name."""
+    return table.view(f"u{table.dtype.itemsize}") if table.dtype.kind == "V" else table
+
+
+def _restored(stored, dtype_name):
+    """The table ``_stored`` wrote, in the dtype named by the header (when it is one of the
+    table dtypes and the stored bits have its size); as it was stored otherwise."""
+    dtype = next((dtype for dtype in TABLE_DTYPES if dtype.name == dtype_name), None)
+    if (dtype is not None and stored.dtype != dtype and stored.dtype.kind == "u"
+            and stored.dtype.itemsize == dtype.itemsize):
+        return stored.view(dtype)
+    return stored
 
 
 def save(path: str | os.PathLike, modules, optimizer=None,
@@ -40,8 +58,9 @@ def save(path: str | os.PathLike, modules, optimizer=None,
     True
     """
     modules = _module_list(modules)
-    arrays = {f"table_{i}": module.weight for i, module in enumerate(modules)}
+    arrays = {f"table_{i}": _stored(module.weight) for i, module in enumerate(modules)}
     header = {"format": FORMAT, "version": VERSION, "num_tables": len(modules),
+              "table_dtypes": [module.weight.dtype.name for module in modules],
               "optimizer": None, "user": metadata or {}}
     if optimizer is not None:
         state_dict = optimizer.state_dict()
@@ -114,9 +133,15 @@ def load(path: str | os.PathLike, modules, optimizer=None) -> None:
     if metadata["num_tables"] != len(module_list):
         raise ValueError(f"{path} holds {metadata['num_tables']} tables, but "
                          f"{len(module_list)} modules were given")
+    dtype_names = metadata.get("table_dtypes")  # (absent from checkpoints of float tables)
+    if dtype_names is not None and (not isinstance(dtype_names, list)
+                                    or len(dtype_names) != len(module_list)):
+        raise ValueError(f"{path} has a damaged list of table dtypes: {dtype_names!r}")
     tables = []
     for i, module in enumerate(module_list):
         table = arrays.get(f"table_{i}")
+        if table is not None and dtype_names is not None:
+            table = _restored(table, dtype_names[i])
         if table is None or table.shape != module.weight.shape or table.dtype != module.weight.dtype:
             found = "nothing" if table is None else f"{table.dtype} {table.shape}"
             raise ValueError(f"table {i} in {path} is {found}, but the module's weight is "

@@ -11,7 +11,8 @@ import numbers
 import numpy as np
 
 from ._memory import aligned_full, reused_memory
-from ._validation import FLOAT_DTYPES, as_real, as_weight, check_mode, normalize_padding_idx
+from ._dtypes import TABLE_DTYPE_NAMES, TABLE_DTYPES
+from ._validation import as_real, as_weight, check_mode, normalize_padding_idx
 from .backward import bag_grads, lookup_grad
 from .functional import NO_PADDING, bag_forward, lookup_forward
 
@@ -33,8 +34,8 @@ class _TableModule:
             num_embeddings = _check_size(num_embeddings, "num_embeddings")
             embedding_dim = _check_size(embedding_dim, "embedding_dim")
             dtype = np.dtype(dtype)
-            if dtype not in FLOAT_DTYPES:
-                raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+            if dtype not in TABLE_DTYPES:
+                raise TypeError(f"dtype must be {TABLE_DTYPE_NAMES}, got {dtype}")
         else:
             num_embeddings, embedding_dim = _weight.shape
         self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
@@ -43,7 +44,11 @@ class _TableModule:
         self.scale_grad_by_freq = bool(scale_grad_by_freq)
         if _weight is None:
             _weight = aligned_full((num_embeddings, embedding_dim), 0, dtype)
-            np.random.default_rng(seed).standard_normal(dtype=dtype, out=_weight)
+            if TABLE_DTYPES[dtype].half_format is None:
+                np.random.default_rng(seed).standard_normal(dtype=dtype, out=_weight)
+            else:  # a 16-bit table: float32 draws, rounded to nearest
+                _weight[...] = np.random.default_rng(seed).standard_normal(
+                    _weight.shape, dtype=np.float32)
             if self.padding_idx is not None:
                 _weight[self.padding_idx] = 0
         self.weight = _weight
@@ -145,7 +150,7 @@ class Embedding(_TableModule):
         module = cls.__new__(cls)
         _TableModule.__init__(module, None, None, padding_idx, max_norm, norm_type,
                               scale_grad_by_freq, None, None, _weight=as_weight(embeddings,
-                              "embeddings"), _freeze=freeze)
+                              "embeddings", reduced_precision=True), _freeze=freeze)
         return module
 
     def __call__(self, input) -> np.ndarray:
@@ -168,7 +173,10 @@ class Embedding(_TableModule):
         """
         flat, output_shape = self._saved_forward()
         padding = NO_PADDING if self.padding_idx is None else self.padding_idx
-        return self._accumulate(lookup_grad(flat, output_shape, grad_output, self.weight.dtype,
+        grad_dtype = TABLE_DTYPES[self.weight.dtype].compute_dtype
+        if getattr(grad_output, "dtype", None) == self.weight.dtype != grad_dtype:
+            grad_output = grad_output.astype(grad_dtype)  # (a 16-bit table's: widened exactly)
+        return self._accumulate(lookup_grad(flat, output_shape, grad_output, grad_dtype,
                                             self.num_embeddings, padding,
                                             self.scale_grad_by_freq))
 
@@ -217,7 +225,7 @@ class EmbeddingBag(_TableModule):
         module._set_bag_options(mode, include_last_offset, scale_grad_by_freq)
         _TableModule.__init__(module, None, None, padding_idx, max_norm, norm_type,
                               scale_grad_by_freq, None, None, _weight=as_weight(embeddings,
-                              "embeddings"), _freeze=freeze)
+                              "embeddings", reduced_precision=True), _freeze=freeze)
         return module
 
     def __call__(self, input, offsets=None, per_sample_weights=None) -> np.ndarray:

@@ -9,6 +9,14 @@ The update runs fused with the gradient's accumulation (``_core.sparse_step``): 
 and writes each touched row's weight and state once, and nothing of table size is written.
 Rows absent from the gradient keep their weights and state bit for bit.
 
+bfloat16 and float16 tables train too: their state is float32, each updated row is computed in
+float32 from the row's exact float32 value, and the result is rounded to the table's dtype, to
+nearest (ties to even) or, with ``stochastic_rounding=True``, up or down at random with the
+probabilities that make its expected value the float32 result (so that updates smaller than
+half a 16-bit step are not all lost). The draws depend on ``seed``, the table's place in the
+optimizer, its step count, the row and the column only: a run is reproducible at any thread
+count.
+
 Optimizer steps on the same table must not run concurrently (they write the same rows).
 """
 
@@ -22,8 +30,9 @@ import numpy as np
 
 from ._kernels import kernels as _core
 from ._config import threads_for
+from ._dtypes import TABLE_DTYPES
 from ._memory import aligned_full
-from ._validation import FLOAT_DTYPES, as_real, check_writable_table
+from ._validation import as_real, check_writable_table
 from .sparse import SparseGrad
 
 __all__ = ["OPTIMIZERS", "Adagrad", "LazyAdam", "OptimizerInfo", "RowWiseAdagrad", "SGD"]
@@ -32,6 +41,11 @@ __all__ = ["OPTIMIZERS", "Adagrad", "LazyAdam", "OptimizerInfo", "RowWiseAdagrad
 def __dir__():
     """``dir(fastemb.optim)`` lists the optimizers, not the module's helpers and imports."""
     return sorted(__all__)
+
+
+def state_dtype(table_dtype):
+    """The dtype of the optimizer state (and gradient) of a table of ``table_dtype``."""
+    return TABLE_DTYPES[table_dtype].compute_dtype
 
 
 def _check_range(value, name, low, high=math.inf, low_open=False):
@@ -50,7 +64,8 @@ class _SparseOptimizer:
     method = None  # the kernel's StepMethod
     state_arrays = ()  # names of the per-module state arrays, in kernel order
 
-    def __init__(self, modules, weight_decay=0.0, **hyperparameters):
+    def __init__(self, modules, weight_decay=0.0, stochastic_rounding=False, seed=0,
+                 **hyperparameters):
         if not isinstance(modules, (list, tuple)):
             modules = [modules]
         if not modules:
@@ -62,16 +77,21 @@ class _SparseOptimizer:
                 raise TypeError(f"expected fastemb modules, got {type(module).__name__}")
             check_writable_table(module.weight, purpose="the optimizer")
         self.modules = list(modules)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.hyperparameters = hyperparameters | {
-            "weight_decay": _check_range(weight_decay, "weight_decay value", 0.0)}
+            "weight_decay": _check_range(weight_decay, "weight_decay value", 0.0),
+            "stochastic_rounding": bool(stochastic_rounding), "seed": int(seed)}
         self.state = {module: self._initial_state(module) for module in self.modules}
 
     def _initial_state(self, module):
         return {"step": 0} | {name: self._new_array(module, name) for name in self.state_arrays}
 
-    def _new_array(self, module, name):
-        """A state array of zeros, cache-line aligned (pages are only touched when a row is)."""
-        return aligned_full(self.state_shape(module.weight.shape), 0, module.weight.dtype)
+    def _new_array(self, module, name, fill_value=0):
+        """A state array of ``fill_value``, cache-line aligned (pages are only touched when a
+        row is), in the dtype the table computes in (float32 for a 16-bit table)."""
+        return aligned_full(self.state_shape(module.weight.shape), fill_value,
+                            state_dtype(module.weight.dtype))
 
     @classmethod
     def state_shape(cls, table_shape):
@@ -101,11 +121,10 @@ class _SparseOptimizer:
                                 f"{type(grad).__name__}")
             if not isinstance(weight, np.ndarray):
                 raise TypeError(f"module.weight must be a NumPy array, got {type(weight).__name__}")
-            if weight.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"the optimizers update float32 and float64 tables; a "
-                                f"{weight.dtype} table can be looked up and differentiated, "
-                                f"not yet trained")
-            if grad.shape != weight.shape or grad.dtype != weight.dtype:
+            if weight.dtype not in TABLE_DTYPES:
+                raise TypeError(f"module.weight has dtype {weight.dtype}; the optimizers "
+                                f"update float32, float64, bfloat16 and float16 tables")
+            if grad.shape != weight.shape or grad.dtype != state_dtype(weight.dtype):
                 raise ValueError(
                     f"the gradient {grad.shape} {grad.dtype} does not match the table "
                     f"{weight.shape} {weight.dtype}"
@@ -113,12 +132,15 @@ class _SparseOptimizer:
             check_writable_table(weight, purpose="the optimizer")
             for name in self.state_arrays:
                 array = self.state[module][name]
-                if array.shape != self.state_shape(weight.shape) or array.dtype != weight.dtype:
+                if (array.shape != self.state_shape(weight.shape)
+                        or array.dtype != state_dtype(weight.dtype)):
                     raise ValueError(f"the optimizer's {name!r} state is {array.dtype} "
                                      f"{array.shape}; it does not fit the table {weight.dtype} "
                                      f"{weight.shape} (was module.weight replaced?)")
-        for module in updates:
+        for position, module in enumerate(self.modules):
             grad = module.grad
+            if grad is None:
+                continue
             state = self.state[module]
             state["step"] += 1
             if grad.nnz == 0:
@@ -127,11 +149,25 @@ class _SparseOptimizer:
             arrays = [state[name] for name in self.state_arrays]
             arrays += [None] * (2 - len(arrays))
             plan = grad.plan()
-            _core.sparse_step(self.method, module.weight, *arrays, grad.rows, plan, lr,
-                              one_minus_beta1, one_minus_beta2, eps,
-                              self.hyperparameters.get("maximize", False),
-                              self.hyperparameters["weight_decay"],
-                              threads_for(plan.order.size * module.weight.shape[1]))
+            arguments = (self.method, module.weight, *arrays, grad.rows, plan, lr,
+                         one_minus_beta1, one_minus_beta2, eps,
+                         self.hyperparameters.get("maximize", False),
+                         self.hyperparameters["weight_decay"],
+                         threads_for(plan.order.size * module.weight.shape[1]))
+            table_dtype = TABLE_DTYPES[module.weight.dtype]
+            if table_dtype.half_format is None:
+                _core.sparse_step(*arguments)
+            else:
+                _core.sparse_step_half(
+                    *arguments[:1], table_dtype.kernel_view(module.weight), *arguments[2:],
+                    table_dtype.half_format, self.hyperparameters["stochastic_rounding"],
+                    self._rounding_key(position, state["step"]))
+
+    def _rounding_key(self, position, step):
+        """The 64-bit key of a step's stochastic rounding draws for the table at ``position``
+        (see the module docstring)."""
+        sequence = np.random.SeedSequence([self.hyperparameters["seed"], position, step])
+        return int(sequence.generate_state(1, np.uint64)[0])
 
     def zero_grad(self) -> None:
         """Drop every module's gradient."""
@@ -199,13 +235,15 @@ class SGD(_SparseOptimizer):
 
     >>> import fastemb
     >>> fastemb.optim.SGD(fastemb.Embedding(5, 2), lr=0.5)
-    SGD(1 modules, lr=0.5, weight_decay=0.0)
+    SGD(1 modules, lr=0.5, weight_decay=0.0, stochastic_rounding=False, seed=0)
     """
 
     method = _core.StepMethod.STEP_SGD
 
-    def __init__(self, modules, lr: float, weight_decay: float = 0.0) -> None:
-        super().__init__(modules, weight_decay, lr=_check_range(lr, "learning rate", 0.0))
+    def __init__(self, modules, lr: float, weight_decay: float = 0.0,
+                 stochastic_rounding: bool = False, seed: int = 0) -> None:
+        super().__init__(modules, weight_decay, stochastic_rounding, seed,
+                         lr=_check_range(lr, "learning rate", 0.0))
 
     def _scalars(self, step):
         return -self.hyperparameters["lr"], 0.0, 0.0, 0.0
@@ -225,10 +263,13 @@ class Adagrad(_SparseOptimizer):
     state_arrays = ("sum",)
 
     def __init__(self, modules, lr: float = 1e-2, lr_decay: float = 0.0, eps: float = 1e-10,
-                 initial_accumulator_value: float = 0.0, weight_decay: float = 0.0) -> None:
+                 initial_accumulator_value: float = 0.0, weight_decay: float = 0.0,
+                 stochastic_rounding: bool = False, seed: int = 0) -> None:
         super().__init__(
             modules,
             weight_decay,
+            stochastic_rounding,
+            seed,
             lr=_check_range(lr, "learning rate", 0.0),
             lr_decay=_check_range(lr_decay, "lr_decay", 0.0),
             eps=_check_range(eps, "epsilon value", 0.0),
@@ -236,10 +277,8 @@ class Adagrad(_SparseOptimizer):
                                                    "initial_accumulator_value", 0.0),
         )
 
-    def _new_array(self, module, name):
-        return aligned_full(self.state_shape(module.weight.shape),
-                            self.hyperparameters["initial_accumulator_value"],
-                            module.weight.dtype)
+    def _new_array(self, module, name, fill_value=0):
+        return super()._new_array(module, name, self.hyperparameters["initial_accumulator_value"])
 
     def _scalars(self, step):
         h = self.hyperparameters
@@ -260,8 +299,10 @@ class RowWiseAdagrad(_SparseOptimizer):
     state_arrays = ("sum",)
 
     def __init__(self, modules, lr: float = 1e-2, eps: float = 1e-10,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(modules, weight_decay, lr=_check_range(lr, "learning rate", 0.0),
+                 weight_decay: float = 0.0, stochastic_rounding: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__(modules, weight_decay, stochastic_rounding, seed,
+                         lr=_check_range(lr, "learning rate", 0.0),
                          eps=_check_range(eps, "epsilon value", 0.0))
 
     @classmethod
@@ -281,14 +322,15 @@ class LazyAdam(_SparseOptimizer):
     >>> import fastemb
     >>> table = fastemb.Embedding(5, 2)
     >>> fastemb.optim.LazyAdam(table, lr=0.01, weight_decay=1e-4)  # doctest: +ELLIPSIS
-    LazyAdam(1 modules, lr=0.01, betas=(0.9, 0.999), ..., weight_decay=0.0001)
+    LazyAdam(1 modules, lr=0.01, betas=(0.9, 0.999), ..., weight_decay=0.0001, ...)
     """
 
     method = _core.StepMethod.STEP_ADAM
     state_arrays = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, modules, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, maximize: bool = False, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, maximize: bool = False, weight_decay: float = 0.0,
+                 stochastic_rounding: bool = False, seed: int = 0) -> None:
         try:
             betas = tuple(betas)
         except TypeError:
@@ -297,7 +339,7 @@ class LazyAdam(_SparseOptimizer):
             raise ValueError(f"betas must be a pair, got {betas!r}")
         betas = tuple(_check_range(beta, f"beta parameter at index {i}", 0.0, 1.0)
                       for i, beta in enumerate(betas))
-        super().__init__(modules, weight_decay,
+        super().__init__(modules, weight_decay, stochastic_rounding, seed,
                          lr=_check_range(lr, "learning rate", 0.0, low_open=True),
                          betas=betas, eps=_check_range(eps, "epsilon value", 0.0, low_open=True),
                          maximize=bool(maximize))

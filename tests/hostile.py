@@ -30,7 +30,7 @@ import numbers
 import numpy as np
 from hypothesis import note, settings
 from hypothesis import strategies as st
-from reference import assert_same_bits
+from reference import assert_same_bits, renorm_ref
 
 import fastemb
 from fastemb._dtypes import TABLE_DTYPES
@@ -222,6 +222,15 @@ def offsets_oracle(offsets, num_indices, include_last_offset):
 def computed_in(dtype):
     """The dtype a lookup on a table of ``dtype`` computes in: float32 for a 16-bit table."""
     return np.dtype(np.float32) if dtype in HALF_FLOATS else dtype
+
+
+def renorm_as_fastemb(table, indices, max_norm, norm_type):
+    """renorm_ref as fastemb applies max_norm: a 16-bit table in float32, rounded back. (The
+    arguments as floats: NumPy would compare a float64 norm with an np.float32 max_norm in
+    float32; fastemb takes max_norm as a Python float.)"""
+    renormed = renorm_ref(table.astype(computed_in(table.dtype)), indices, float(max_norm),
+                          float(norm_type))
+    return renormed.astype(table.dtype)
 
 
 def sample_weights_oracle(psw, input_shape, table_dtype):

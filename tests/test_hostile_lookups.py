@@ -5,24 +5,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hostile import (
-    FLOATS, HALF_FLOATS, MODES, computed_in, count_oracle, draw_grad, draw_indices, draw_max_norm, draw_offsets,
-    draw_padding, draw_sample_weights, draw_weight, examples, grad_oracle, hostile_targets,
+    FLOATS, HALF_FLOATS, MODES, computed_in, count_oracle, draw_grad, draw_indices,
+    draw_max_norm, draw_offsets, draw_padding, draw_sample_weights, draw_weight, examples, grad_oracle, hostile_targets,
     index_oracle, max_norm_oracle, offsets_oracle, padding_oracle, run_case, same_gradient,
-    sample_weights_oracle, seeds, shape_of, shapes, weight_oracle,
+    renorm_as_fastemb, sample_weights_oracle, seeds, shape_of, shapes, weight_oracle,
 )
-from reference import assert_same_bits, embedding_bag_ref, embedding_ref, renorm_ref
+from reference import assert_same_bits, embedding_bag_ref, embedding_ref
 from reference_training import bag_grad_ref, embedding_grad_ref, psw_grad_ref
 
 import fastemb
-
-
-def renorm_as_fastemb(table, indices, max_norm, norm_type):
-    """renorm_ref as fastemb applies max_norm: a 16-bit table in float32, rounded back. (The
-    arguments as floats: NumPy would compare a float64 norm with an np.float32 max_norm in
-    float32; fastemb takes max_norm as a Python float.)"""
-    renormed = renorm_ref(table.astype(computed_in(table.dtype)), indices, float(max_norm),
-                          float(norm_type))
-    return renormed.astype(table.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,12 +5,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hostile import (
-    COUNTS, FLOATS, INT64_MAX, MODES, count_oracle, draw_grad, draw_indices, draw_offsets,
-    draw_sample_weights, draw_weight, examples, grad_oracle, hostile_targets, index_oracle,
-    is_real, max_norm_oracle, offsets_oracle, padding_oracle, place, run_case, same_gradient,
-    sample_weights_oracle, seeds, shape_of, shapes, weight_oracle,
+    COUNTS, FLOATS, HALF_FLOATS, INT64_MAX, MODES, computed_in, count_oracle, draw_grad,
+    draw_indices, draw_offsets, draw_sample_weights, draw_weight, examples, grad_oracle,
+    hostile_targets, index_oracle, is_real, max_norm_oracle, offsets_oracle, padding_oracle,
+    place, renorm_as_fastemb, run_case, same_gradient, sample_weights_oracle, seeds, shape_of,
+    shapes, weight_oracle,
 )
-from reference import assert_same_bits, embedding_bag_ref, embedding_ref, renorm_ref
+from reference import assert_same_bits, embedding_bag_ref, embedding_ref
 from reference_training import bag_grad_ref, embedding_grad_ref, psw_grad_ref
 
 import fastemb
@@ -22,8 +23,8 @@ import fastemb
 
 SIZES = [0, 1, 3, 6, 6, 6, np.int64(4)]
 BAD_SIZES = [-1, 2.0, True, None, "3", 2**64] + SIZES
-DTYPES = [np.float32, np.float32, np.float64, "float64", None]
-BAD_DTYPES = [np.float16, np.int32, "foo", object, bool]
+DTYPES = [np.float32, np.float32, np.float64, "float64", None, *HALF_FLOATS]
+BAD_DTYPES = [np.longdouble, np.int32, "foo", object, bool]
 
 
 def dtype_oracle(dtype):
@@ -31,7 +32,7 @@ def dtype_oracle(dtype):
         resolved = np.dtype(dtype)
     except TypeError:
         return {TypeError}
-    return set() if resolved in FLOATS else {TypeError}
+    return set() if resolved in FLOATS + HALF_FLOATS else {TypeError}
 
 
 def draw_module(data, rng, scratch):
@@ -72,8 +73,10 @@ def draw_module(data, rng, scratch):
     if pretrained:
         freeze = data.draw(st.booleans(), label="freeze")
         embeddings = draw_weight(data, rng, data.draw(st.integers(0, 6)),
-                                 data.draw(st.integers(0, 4)), scratch, "embeddings" in hostile)
-        weight_errors, table = weight_oracle(embeddings)
+                                 data.draw(st.integers(0, 4)), scratch, "embeddings" in hostile,
+                                 None if "embeddings" in hostile
+                                 else data.draw(st.sampled_from(FLOATS + HALF_FLOATS)))
+        weight_errors, table = weight_oracle(embeddings, reduced_precision=True)
         errors |= weight_errors
         num_embeddings = None if weight_errors else table.shape[0]
 
@@ -173,10 +176,10 @@ def test_module_fuzz(scratch, data, seed):
     def check_forward(out):
         table = before
         if module.max_norm is not None:
-            table = renorm_ref(before, values, module.max_norm, module.norm_type)
+            table = renorm_as_fastemb(before, values, module.max_norm, module.norm_type)
             assert_same_bits(weight, table)
-        if bag:
-            reference["weight"] = table
+        if bag:  # (a 16-bit table as the float32 it is computed in)
+            reference["weight"] = table.astype(computed_in(table.dtype))
             assert_same_bits(out, embedding_bag_ref(**reference)[0])
         else:
             assert_same_bits(out, embedding_ref(values, table))
@@ -191,24 +194,27 @@ def test_module_fuzz(scratch, data, seed):
                  [weight], None)
         assert module.grad is None
         return
-    table_now = np.array(weight, copy=True)
-    grad = draw_grad(data, rng, out.shape, weight.dtype, "grad" in hostile)
-    errors = grad_oracle(grad, out.shape, weight.dtype)
+    table_now = np.array(weight, copy=True).astype(computed_in(weight.dtype))
+    grad = draw_grad(data, rng, out.shape, out.dtype, "grad" in hostile)
+    errors = grad_oracle(grad, out.shape, out.dtype)
+    if not bag and out.dtype in HALF_FLOATS and np.asarray(grad).dtype == np.float32:
+        errors = grad_oracle(grad, out.shape, np.float32)  # (also taken, as the gradient's)
 
     def check_backward(result):
+        grad_values = np.asarray(grad).astype(computed_in(weight.dtype))  # (16-bit: exact)
         if bag:
             rows, expected = bag_grad_ref(
-                reference["weight"], values, np.asarray(grad), reference["offsets"],
+                reference["weight"], values, grad_values, reference["offsets"],
                 module.mode, reference["per_sample_weights"], module.include_last_offset,
                 padding, module.scale_grad_by_freq)
             if reference["per_sample_weights"] is not None and module.mode != "max":
                 assert_same_bits(module.per_sample_weights_grad, psw_grad_ref(
-                    table_now, values, np.asarray(grad), reference["per_sample_weights"],
+                    table_now, values, grad_values, reference["per_sample_weights"],
                     reference["offsets"], module.mode, module.include_last_offset, padding))
         else:
-            rows, expected = embedding_grad_ref(values, np.asarray(grad), num_embeddings,
+            rows, expected = embedding_grad_ref(values, grad_values, num_embeddings,
                                                 padding, module.scale_grad_by_freq)
-        same_gradient(result, rows, expected, num_embeddings, weight.dtype)
+        same_gradient(result, rows, expected, num_embeddings, computed_in(weight.dtype))
         assert module.grad is result
 
     result = run_case("module backward", errors, lambda: module.backward(grad),

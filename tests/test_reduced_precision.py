@@ -202,19 +202,6 @@ def test_other_dtypes_are_rejected_with_their_name():
         fastemb.embedding([0], np.zeros((2, 2), np.complex64))
 
 
-def test_optimizers_refuse_16_bit_tables_before_changing_anything(half, rng):
-    """(Modules hold float32/float64 tables; one whose weight was swapped for a 16-bit array
-    is refused by the optimizers, with nothing changed.)"""
-    module = fastemb.EmbeddingBag(10, 4, mode="sum", seed=0)
-    optimizer = fastemb.optim.SGD(module, lr=0.1)
-    module.backward(np.ones_like(module([[1, 2]])))
-    module.weight = module.weight.astype(half)
-    before = module.weight.copy()
-    with pytest.raises(TypeError, match="not yet trained"):
-        optimizer.step()
-    assert module.weight.tobytes() == before.tobytes()
-
-
 CONVERSIONS_PROGRAM = r"""
 #include <stddef.h>
 typedef ptrdiff_t Py_ssize_t;
@@ -226,14 +213,18 @@ void widen_every_float16(float *out) {
 void nearest_float16s(const float *values, uint16_t *out, size_t count) {
     for (size_t i = 0; i < count; i++) out[i] = fastemb_float16_nearest(values[i]).bits;
 }
+void nearest_bfloat16s(const float *values, uint16_t *out, size_t count) {
+    for (size_t i = 0; i < count; i++) out[i] = fastemb_bfloat16_nearest(values[i]).bits;
+}
 """
 
 
 @pytest.mark.parametrize("compiler_float16", [True, False], ids=["_Float16", "by hand"])
-def test_float16_conversions_match_numpy(compiler_float16, tmp_path, rng):
+def test_16_bit_conversions_match_numpy_and_ml_dtypes(compiler_float16, tmp_path, rng):
     """fastemb's float16 conversions (_core.h), with the compiler's _Float16 and with the
     by-hand code of compilers that lack it: every float16 widens to NumPy's float32 bits, and
-    float32s (ties, subnormals, overflow, random) round to NumPy's nearest float16."""
+    float32s (ties, subnormals, overflow, random) round to NumPy's nearest float16; and the
+    bfloat16 rounding gives ml_dtypes' bits."""
     import ctypes
     import pathlib
     import shutil
@@ -271,4 +262,21 @@ def test_float16_conversions_match_numpy(compiler_float16, tmp_path, rng):
         expected = values.astype(np.float16)
     nan = np.isnan(values)
     assert np.isnan(rounded[nan].view(np.float16)).all()
+    assert rounded[~nan].tolist() == expected[~nan].view(np.uint16).tolist()
+
+    # bfloat16 (the optimizers' rounding of a bfloat16 table): ml_dtypes' nearest, ties to
+    # even, for every bfloat16 and the ties between neighbours, both signs
+    every_bfloat16 = np.arange(65536, dtype=np.uint16).view(ml_dtypes.bfloat16)
+    finite = every_bfloat16[np.isfinite(every_bfloat16)].astype(np.float32)
+    ordered = np.sort(finite[finite >= 0])
+    ties = ((ordered[:-1].astype(np.float64) + ordered[1:]) / 2).astype(np.float32)
+    values = np.concatenate([finite, ties, -ties, rng.standard_normal(20000).astype(np.float32),
+                             np.float32([3.4e38, np.inf, -np.inf, np.nan, 1e-45, 0.0, -0.0])])
+    rounded = np.empty(values.size, np.uint16)
+    conversions.nearest_bfloat16s(values.ctypes.data_as(ctypes.c_void_p),
+                                  rounded.ctypes.data_as(ctypes.c_void_p),
+                                  ctypes.c_size_t(values.size))
+    expected = values.astype(ml_dtypes.bfloat16)
+    nan = np.isnan(values)
+    assert np.isnan(rounded[nan].view(ml_dtypes.bfloat16).astype(np.float32)).all()
     assert rounded[~nan].tolist() == expected[~nan].view(np.uint16).tolist()

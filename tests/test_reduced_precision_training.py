@@ -1,0 +1,261 @@
+"""Training float16 and bfloat16 tables: modules that hold them, optimizer steps that round
+their results, and checkpoints that keep their dtype.
+
+The contract: a step on a 16-bit table is the float32 step (float32 state, float32 gradient)
+on the table's exact float32 values, its result rounded to the table's dtype: to nearest (ties
+to even), bit for bit ``float32_result.astype(dtype)``; or stochastically, to one of the two
+16-bit neighbours of the float32 result with the probabilities that make the expected value
+that result, drawn from the optimizer's seed, the table, the step, the row and the column only.
+The float32 step itself is checked against the NumPy references and torch elsewhere.
+"""
+
+import os
+
+import numpy as np
+import pytest
+from reference import assert_same_bits
+
+import fastemb
+from fastemb.optim import OPTIMIZERS
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+HALF_DTYPES = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+# the hyperparameters each registered optimizer is tested with (decay and maximize included)
+SETTINGS = {
+    "lazyadam": [dict(lr=0.01), dict(lr=0.02, weight_decay=0.1, maximize=True)],
+    "sgd": [dict(lr=0.5), dict(lr=0.1, weight_decay=0.3)],
+    "adagrad": [dict(lr=0.1), dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.5)],
+    "rowwise-adagrad": [dict(lr=0.1), dict(lr=0.2, weight_decay=0.05)],
+}
+
+
+@pytest.fixture(params=HALF_DTYPES, ids=["float16", "bfloat16"])
+def half(request):
+    return request.param
+
+
+def test_every_registered_optimizer_is_covered():
+    assert set(SETTINGS) == set(OPTIMIZERS)
+
+
+def train_steps(module, optimizer, rng, num_steps, grad_dtype=np.float32):
+    """Forward, backward with a random upstream gradient and a step, ``num_steps`` times; the
+    batches are drawn from ``rng`` (with repeated rows)."""
+    for _ in range(num_steps):
+        indices = rng.integers(0, module.num_embeddings, 24)
+        offsets = np.array([0, 5, 5, 13])
+        out = module(indices, offsets)
+        module.backward(rng.standard_normal(out.shape).astype(grad_dtype))
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+@pytest.mark.parametrize("setting", [0, 1])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_step_rounded_to_nearest_is_the_float32_step_rounded(half, name, setting, mode, rng):
+    """Step after step, the 16-bit table equals the float32 step of its widened values rounded
+    to nearest, and the float32 state equals the float32 step's state, bit for bit."""
+    info, hyperparameters = OPTIMIZERS[name], SETTINGS[name][setting]
+    module = fastemb.EmbeddingBag(40, 12, mode=mode, dtype=half, seed=1)
+    twin = fastemb.EmbeddingBag(40, 12, mode=mode, dtype=np.float32)
+    optimizer = info.cls(module, **hyperparameters)
+    twin_optimizer = info.cls(twin, **hyperparameters)
+    for step in range(6):
+        twin.weight[...] = module.weight.astype(np.float32)  # (exact)
+        indices = rng.integers(0, 40, 30)
+        offsets = np.array([0, 7, 7, 20])
+        grad_output = rng.standard_normal((4, 12)).astype(np.float32)
+        out = module(indices, offsets)
+        assert_same_bits(out, twin(indices, offsets))
+        module.backward(grad_output)
+        twin.backward(grad_output)
+        optimizer.step()
+        twin_optimizer.step()
+        optimizer.zero_grad()
+        twin_optimizer.zero_grad()
+        assert module.weight.dtype == half
+        assert_same_bits(module.weight, twin.weight.astype(half))
+        for state_name in info.cls.state_arrays:
+            state = optimizer.state[module][state_name]
+            assert state.dtype == np.float32
+            assert_same_bits(state, twin_optimizer.state[twin][state_name])
+
+
+def test_embedding_module_of_a_16_bit_table_trains(half, rng):
+    """An Embedding's output is in the table's dtype; its backward takes a gradient in that
+    dtype or in float32 (the same gradient once widened) and gives a float32 SparseGrad."""
+    module = fastemb.Embedding(20, 6, dtype=half, seed=3, padding_idx=2)
+    assert module.weight.dtype == half and not module.weight[2].any()
+    indices = np.array([[1, 2, 5], [5, 19, 0]])
+    out = module(indices)
+    assert out.dtype == half
+    assert_same_bits(out, module.weight[indices])
+    grad_output = rng.standard_normal(out.shape).astype(half)
+    from_half = module.backward(grad_output)
+    module(indices)
+    from_float32 = module.backward(grad_output.astype(np.float32))
+    assert from_half.values.dtype == np.float32
+    assert_same_bits(from_half.values, from_float32.values)
+    assert from_half.rows.tolist() == [0, 1, 5, 19]
+    before = module.weight.copy()
+    fastemb.optim.SGD(module, lr=0.5).step()
+    changed = np.flatnonzero((module.weight.view(np.uint16) != before.view(np.uint16)).any(1))
+    assert set(changed) <= {0, 1, 5, 19}
+
+
+def test_new_16_bit_module_holds_float32_draws_rounded(half):
+    module = fastemb.EmbeddingBag(50, 8, dtype=half, seed=7)
+    expected = np.random.default_rng(7).standard_normal((50, 8), dtype=np.float32).astype(half)
+    assert_same_bits(module.weight, expected)
+    assert module.weight.ctypes.data % 64 == 0
+    assert f"dtype={half.name}" in repr(module)
+
+
+def neighbours(values, half):
+    """The two 16-bit values around each float32 value: (below, above) in magnitude order;
+    both are the value itself where it is exact."""
+    nearest = values.astype(half)
+    magnitude = np.abs(values)
+    bits = np.abs(nearest).view(np.uint16).astype(np.int32)
+    low_bits = np.where(np.abs(nearest).astype(np.float32) > magnitude, bits - 1, bits)
+    low = low_bits.astype(np.uint16).view(half).astype(np.float32)
+    high = np.where(low == magnitude, low,
+                    (low_bits + 1).astype(np.uint16).view(half).astype(np.float32))
+    sign = np.where(np.signbit(values), -1, 1).astype(np.float32)
+    return sign * low, sign * high
+
+
+def one_sgd_step(half, start, update, stochastic=True, seed=0, num_columns=40_000):
+    """A 1-row table of ``start`` in every column after one SGD step of ``-update`` per column,
+    and the float32 result (the stored start + update)."""
+    module = fastemb.Embedding.from_pretrained(np.full((1, num_columns), start, half),
+                                               freeze=False)
+    optimizer = fastemb.optim.SGD(module, lr=1.0, stochastic_rounding=stochastic, seed=seed)
+    out = module(np.array([0]))
+    module.backward(np.full(out.shape, -update, np.float32))
+    optimizer.step()
+    stored_start = np.float32(half.type(start))  # (the table holds start rounded to half)
+    return module.weight[0].astype(np.float32), np.float32(stored_start + np.float32(update))
+
+
+@pytest.mark.parametrize("start, update", [(1.0, 0.3e-2), (1.0, -0.7e-3), (-3.0, 1e-2),
+                                           (-0.125, -1e-4), (6e-6, 1e-6), (0.0, -2.5e-8)])
+def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(half, start, update):
+    """Each column rounds to one of the two neighbours of the float32 result, and the mean over
+    40,000 columns (independent draws) is that result within 5 standard errors."""
+    result, exact = one_sgd_step(half, start, update)
+    low, high = neighbours(np.array([exact]), half)
+    assert np.all((result == low) | (result == high))
+    gap = abs(float(high[0]) - float(low[0]))
+    if gap == 0:  # (exact in the 16-bit format: no draw)
+        assert np.all(result == exact)
+        return
+    chance = abs(float(exact) - float(low[0])) / gap
+    assert 0 < chance < 1
+    standard_error = gap * np.sqrt(chance * (1 - chance) / result.size)
+    assert abs(result.astype(np.float64).mean() - float(exact)) < 5 * standard_error
+
+
+def test_stochastic_rounding_never_overflows_to_infinity(half):
+    """Past the largest finite 16-bit value (where rounding to nearest gives infinity),
+    stochastic rounding stays at that value; infinities and NaN round to nearest."""
+    largest = float(np.finfo(half).max)
+    result, _ = one_sgd_step(half, largest, largest * 2**-9, num_columns=100)
+    assert np.all(result == largest)
+    for special in (np.inf, -np.inf, np.nan):
+        result, _ = one_sgd_step(half, special, 1.0, num_columns=10)
+        assert_same_bits(result.astype(half), np.full(10, special, half))
+
+
+def test_small_updates_add_up_only_with_stochastic_rounding(half):
+    """Updates of a tenth of the 16-bit spacing are all lost to rounding to nearest; with
+    stochastic rounding their sum arrives, on average."""
+    spacing = float(np.spacing(half.type(1.0)))
+
+    def train(stochastic):
+        module = fastemb.Embedding.from_pretrained(np.ones((1, 2000), half), freeze=False)
+        optimizer = fastemb.optim.SGD(module, lr=1.0, stochastic_rounding=stochastic, seed=5)
+        for _ in range(50):
+            out = module(np.array([0]))
+            module.backward(np.full(out.shape, -0.1 * spacing, np.float32))
+            optimizer.step()
+            optimizer.zero_grad()
+        return module.weight.astype(np.float64)
+
+    assert np.all(train(stochastic=False) == 1.0)
+    moved = train(stochastic=True).mean() - 1.0
+    assert abs(moved - 5 * spacing) < 0.5 * spacing
+
+
+def run_stochastic_training(half, seed, threads=None, steps=4):
+    """Bits of a 16-bit table after a few LazyAdam steps with stochastic rounding."""
+    module = fastemb.EmbeddingBag(300, 20, mode="sum", dtype=half, seed=0)
+    optimizer = fastemb.optim.LazyAdam(module, lr=1e-3, stochastic_rounding=True, seed=seed)
+    if threads is not None:
+        fastemb.set_num_threads(threads)
+    train_steps(module, optimizer, np.random.default_rng(11), steps)
+    return module.weight.view(np.uint16).copy()
+
+
+def test_stochastic_rounding_is_reproducible_at_any_thread_count(half, thread_count):
+    one_thread = run_stochastic_training(half, seed=3, threads=1)
+    thread_count(2)
+    assert np.array_equal(run_stochastic_training(half, seed=3, threads=2), one_thread)
+    assert not np.array_equal(run_stochastic_training(half, seed=4, threads=2), one_thread)
+    nearest = fastemb.EmbeddingBag(300, 20, mode="sum", dtype=half, seed=0)
+    train_steps(nearest, fastemb.optim.LazyAdam(nearest, lr=1e-3), np.random.default_rng(11), 4)
+    assert not np.array_equal(nearest.weight.view(np.uint16), one_thread)
+
+
+def test_two_tables_of_one_optimizer_draw_differently(half):
+    """The same row of two identical tables, stepped by one optimizer with the same gradient,
+    rounds with different draws (the table's place in the optimizer is part of the key)."""
+    first, second = (fastemb.Embedding.from_pretrained(np.ones((2, 4000), half), freeze=False)
+                     for _ in range(2))
+    optimizer = fastemb.optim.SGD([first, second], lr=1.0, stochastic_rounding=True)
+    spacing = float(np.spacing(half.type(1.0)))
+    for module in (first, second):
+        out = module(np.array([1]))
+        module.backward(np.full(out.shape, -0.5 * spacing, np.float32))
+    optimizer.step()
+    assert not np.array_equal(first.weight[1].view(np.uint16), second.weight[1].view(np.uint16))
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_checkpoint_keeps_a_16_bit_table_and_its_state(half, name, tmp_path, rng):
+    info = OPTIMIZERS[name]
+    module = fastemb.EmbeddingBag(30, 5, mode="sum", dtype=half, seed=2)
+    optimizer = info.cls(module, **SETTINGS[name][0], stochastic_rounding=True, seed=9)
+    train_steps(module, optimizer, rng, 3)
+    path = os.fspath(tmp_path / "model.npz")
+    fastemb.save(path, module, optimizer)
+    restored = fastemb.EmbeddingBag(30, 5, mode="sum", dtype=half, seed=8)
+    restored_optimizer = info.cls(restored, **SETTINGS[name][0])
+    fastemb.load(path, restored, restored_optimizer)
+    assert_same_bits(restored.weight, module.weight)
+    assert restored_optimizer.hyperparameters == optimizer.hyperparameters
+    for state_name in info.cls.state_arrays:
+        assert_same_bits(restored_optimizer.state[restored][state_name],
+                         optimizer.state[module][state_name])
+    # the next steps continue exactly (the same draws: seed, table and step count restored)
+    train_steps(module, optimizer, np.random.default_rng(1), 2)
+    train_steps(restored, restored_optimizer, np.random.default_rng(1), 2)
+    assert_same_bits(restored.weight, module.weight)
+    float32_module = fastemb.EmbeddingBag(30, 5, mode="sum")
+    with pytest.raises(ValueError, match=f"{half.name}"):
+        fastemb.load(path, float32_module)
+
+
+def test_optimizer_rejects_a_bad_seed_and_a_gradient_not_float32(half):
+    module = fastemb.Embedding(5, 3, dtype=half)
+    for seed in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="seed"):
+            fastemb.optim.SGD(module, lr=0.1, seed=seed)
+    optimizer = fastemb.optim.SGD(module, lr=0.1)
+    module.grad = fastemb.SparseGrad(np.array([1]), np.ones((1, 3), np.float64), 5)
+    before = module.weight.copy()
+    with pytest.raises(ValueError, match="does not match"):
+        optimizer.step()
+    assert_same_bits(module.weight, before)
