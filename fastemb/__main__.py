@@ -9,9 +9,12 @@ import numpy as np
 
 from . import __version__, bench, get_num_threads, optim, set_num_threads, show_config
 from . import train as training
+from ._dtypes import TABLE_DTYPES
 from .data import DATASETS, load_ratings, synthetic_ratings
 
 DEFAULT_LR = {name: info.train_lr for name, info in optim.OPTIMIZERS.items()}
+# the train command's --dtype: every table dtype this installation has, by name
+TABLE_DTYPE_CHOICES = {dtype.name: dtype for dtype in TABLE_DTYPES}
 DEFAULT_WEIGHT_DECAY = 4e-4
 
 
@@ -64,6 +67,9 @@ def run_train(args):
                          f"({twins})")
     if args.compare_torch and args.resume:
         raise ValueError("--compare-torch compares whole runs; it cannot be combined with --resume")
+    if args.stochastic_rounding and TABLE_DTYPE_CHOICES[args.dtype].itemsize != 2:
+        raise ValueError("--stochastic-rounding rounds the updates of 16-bit tables; use it "
+                         "with --dtype bfloat16 or float16")
     if args.save:
         training.check_writable(args.save)
     cores = os.cpu_count() or 1
@@ -91,12 +97,15 @@ def run_train(args):
           f"{data.num_items:,} items; {len(train):,} to train, {len(test):,} held out")
     bags = training.UserBags(train, args.seed) if args.model == "bag" else None
     model = training.RatingModel(data.num_users, data.num_items, args.dim, args.seed,
-                                 global_mean, kind=args.model, bags=bags, y_range=args.y_range)
+                                 global_mean, kind=args.model, bags=bags, y_range=args.y_range,
+                                 dtype=TABLE_DTYPE_CHOICES[args.dtype])
     optimizer = training.make_optimizer(args.optimizer, model.modules, args.lr,
-                                        args.weight_decay)
-    initial_weights = [module.weight.copy() for module in model.modules]
+                                        args.weight_decay, args.stochastic_rounding, args.seed)
+    initial_weights = [module.weight.astype(np.float32) for module in model.modules]
     mean_rmse = float(np.sqrt(np.mean((test.ratings.astype(np.float64) - global_mean) ** 2)))
-    print(f"model: {args.model}, dim {args.dim}, output range {args.y_range[0]:g}..",
+    print(f"model: {args.model}, dim {args.dim}, {args.dtype} tables"
+          + (" (stochastic rounding)" if args.stochastic_rounding else "")
+          + f", output range {args.y_range[0]:g}..",
           f"{args.y_range[1]:g}, {args.optimizer} lr {args.lr} weight decay {args.weight_decay}, "
           f"batch {args.batch_size}, {get_num_threads()} thread(s); held-out RMSE of predicting "
           f"the mean: {mean_rmse:.4f}", sep="")
@@ -142,7 +151,8 @@ def run_train(args):
 def check_model_fits(args, num_users, num_items, extra=0):
     """Refuse, before allocating, a model (and synthetic data) that memory cannot hold."""
     training.check_fits_in_memory(
-        training.bytes_needed(num_users, num_items, args.dim, args.optimizer, args.model) + extra,
+        training.bytes_needed(num_users, num_items, args.dim, args.optimizer, args.model,
+                              TABLE_DTYPE_CHOICES[args.dtype]) + extra,
         f"tables of {args.dim} columns for {num_users:,} users and {num_items:,} items, with "
         f"{args.optimizer}'s state" + (" and the synthetic ratings," if extra else ","))
 
@@ -163,7 +173,8 @@ def compare_with_torch(args, initial_weights, model, train, test, global_mean, e
         verdict = (f"fastemb is {theirs / ours:.1f}x faster" if theirs >= ours
                    else f"fastemb is {ours / theirs:.1f}x slower")
         print(f"epoch {epoch}: fastemb {ours:.2f} s, torch {theirs:.2f} s, {verdict}")
-    difference = max(float(np.max(np.abs(ours.weight - theirs), initial=0.0))
+    difference = max(float(np.max(np.abs(ours.weight.astype(np.float32) - theirs),
+                                  initial=0.0))
                      for ours, theirs in zip(model.modules, torch_tables))
     print(f"final held-out RMSE: fastemb {training.rmse(model, test):.4f}, torch "
           f"{torch_rmse:.4f}; largest weight difference {difference:.2e}")
@@ -196,6 +207,13 @@ def add_train_command(commands):
     train.add_argument("--epochs", type=positive_int, default=10,
                        help="passes over the data (default 10)")
     train.add_argument("--dim", type=positive_int, default=32, help="embedding size (default 32)")
+    train.add_argument("--dtype", choices=list(TABLE_DTYPE_CHOICES), default="float32",
+                       help="the tables' dtype: " + ", ".join(TABLE_DTYPE_CHOICES) + " (16-bit "
+                            "tables: half the memory, updated in float32 and rounded; "
+                            "bfloat16 needs ml_dtypes) (default float32)")
+    train.add_argument("--stochastic-rounding", action="store_true",
+                       help="round 16-bit tables' updates stochastically (unbiased) rather "
+                            "than to nearest")
     train.add_argument("--batch-size", type=positive_int, default=1024,
                        help="ratings per step (default 1024)")
     train.add_argument("--optimizer", choices=list(optim.OPTIMIZERS), default="lazyadam",

@@ -234,45 +234,48 @@ static inline fastemb_bfloat16 fastemb_bfloat16_nearest(float value) {
    result is x, so many small updates add up where rounding to nearest would drop them all.
    The draw is the top 32 bits of `random`. Exact values, infinities and NaN round to nearest;
    a magnitude past the largest finite one stays at it (high is infinity: probability 0). */
-static inline uint16_t fastemb_round_between(float magnitude, uint16_t low, float low_value,
-                                             float high_value, uint64_t random) {
+static inline uint16_t fastemb_round_between(uint32_t float_bits, float magnitude,
+                                             uint16_t low, float low_value, float high_value,
+                                             uint64_t random) {
     double chance = ((double)magnitude - low_value) / ((double)high_value - low_value);
-    return (uint16_t)(low + ((double)(random >> 32) * 0x1p-32 < chance));
+    uint16_t sign = (uint16_t)((float_bits >> 16) & 0x8000);
+    return (uint16_t)(sign | (low + ((double)(random >> 32) * 0x1p-32 < chance)));
+}
+
+/* A float32's bits, and its magnitude (its value without the sign). */
+static inline uint32_t fastemb_magnitude(float value, float *magnitude) {
+    uint32_t bits, magnitude_bits;
+    memcpy(&bits, &value, sizeof(bits));
+    magnitude_bits = bits & 0x7fffffff;
+    memcpy(magnitude, &magnitude_bits, sizeof(*magnitude));
+    return bits;
 }
 
 static inline fastemb_bfloat16 fastemb_bfloat16_stochastic(float value, uint64_t random) {
-    uint32_t bits, magnitude_bits;
-    fastemb_bfloat16 low, high, rounded;
     float magnitude;
-    memcpy(&bits, &value, sizeof(bits));
-    magnitude_bits = bits & 0x7fffffff;
-    if (magnitude_bits >= 0x7f800000 || (magnitude_bits & 0xffff) == 0)
-        return fastemb_bfloat16_nearest(value);
-    memcpy(&magnitude, &magnitude_bits, sizeof(magnitude));
-    low.bits = (uint16_t)(magnitude_bits >> 16);  /* truncation: the neighbour below */
-    high.bits = (uint16_t)(low.bits + 1);
-    rounded.bits = (uint16_t)(((bits >> 16) & 0x8000) | fastemb_round_between(
-        magnitude, low.bits, fastemb_bfloat16_value(low), fastemb_bfloat16_value(high), random));
+    uint32_t bits = fastemb_magnitude(value, &magnitude);
+    fastemb_bfloat16 low = {(uint16_t)((bits & 0x7fffffff) >> 16)}, high, rounded;
+    high.bits = (uint16_t)(low.bits + 1);  /* (low: the magnitude truncated) */
+    if ((bits & 0x7fffffff) >= 0x7f800000 || (bits & 0xffff) == 0)
+        return fastemb_bfloat16_nearest(value);  /* infinite, NaN or exact */
+    rounded.bits = fastemb_round_between(bits, magnitude, low.bits, fastemb_bfloat16_value(low),
+                                         fastemb_bfloat16_value(high), random);
     return rounded;
 }
 
 static inline fastemb_float16 fastemb_float16_stochastic(float value, uint64_t random) {
-    uint32_t bits, magnitude_bits;
-    fastemb_float16 low, high, rounded;
     float magnitude;
-    memcpy(&bits, &value, sizeof(bits));
-    magnitude_bits = bits & 0x7fffffff;
-    if (magnitude_bits >= 0x7f800000)
-        return fastemb_float16_nearest(value);
-    memcpy(&magnitude, &magnitude_bits, sizeof(magnitude));
-    low = fastemb_float16_nearest(magnitude);
+    uint32_t bits = fastemb_magnitude(value, &magnitude);
+    fastemb_float16 low = fastemb_float16_nearest(magnitude), high, rounded;
+    if ((bits & 0x7fffffff) >= 0x7f800000)
+        return fastemb_float16_nearest(value);  /* infinite or NaN */
     if (fastemb_float16_value(low) > magnitude)  /* (it rounded up, perhaps to infinity) */
         low.bits = (uint16_t)(low.bits - 1);
     if (fastemb_float16_value(low) == magnitude)
-        return fastemb_float16_nearest(value);
+        return fastemb_float16_nearest(value);  /* exact */
     high.bits = (uint16_t)(low.bits + 1);
-    rounded.bits = (uint16_t)(((bits >> 16) & 0x8000) | fastemb_round_between(
-        magnitude, low.bits, fastemb_float16_value(low), fastemb_float16_value(high), random));
+    rounded.bits = fastemb_round_between(bits, magnitude, low.bits, fastemb_float16_value(low),
+                                         fastemb_float16_value(high), random);
     return rounded;
 }
 

@@ -467,13 +467,22 @@ cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_
                       mix64(rounding_key ^ <uint64_t>row) * <uint64_t>dim)
 
 
-cdef Py_ssize_t check_state(str kernel, StepMethod method, Py_ssize_t num_rows,
-                            Py_ssize_t dim, floating[:, ::1] state_a,
-                            floating[:, ::1] state_b) except -1:
-    """Raise ValueError unless the state fits a (num_rows, dim) table and the method. Returns
-    the state_a row width (0: none)."""
+cdef Py_ssize_t check_step(str kernel, StepMethod method, Py_ssize_t num_rows, Py_ssize_t dim,
+                           floating[:, ::1] state_a, floating[:, ::1] state_b,
+                           const floating[:, ::1] grad, Py_ssize_t num_groups, plan,
+                           PlanView *view) except -1:
+    """Raise ValueError unless the state, the gradient and the plan fit a (num_rows, dim)
+    table and the method; then fill ``view``. Returns the state_a row width (0: none)."""
     cdef Py_ssize_t state_a_width = 0 if state_a is None else state_a.shape[1]
+    cdef const floating[::1] coefficients = plan.coefficients
+    cdef const int64_t[::1] starts = plan.starts, order = plan.order, source = plan.source
+    cdef const int64_t[:, ::1] winners = plan.winners
+    cdef bint scale_by_frequency = plan.scale_by_frequency
     check_enum(method, STEP_ADAM, "optimizer step method")
+    check_plan(kernel, grad, num_groups, starts, order, source, coefficients, winners,
+               scale_by_frequency, view)
+    if grad.shape[1] != dim:
+        raise ValueError(f"{kernel}: the gradient does not match the table")
     if (state_a is not None and state_a.shape[0] != num_rows) or (
             state_b is not None and state_b.shape[0] != num_rows):
         raise ValueError(f"{kernel}: optimizer state does not match the table")
@@ -492,6 +501,37 @@ cdef floating *state_data(floating[:, ::1] state) noexcept:
     return &state[0, 0] if state is not None and state.shape[0] and state.shape[1] else NULL
 
 
+cdef int run_step(str kernel, StepMethod method, table_t *weight, Py_ssize_t num_rows,
+                  Py_ssize_t dim, floating[:, ::1] state_a, floating[:, ::1] state_b,
+                  const int64_t[::1] rows, plan, const floating[:, ::1] grad, double lr,
+                  double one_minus_beta1, double one_minus_beta2, double eps, bint maximize,
+                  double weight_decay, int num_threads, bint stochastic_rounding,
+                  uint64_t rounding_key) except -1:
+    """Check a step's arguments (check_step), then run step_rows without the GIL. ``weight``
+    is the table's first element (NULL when it has none)."""
+    cdef PlanView view
+    cdef Py_ssize_t num_groups = rows.shape[0]
+    cdef Py_ssize_t state_a_width = check_step(kernel, method, num_rows, dim, state_a, state_b,
+                                               grad, num_groups, plan, &view)
+    # per thread, two rows (see step_rows), each followed by a cache line that nobody writes,
+    # so no two threads ever write the same line (the false sharing made the 2-thread SGD step
+    # as slow as the 1-thread one)
+    cdef Py_ssize_t stride = dim + CACHE_LINE_BYTES // sizeof(floating)
+    cdef floating[:, ::1] buffers = np.empty((2 * team_size(num_threads), stride),
+                                             dtype=np.asarray(grad).dtype)
+    cdef floating *state_a_data = state_data(state_a)
+    cdef floating *state_b_data = state_data(state_b)
+    if num_groups == 0 or dim == 0 or grad.shape[0] == 0 or weight == NULL:
+        return 0
+    with nogil:
+        step_rows(method, weight, num_rows, dim, state_a_data, state_a_width, state_b_data,
+                  &rows[0], num_groups, &grad[0, 0], &view, &buffers[0, 0], stride,
+                  <floating>lr, <floating>one_minus_beta1, <floating>one_minus_beta2,
+                  <floating>eps, maximize, <floating>weight_decay, stochastic_rounding,
+                  rounding_key, num_threads)
+    return 0
+
+
 def sparse_step(StepMethod method, floating[:, ::1] weight not None, floating[:, ::1] state_a,
                 floating[:, ::1] state_b, const int64_t[::1] rows not None, plan, double lr,
                 double one_minus_beta1, double one_minus_beta2, double eps, bint maximize,
@@ -502,34 +542,11 @@ def sparse_step(StepMethod method, floating[:, ::1] weight not None, floating[:,
     or -step_size); state_a / state_b are the per-row state (None where the method has none;
     row-wise Adagrad's accumulator is (V, 1)); ``weight_decay`` is the L2 factor (0: none).
     """
-    cdef Py_ssize_t num_groups = rows.shape[0], dim = weight.shape[1]
     cdef const floating[:, ::1] grad = plan.grad
-    cdef const floating[::1] coefficients = plan.coefficients
-    cdef const int64_t[::1] starts = plan.starts, order = plan.order, source = plan.source
-    cdef const int64_t[:, ::1] winners = plan.winners
-    cdef PlanView view
-    cdef Py_ssize_t state_a_width = check_state("sparse_step", method, weight.shape[0], dim,
-                                                state_a, state_b)
-    # per thread, two rows (see step_rows), each followed by a cache line that nobody writes,
-    # so no two threads ever write the same line (the false sharing made the 2-thread SGD step
-    # as slow as the 1-thread one)
-    cdef Py_ssize_t stride = dim + CACHE_LINE_BYTES // sizeof(floating)
-    cdef floating[:, ::1] buffers = np.empty((2 * team_size(num_threads), stride),
-                                             dtype=np.asarray(weight).dtype)
-    cdef floating *state_a_data = state_data(state_a)
-    cdef floating *state_b_data = state_data(state_b)
-    cdef bint scale_by_frequency = plan.scale_by_frequency
-    check_plan("sparse_step", grad, num_groups, starts, order, source, coefficients, winners,
-               scale_by_frequency, &view)
-    if grad.shape[1] != dim:
-        raise ValueError("sparse_step: the gradient does not match the table")
-    if num_groups == 0 or dim == 0 or grad.shape[0] == 0:
-        return
-    with nogil:
-        step_rows(method, &weight[0, 0], weight.shape[0], dim, state_a_data, state_a_width,
-                  state_b_data, &rows[0], num_groups, &grad[0, 0], &view, &buffers[0, 0],
-                  stride, <floating>lr, <floating>one_minus_beta1, <floating>one_minus_beta2,
-                  <floating>eps, maximize, <floating>weight_decay, False, 0, num_threads)
+    run_step("sparse_step", method, &weight[0, 0] if weight.shape[0] and weight.shape[1]
+             else NULL, weight.shape[0], weight.shape[1], state_a, state_b, rows, plan, grad,
+             lr, one_minus_beta1, one_minus_beta2, eps, maximize, weight_decay, num_threads,
+             False, 0)
 
 
 def sparse_step_half(StepMethod method, uint16_t[:, ::1] weight not None,
@@ -543,36 +560,16 @@ def sparse_step_half(StepMethod method, uint16_t[:, ::1] weight not None,
     the table's format, to nearest (ties to even) or, with ``stochastic_rounding``, up or down
     with the probabilities that make the expected result the float32 one, drawn from
     ``rounding_key``, the row and the column (the same for any thread count)."""
-    cdef Py_ssize_t num_groups = rows.shape[0], dim = weight.shape[1]
-    cdef const float[:, ::1] grad = plan.grad
-    cdef const float[::1] coefficients = plan.coefficients
-    cdef const int64_t[::1] starts = plan.starts, order = plan.order, source = plan.source
-    cdef const int64_t[:, ::1] winners = plan.winners
-    cdef PlanView view
-    cdef Py_ssize_t state_a_width = check_state("sparse_step_half", method, weight.shape[0],
-                                                dim, state_a, state_b)
-    cdef Py_ssize_t stride = dim + CACHE_LINE_BYTES // sizeof(float)
-    cdef float[:, ::1] buffers = np.empty((2 * team_size(num_threads), stride), dtype=np.float32)
-    cdef float *state_a_data = state_data(state_a)
-    cdef float *state_b_data = state_data(state_b)
     check_enum(half_format, FLOAT16, "half format")
-    cdef bint scale_by_frequency = plan.scale_by_frequency
-    check_plan("sparse_step_half", grad, num_groups, starts, order, source, coefficients,
-               winners, scale_by_frequency, &view)
-    if grad.shape[1] != dim:
-        raise ValueError("sparse_step_half: the gradient does not match the table")
-    if num_groups == 0 or dim == 0 or grad.shape[0] == 0:
-        return
-    with nogil:
-        if half_format == BFLOAT16:
-            step_rows(method, <bfloat16_t *>&weight[0, 0], weight.shape[0], dim, state_a_data,
-                      state_a_width, state_b_data, &rows[0], num_groups, &grad[0, 0], &view,
-                      &buffers[0, 0], stride, <float>lr, <float>one_minus_beta1,
-                      <float>one_minus_beta2, <float>eps, maximize, <float>weight_decay,
-                      stochastic_rounding, rounding_key, num_threads)
-        else:
-            step_rows(method, <float16_t *>&weight[0, 0], weight.shape[0], dim, state_a_data,
-                      state_a_width, state_b_data, &rows[0], num_groups, &grad[0, 0], &view,
-                      &buffers[0, 0], stride, <float>lr, <float>one_minus_beta1,
-                      <float>one_minus_beta2, <float>eps, maximize, <float>weight_decay,
-                      stochastic_rounding, rounding_key, num_threads)
+    cdef const float[:, ::1] grad = plan.grad
+    cdef uint16_t *table = (&weight[0, 0] if weight.shape[0] and weight.shape[1] else NULL)
+    if half_format == BFLOAT16:
+        run_step("sparse_step_half", method, <bfloat16_t *>table, weight.shape[0],
+                 weight.shape[1], state_a, state_b, rows, plan, grad, lr, one_minus_beta1,
+                 one_minus_beta2, eps, maximize, weight_decay, num_threads, stochastic_rounding,
+                 rounding_key)
+    else:
+        run_step("sparse_step_half", method, <float16_t *>table, weight.shape[0],
+                 weight.shape[1], state_a, state_b, rows, plan, grad, lr, one_minus_beta1,
+                 one_minus_beta2, eps, maximize, weight_decay, num_threads, stochastic_rounding,
+                 rounding_key)

@@ -85,17 +85,18 @@ class RatingModel:
     fastemb tables (``mean + dot + biases`` when ``y_range`` is None)."""
 
     def __init__(self, num_users, num_items, dim, seed, global_mean, kind="dot", bags=None,
-                 y_range=None):
+                 y_range=None, dtype=np.float32):
         if kind not in ("dot", "bag"):
             raise ValueError(f"kind must be 'dot' or 'bag', got {kind!r}")
         rng_seeds = np.random.SeedSequence(seed).spawn(4)
         if kind == "dot":
-            self.users = Embedding(num_users, dim, seed=rng_seeds[0])
+            self.users = Embedding(num_users, dim, seed=rng_seeds[0], dtype=dtype)
         else:
-            self.users = EmbeddingBag(num_items, dim, mode="mean", seed=rng_seeds[0])
-        self.items = Embedding(num_items, dim, seed=rng_seeds[1])
-        self.user_bias = Embedding(num_users, 1, seed=rng_seeds[2])
-        self.item_bias = Embedding(num_items, 1, seed=rng_seeds[3])
+            self.users = EmbeddingBag(num_items, dim, mode="mean", seed=rng_seeds[0],
+                                      dtype=dtype)
+        self.items = Embedding(num_items, dim, seed=rng_seeds[1], dtype=dtype)
+        self.user_bias = Embedding(num_users, 1, seed=rng_seeds[2], dtype=dtype)
+        self.item_bias = Embedding(num_items, 1, seed=rng_seeds[3], dtype=dtype)
         for module in self.modules:
             module.weight *= INIT_SCALE
         self.kind, self.bags, self.global_mean = kind, bags, np.float32(global_mean)
@@ -113,10 +114,12 @@ class RatingModel:
 
     def forward(self, users, items):
         """(predictions for (users[k], items[k]), d prediction / d score, user vectors, item
-        vectors), remembering in the tables what the backward needs."""
-        user_vectors, item_vectors = self._user_vectors(users), self.items(items)
-        score = (self.offset + np.einsum("ij,ij->i", user_vectors, item_vectors)
-                 + self.user_bias(users)[:, 0] + self.item_bias(items)[:, 0])
+        vectors), remembering in the tables what the backward needs. The model computes in
+        float32 (rows of 16-bit tables are widened, exactly)."""
+        user_vectors = self._user_vectors(users).astype(np.float32, copy=False)
+        item_vectors = self.items(items).astype(np.float32, copy=False)
+        biases = self.user_bias(users)[:, 0] + self.item_bias(items)[:, 0].astype(np.float32)
+        score = self.offset + np.einsum("ij,ij->i", user_vectors, item_vectors) + biases
         if self.y_range is None:
             return score, np.float32(1), user_vectors, item_vectors
         low, high = (np.float32(x) for x in self.y_range)
@@ -149,12 +152,13 @@ def rmse(model, data):
     return float(np.sqrt(np.mean(error.astype(np.float64) ** 2)))
 
 
-def make_optimizer(name, modules, lr, weight_decay=0.0):
+def make_optimizer(name, modules, lr, weight_decay=0.0, stochastic_rounding=False, seed=0):
     """An optimizer from its command-line name."""
     if name not in optim.OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from "
                          f"{', '.join(optim.OPTIMIZERS)}")
-    return optim.OPTIMIZERS[name].cls(modules, lr=lr, weight_decay=weight_decay)
+    return optim.OPTIMIZERS[name].cls(modules, lr=lr, weight_decay=weight_decay,
+                                      stochastic_rounding=stochastic_rounding, seed=seed)
 
 
 def batches(num_ratings, batch_size, seed, epoch):
@@ -183,7 +187,8 @@ def checkpoint_metadata(args, epoch):
     return {"epoch": epoch, "model": args.model, "dim": args.dim, "optimizer": args.optimizer,
             "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size,
             "seed": args.seed, "holdout": args.holdout, "data": data,
-            "y_range": list(args.y_range) if args.y_range else None}
+            "y_range": list(args.y_range) if args.y_range else None, "dtype": args.dtype,
+            "stochastic_rounding": args.stochastic_rounding}
 
 
 def save_checkpoint(path, model, optimizer, args, epoch):
@@ -192,7 +197,8 @@ def save_checkpoint(path, model, optimizer, args, epoch):
 
 def resume_checkpoint(path, model, optimizer, args):
     """Load a checkpoint written by this command; returns the number of epochs it had done."""
-    saved = read_metadata(path)
+    # (checkpoints from before 16-bit tables hold float32 ones, rounded to nearest)
+    saved = {"dtype": "float32", "stochastic_rounding": False} | read_metadata(path)
     expected = checkpoint_metadata(args, saved.get("epoch"))
     mismatched = [key for key in expected if saved.get(key) != expected[key]]
     if mismatched:
@@ -259,13 +265,14 @@ def train_with_torch(initial_weights, train, test, args, global_mean, progress=N
     return epoch_seconds, final_rmse, [p.detach().numpy() for p in parameters]
 
 
-def bytes_needed(num_users, num_items, dim, optimizer, kind="dot"):
-    """Bytes of the float32 tables and optimizer state a model of this size allocates."""
+def bytes_needed(num_users, num_items, dim, optimizer, kind="dot", dtype=np.float32):
+    """Bytes of the tables (of ``dtype``) and optimizer state (float32) a model of this size
+    allocates."""
     info = optim.OPTIMIZERS[optimizer]
     rows = (num_items if kind == "bag" else num_users) + num_items
-    per_row = dim + info.state_per_row(dim)
     bias_rows = num_users + num_items
-    return 4 * (rows * per_row + bias_rows * (1 + info.state_per_row(1)))
+    table_bytes = np.dtype(dtype).itemsize * (rows * dim + bias_rows)
+    return table_bytes + 4 * (rows * info.state_per_row(dim) + bias_rows * info.state_per_row(1))
 
 
 def synthetic_bytes(num_users, num_items, num_ratings):

@@ -16,11 +16,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from reference import assert_same_bits
 
 import fastemb
 from fastemb import data as ratings_data
 from fastemb import train as training
-from fastemb.__main__ import DEFAULT_LR, build_parser, main
+from fastemb.__main__ import DEFAULT_LR, TABLE_DTYPE_CHOICES, build_parser, main
 
 TINY = ["train", "--users", "500", "--items", "300", "--ratings", "20000", "--dim", "8",
         "--quiet", "--threads", "1"]
@@ -70,12 +71,12 @@ def mean_rmse(data, holdout=0.1, seed=0):
                                   - float(train.ratings.mean())) ** 2)))
 
 
-def build_model(data, kind, dim, seed=0, holdout=0.1, y_range=None):
+def build_model(data, kind, dim, seed=0, holdout=0.1, y_range=None, dtype="float32"):
     train, test = data.split(holdout, seed)
     bags = training.UserBags(train, seed) if kind == "bag" else None
     model = training.RatingModel(data.num_users, data.num_items, dim, seed,
                                  float(train.ratings.mean()), kind=kind, bags=bags,
-                                 y_range=y_range)
+                                 y_range=y_range, dtype=TABLE_DTYPE_CHOICES[dtype])
     return model, train, test
 
 
@@ -497,6 +498,39 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(capsys, tmp_path, mo
     # and the 2-epoch checkpoint really differs from the 3-epoch one
     assert not np.array_equal(load_tables(a)["table_1"], tables_c["table_1"])
     assert fastemb.checkpoint.read_metadata(b)["epoch"] == 3
+
+
+@pytest.mark.parametrize("dtype, rounding", [
+    ("float16", []), ("float16", ["--stochastic-rounding"]),
+    pytest.param("bfloat16", ["--stochastic-rounding"], marks=pytest.mark.skipif(
+        importlib.util.find_spec("ml_dtypes") is None, reason="bfloat16 needs ml_dtypes"))])
+def test_16_bit_tables_train_save_and_resume_exactly(capsys, tmp_path, dtype, rounding):
+    """--dtype trains tables of that dtype (held-out RMSE below the mean predictor's), the
+    checkpoint keeps them, and a resumed run equals an uninterrupted one bit for bit (the
+    stochastic rounding's draws included)."""
+    base = TINY + ["--model", "bag", "--dtype", dtype, *rounding]
+    a, b, c = (tmp_path / f"{name}.npz" for name in "abc")
+    out = run_cli(base + ["--epochs", "2", "--save", a], capsys)
+    assert f"{dtype} tables" in out
+    baseline, epochs = parse_run(out)
+    assert epochs[-1][3] < baseline
+    run_cli(base + ["--epochs", "3", "--resume", a, "--save", b], capsys)
+    run_cli(base + ["--epochs", "3", "--save", c], capsys)
+    data = ratings_data.synthetic_ratings(500, 300, 20000, seed=0)
+    resumed, _, _ = build_model(data, "bag", dim=8, dtype=dtype)
+    straight, _, _ = build_model(data, "bag", dim=8, dtype=dtype)
+    fastemb.load(b, resumed.modules)
+    fastemb.load(c, straight.modules)
+    for resumed_module, straight_module in zip(resumed.modules, straight.modules):
+        assert resumed_module.weight.dtype.name == dtype
+        assert_same_bits(resumed_module.weight, straight_module.weight)
+    message = cli_error(TINY + ["--model", "bag", "--epochs", "3", "--resume", a], capsys)
+    assert "dtype" in message
+
+
+def test_stochastic_rounding_of_float32_tables_is_refused(capsys):
+    message = cli_error(TINY + ["--stochastic-rounding"], capsys)
+    assert "16-bit" in message
 
 
 def test_resume_with_different_options_is_refused(capsys, tmp_path):
