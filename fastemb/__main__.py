@@ -13,8 +13,12 @@ from ._dtypes import TABLE_DTYPES
 from .data import DATASETS, load_ratings, synthetic_ratings
 
 DEFAULT_LR = {name: info.train_lr for name, info in optim.OPTIMIZERS.items()}
-# the train command's --dtype: every table dtype this installation has, by name
+# the train command's --dtype: every table dtype this installation has, by name, and "split"
+# (a split float32 table: see fastemb.modules), with the tables' dtype and whether they split
 TABLE_DTYPE_CHOICES = {dtype.name: dtype for dtype in TABLE_DTYPES}
+TABLE_CHOICES = ({name: (dtype, False) for name, dtype in TABLE_DTYPE_CHOICES.items()}
+                 | ({"split": (np.dtype(np.float32), True)}
+                    if "bfloat16" in TABLE_DTYPE_CHOICES else {}))
 DEFAULT_WEIGHT_DECAY = 4e-4
 
 
@@ -67,7 +71,7 @@ def run_train(args):
                          f"({twins})")
     if args.compare_torch and args.resume:
         raise ValueError("--compare-torch compares whole runs; it cannot be combined with --resume")
-    if args.stochastic_rounding and TABLE_DTYPE_CHOICES[args.dtype].itemsize != 2:
+    if args.stochastic_rounding and TABLE_CHOICES[args.dtype][0].itemsize != 2:
         raise ValueError("--stochastic-rounding rounds the updates of 16-bit tables; use it "
                          "with --dtype bfloat16 or float16")
     if args.save:
@@ -98,7 +102,8 @@ def run_train(args):
     bags = training.UserBags(train, args.seed) if args.model == "bag" else None
     model = training.RatingModel(data.num_users, data.num_items, args.dim, args.seed,
                                  global_mean, kind=args.model, bags=bags, y_range=args.y_range,
-                                 dtype=TABLE_DTYPE_CHOICES[args.dtype])
+                                 dtype=TABLE_CHOICES[args.dtype][0],
+                                 split=TABLE_CHOICES[args.dtype][1])
     optimizer = training.make_optimizer(args.optimizer, model.modules, args.lr,
                                         args.weight_decay, args.stochastic_rounding, args.seed)
     initial_weights = [module.weight.astype(np.float32) for module in model.modules]
@@ -152,7 +157,7 @@ def check_model_fits(args, num_users, num_items, extra=0):
     """Refuse, before allocating, a model (and synthetic data) that memory cannot hold."""
     training.check_fits_in_memory(
         training.bytes_needed(num_users, num_items, args.dim, args.optimizer, args.model,
-                              TABLE_DTYPE_CHOICES[args.dtype]) + extra,
+                              TABLE_CHOICES[args.dtype][0]) + extra,
         f"tables of {args.dim} columns for {num_users:,} users and {num_items:,} items, with "
         f"{args.optimizer}'s state" + (" and the synthetic ratings," if extra else ","))
 
@@ -207,10 +212,11 @@ def add_train_command(commands):
     train.add_argument("--epochs", type=positive_int, default=10,
                        help="passes over the data (default 10)")
     train.add_argument("--dim", type=positive_int, default=32, help="embedding size (default 32)")
-    train.add_argument("--dtype", choices=list(TABLE_DTYPE_CHOICES), default="float32",
-                       help="the tables' dtype: " + ", ".join(TABLE_DTYPE_CHOICES) + " (16-bit "
-                            "tables: half the memory, updated in float32 and rounded; "
-                            "bfloat16 needs ml_dtypes) (default float32)")
+    train.add_argument("--dtype", choices=list(TABLE_CHOICES), default="float32",
+                       help="the tables' dtype: " + ", ".join(TABLE_CHOICES) + " (16-bit "
+                            "tables: half the memory, updated in float32 and rounded; split: "
+                            "float32 tables whose forward reads only their bfloat16 top "
+                            "halves; bfloat16 and split need ml_dtypes) (default float32)")
     train.add_argument("--stochastic-rounding", action="store_true",
                        help="round 16-bit tables' updates stochastically (unbiased) rather "
                             "than to nearest")

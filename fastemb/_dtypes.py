@@ -53,3 +53,11 @@ TABLE_DTYPES = {
     )
 }
 TABLE_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
+
+
+def bfloat16_dtype() -> np.dtype:
+    """NumPy's bfloat16 dtype (from ml_dtypes); ImportError, saying how to get it, without."""
+    if ml_dtypes is None:
+        raise ImportError("bfloat16 tables need ml_dtypes: pip install 'fastemb[bfloat16]' "
+                          "(or pip install ml_dtypes)")
+    return np.dtype(ml_dtypes.bfloat16)

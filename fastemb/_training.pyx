@@ -5,7 +5,7 @@ gradient's accumulation. The rules every kernel follows are in ``fastemb/_core.p
 
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt, sqrtf
-from libc.stdint cimport int64_t, uint16_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -401,13 +401,35 @@ cdef inline void round_row(const float *wide, table_t *row, Py_ssize_t dim,
                       else float16_nearest(wide[j]))
 
 
+cdef inline void join_row(const uint16_t *high, const uint16_t *low, float *wide,
+                          Py_ssize_t dim) noexcept nogil:
+    """wide[:dim] = the float32s whose top 16 bits are high[:dim] and low 16 bits low[:dim]."""
+    cdef Py_ssize_t j
+    cdef uint32_t bits
+    for j in range(dim):
+        bits = (<uint32_t>high[j] << 16) | low[j]
+        memcpy(&wide[j], &bits, sizeof(float))
+
+
+cdef inline void split_row(const float *wide, uint16_t *high, uint16_t *low,
+                           Py_ssize_t dim) noexcept nogil:
+    """high[:dim], low[:dim] = the top and the low 16 bits of wide[:dim] (join_row undone)."""
+    cdef Py_ssize_t j
+    cdef uint32_t bits
+    for j in range(dim):
+        memcpy(&bits, &wide[j], sizeof(float))
+        high[j] = <uint16_t>(bits >> 16)
+        low[j] = <uint16_t>(bits & 0xffff)
+
+
 cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_ssize_t dim,
                     floating *state_a, Py_ssize_t state_a_width, floating *state_b,
                     const int64_t *rows, Py_ssize_t num_groups, const floating *grad,
                     const PlanView *view, floating *buffers, Py_ssize_t buffer_stride,
                     floating lr, floating one_minus_beta1, floating one_minus_beta2,
                     floating eps, bint maximize, floating decay, bint stochastic,
-                    uint64_t rounding_key, int num_threads) noexcept nogil:
+                    uint64_t rounding_key, uint16_t *low_halves,
+                    int num_threads) noexcept nogil:
     """sparse_step's loop over the unique rows, on checked arguments. A float32 or float64
     table (of the state's dtype) is updated in place; a 16-bit one (float32 state) through a
     float32 copy of each row, rounded back (see round_row). Each thread owns two rows of
@@ -445,7 +467,11 @@ cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_
         buffer = buffers + threadid() * 2 * buffer_stride
         if half:
             w = buffer + buffer_stride
-            widen_row(weight + row * dim, <float *>w, dim)
+            if low_halves != NULL:
+                join_row(<const uint16_t *>(weight + row * dim), low_halves + row * dim,
+                         <float *>w, dim)
+            else:
+                widen_row(weight + row * dim, <float *>w, dim)
         else:
             w = <floating *>(weight + row * dim)
         # a row looked up once (most rows of a uniform batch) reads its grad row in place
@@ -462,7 +488,9 @@ cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_
         update_row(method, w, state_a + row * state_a_width if state_a_width else NULL,
                    state_b + row * dim if method == STEP_ADAM else NULL, g, dim, lr,
                    one_minus_beta1, one_minus_beta2, eps)
-        if half:
+        if half and low_halves != NULL:
+            split_row(<float *>w, <uint16_t *>(weight + row * dim), low_halves + row * dim, dim)
+        elif half:
             round_row(<float *>w, weight + row * dim, dim, stochastic,
                       mix64(rounding_key ^ <uint64_t>row) * <uint64_t>dim)
 
@@ -506,9 +534,10 @@ cdef int run_step(str kernel, StepMethod method, table_t *weight, Py_ssize_t num
                   const int64_t[::1] rows, plan, const floating[:, ::1] grad, double lr,
                   double one_minus_beta1, double one_minus_beta2, double eps, bint maximize,
                   double weight_decay, int num_threads, bint stochastic_rounding,
-                  uint64_t rounding_key) except -1:
+                  uint64_t rounding_key, uint16_t *low_halves) except -1:
     """Check a step's arguments (check_step), then run step_rows without the GIL. ``weight``
-    is the table's first element (NULL when it has none)."""
+    is the table's first element (NULL when it has none); ``low_halves`` those of a split
+    table (NULL for any other)."""
     cdef PlanView view
     cdef Py_ssize_t num_groups = rows.shape[0]
     cdef Py_ssize_t state_a_width = check_step(kernel, method, num_rows, dim, state_a, state_b,
@@ -528,7 +557,7 @@ cdef int run_step(str kernel, StepMethod method, table_t *weight, Py_ssize_t num
                   &rows[0], num_groups, &grad[0, 0], &view, &buffers[0, 0], stride,
                   <floating>lr, <floating>one_minus_beta1, <floating>one_minus_beta2,
                   <floating>eps, maximize, <floating>weight_decay, stochastic_rounding,
-                  rounding_key, num_threads)
+                  rounding_key, low_halves, num_threads)
     return 0
 
 
@@ -546,7 +575,7 @@ def sparse_step(StepMethod method, floating[:, ::1] weight not None, floating[:,
     run_step("sparse_step", method, &weight[0, 0] if weight.shape[0] and weight.shape[1]
              else NULL, weight.shape[0], weight.shape[1], state_a, state_b, rows, plan, grad,
              lr, one_minus_beta1, one_minus_beta2, eps, maximize, weight_decay, num_threads,
-             False, 0)
+             False, 0, NULL)
 
 
 def sparse_step_half(StepMethod method, uint16_t[:, ::1] weight not None,
@@ -554,22 +583,34 @@ def sparse_step_half(StepMethod method, uint16_t[:, ::1] weight not None,
                      const int64_t[::1] rows not None, plan, double lr, double one_minus_beta1,
                      double one_minus_beta2, double eps, bint maximize, double weight_decay,
                      int num_threads, HalfFormat half_format, bint stochastic_rounding,
-                     uint64_t rounding_key):
+                     uint64_t rounding_key, uint16_t[:, ::1] low_halves=None):
     """sparse_step on a 16-bit table (the bits of a ``half_format`` table: BFLOAT16 or FLOAT16)
     with float32 state and gradient: each updated row is computed in float32, then rounded to
     the table's format, to nearest (ties to even) or, with ``stochastic_rounding``, up or down
     with the probabilities that make the expected result the float32 one, drawn from
-    ``rounding_key``, the row and the column (the same for any thread count)."""
+    ``rounding_key``, the row and the column (the same for any thread count).
+
+    With ``low_halves`` (a BFLOAT16 table's shape) the two are a split float32 table: each
+    weight is the float32 whose top 16 bits are in ``weight`` and low 16 bits in
+    ``low_halves``; the update is the float32 update of that weight, stored back exactly into
+    the two halves (no rounding)."""
     check_enum(half_format, FLOAT16, "half format")
     cdef const float[:, ::1] grad = plan.grad
     cdef uint16_t *table = (&weight[0, 0] if weight.shape[0] and weight.shape[1] else NULL)
+    cdef uint16_t *low = NULL
+    if low_halves is not None:
+        if (half_format != BFLOAT16 or low_halves.shape[0] != weight.shape[0]
+                or low_halves.shape[1] != weight.shape[1]):
+            raise ValueError("sparse_step_half: low_halves must have the shape of a bfloat16 "
+                             "table")
+        low = &low_halves[0, 0] if table != NULL else NULL
     if half_format == BFLOAT16:
         run_step("sparse_step_half", method, <bfloat16_t *>table, weight.shape[0],
                  weight.shape[1], state_a, state_b, rows, plan, grad, lr, one_minus_beta1,
                  one_minus_beta2, eps, maximize, weight_decay, num_threads, stochastic_rounding,
-                 rounding_key)
+                 rounding_key, low)
     else:
         run_step("sparse_step_half", method, <float16_t *>table, weight.shape[0],
                  weight.shape[1], state_a, state_b, rows, plan, grad, lr, one_minus_beta1,
                  one_minus_beta2, eps, maximize, weight_decay, num_threads, stochastic_rounding,
-                 rounding_key)
+                 rounding_key, NULL)

@@ -164,5 +164,8 @@ def load(path: str | os.PathLike, modules, optimizer=None) -> None:
             raise ValueError(f"{path} has damaged optimizer state ({error!r})") from None
         optimizer.load_state_dict(state_dict)
     for module, table in zip(module_list, tables):
-        np.copyto(module.weight, table)
+        if getattr(module, "split", False):  # (its weight is a new array: set both halves)
+            module.weight = table
+        else:
+            np.copyto(module.weight, table)
     return modules

@@ -43,6 +43,14 @@ def __dir__():
     return sorted(__all__)
 
 
+def table_of(module):
+    """(the array a module's lookups read and its optimizer updates, the low halves of a split
+    table or None): a split table (see ``fastemb.modules``) is stepped through its two halves,
+    not through ``module.weight``, which is a new float32 array on every read."""
+    low_halves = getattr(module, "_low_halves", None)
+    return (module.weight if low_halves is None else module._table), low_halves
+
+
 def state_dtype(table_dtype):
     """The dtype of the optimizer state (and gradient) of a table of ``table_dtype``."""
     return TABLE_DTYPES[table_dtype].compute_dtype
@@ -75,7 +83,7 @@ class _SparseOptimizer:
         for module in modules:
             if not hasattr(module, "weight") or not hasattr(module, "grad"):
                 raise TypeError(f"expected fastemb modules, got {type(module).__name__}")
-            check_writable_table(module.weight, purpose="the optimizer")
+            check_writable_table(table_of(module)[0], purpose="the optimizer")
         self.modules = list(modules)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
@@ -90,8 +98,8 @@ class _SparseOptimizer:
     def _new_array(self, module, name, fill_value=0):
         """A state array of ``fill_value``, cache-line aligned (pages are only touched when a
         row is), in the dtype the table computes in (float32 for a 16-bit table)."""
-        return aligned_full(self.state_shape(module.weight.shape), fill_value,
-                            state_dtype(module.weight.dtype))
+        table = table_of(module)[0]
+        return aligned_full(self.state_shape(table.shape), fill_value, state_dtype(table.dtype))
 
     @classmethod
     def state_shape(cls, table_shape):
@@ -115,7 +123,7 @@ class _SparseOptimizer:
         """
         updates = [module for module in self.modules if module.grad is not None]
         for module in updates:  # check everything before any table or state changes
-            grad, weight = module.grad, module.weight
+            grad, weight = module.grad, table_of(module)[0]
             if not isinstance(grad, SparseGrad):
                 raise TypeError(f"module.grad must be a SparseGrad or None, got "
                                 f"{type(grad).__name__}")
@@ -149,19 +157,20 @@ class _SparseOptimizer:
             arrays = [state[name] for name in self.state_arrays]
             arrays += [None] * (2 - len(arrays))
             plan = grad.plan()
-            arguments = (self.method, module.weight, *arrays, grad.rows, plan, lr,
+            table, low_halves = table_of(module)
+            arguments = (self.method, table, *arrays, grad.rows, plan, lr,
                          one_minus_beta1, one_minus_beta2, eps,
                          self.hyperparameters.get("maximize", False),
                          self.hyperparameters["weight_decay"],
-                         threads_for(plan.order.size * module.weight.shape[1]))
-            table_dtype = TABLE_DTYPES[module.weight.dtype]
+                         threads_for(plan.order.size * table.shape[1]))
+            table_dtype = TABLE_DTYPES[table.dtype]
             if table_dtype.half_format is None:
                 _core.sparse_step(*arguments)
             else:
                 _core.sparse_step_half(
-                    *arguments[:1], table_dtype.kernel_view(module.weight), *arguments[2:],
+                    *arguments[:1], table_dtype.kernel_view(table), *arguments[2:],
                     table_dtype.half_format, self.hyperparameters["stochastic_rounding"],
-                    self._rounding_key(position, state["step"]))
+                    self._rounding_key(position, state["step"]), low_halves)
 
     def _rounding_key(self, position, step):
         """The 64-bit key of a step's stochastic rounding draws for the table at ``position``

@@ -85,20 +85,20 @@ class RatingModel:
     fastemb tables (``mean + dot + biases`` when ``y_range`` is None)."""
 
     def __init__(self, num_users, num_items, dim, seed, global_mean, kind="dot", bags=None,
-                 y_range=None, dtype=np.float32):
+                 y_range=None, dtype=np.float32, split=False):
         if kind not in ("dot", "bag"):
             raise ValueError(f"kind must be 'dot' or 'bag', got {kind!r}")
         rng_seeds = np.random.SeedSequence(seed).spawn(4)
+        table = dict(dtype=dtype, split=split)
         if kind == "dot":
-            self.users = Embedding(num_users, dim, seed=rng_seeds[0], dtype=dtype)
+            self.users = Embedding(num_users, dim, seed=rng_seeds[0], **table)
         else:
-            self.users = EmbeddingBag(num_items, dim, mode="mean", seed=rng_seeds[0],
-                                      dtype=dtype)
-        self.items = Embedding(num_items, dim, seed=rng_seeds[1], dtype=dtype)
-        self.user_bias = Embedding(num_users, 1, seed=rng_seeds[2], dtype=dtype)
-        self.item_bias = Embedding(num_items, 1, seed=rng_seeds[3], dtype=dtype)
+            self.users = EmbeddingBag(num_items, dim, mode="mean", seed=rng_seeds[0], **table)
+        self.items = Embedding(num_items, dim, seed=rng_seeds[1], **table)
+        self.user_bias = Embedding(num_users, 1, seed=rng_seeds[2], **table)
+        self.item_bias = Embedding(num_items, 1, seed=rng_seeds[3], **table)
         for module in self.modules:
-            module.weight *= INIT_SCALE
+            module.weight *= INIT_SCALE  # (a split table's: read, scaled, both halves set)
         self.kind, self.bags, self.global_mean = kind, bags, np.float32(global_mean)
         self.y_range, self.offset = y_range, score_offset(global_mean, y_range)
 

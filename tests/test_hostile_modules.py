@@ -93,9 +93,14 @@ def draw_module(data, rng, scratch):
         num_embeddings = None if count_oracle(size) else int(size)
         seed = data.draw(st.sampled_from([None, 0, 5]))
         embeddings = None
+        # a split float32 table: float32 only, no max_norm
+        split = data.draw(st.sampled_from([False, False, True]), label="split")
+        if split and (dtype_oracle(dtype) or np.dtype(dtype) != np.float32
+                      or max_norm is not None):
+            errors.add(ValueError)
 
         def make():
-            return cls(size, dim, dtype=dtype, seed=seed, **options)
+            return cls(size, dim, dtype=dtype, seed=seed, split=split, **options)
     errors |= padding_oracle(padding_idx, num_embeddings)
     if max_norm is not None and not is_real(max_norm):
         errors.add(TypeError)
@@ -172,9 +177,11 @@ def test_module_fuzz(scratch, data, seed):
                              include_last_offset=module.include_last_offset,
                              padding_idx=padding)
     before = np.array(weight, copy=True)
+    # what the lookups read: the weight, or a split table's bfloat16 top halves
+    looked_up = np.array(module._table, copy=True)
 
     def check_forward(out):
-        table = before
+        table = looked_up
         if module.max_norm is not None:
             table = renorm_as_fastemb(before, values, module.max_norm, module.norm_type)
             assert_same_bits(weight, table)
@@ -194,7 +201,7 @@ def test_module_fuzz(scratch, data, seed):
                  [weight], None)
         assert module.grad is None
         return
-    table_now = np.array(weight, copy=True).astype(computed_in(weight.dtype))
+    table_now = np.array(module._table, copy=True).astype(computed_in(module._table.dtype))
     grad = draw_grad(data, rng, out.shape, out.dtype, "grad" in hostile)
     errors = grad_oracle(grad, out.shape, out.dtype)
     if not bag and out.dtype in HALF_FLOATS and np.asarray(grad).dtype == np.float32:

@@ -1,5 +1,6 @@
-"""Training float16 and bfloat16 tables: modules that hold them, optimizer steps that round
-their results, and checkpoints that keep their dtype.
+"""Training float16 and bfloat16 tables, and split float32 tables: modules that hold them,
+optimizer steps that round their results (or, for a split table, store them exactly), and
+checkpoints that keep them.
 
 The contract: a step on a 16-bit table is the float32 step (float32 state, float32 gradient)
 on the table's exact float32 values, its result rounded to the table's dtype: to nearest (ties
@@ -259,3 +260,93 @@ def test_optimizer_rejects_a_bad_seed_and_a_gradient_not_float32(half):
     with pytest.raises(ValueError, match="does not match"):
         optimizer.step()
     assert_same_bits(module.weight, before)
+
+
+# --------------------------------------------------------------------------------------------
+# Split float32 tables (split=True): bfloat16 top halves for the forward, low halves beside
+# --------------------------------------------------------------------------------------------
+
+def truncated(weight):
+    """The float32 weights with their low 16 bits cleared: what a split table's forward reads."""
+    return (weight.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+@pytest.mark.parametrize("setting", [0, 1])
+def test_split_step_is_the_float32_step_of_the_weights_exactly(name, setting, rng):
+    """Given the same gradient, a split table's step gives the float32 step's weights and state
+    bit for bit (the two halves hold the float32 result exactly), step after step."""
+    info, hyperparameters = OPTIMIZERS[name], SETTINGS[name][setting]
+    split = fastemb.EmbeddingBag(60, 10, mode="sum", seed=4, split=True)
+    twin = fastemb.EmbeddingBag.from_pretrained(split.weight, freeze=False, mode="sum")
+    optimizer, twin_optimizer = (info.cls(split, **hyperparameters),
+                                 info.cls(twin, **hyperparameters))
+    for _ in range(5):
+        out = split(rng.integers(0, 60, 25), np.array([0, 6, 6, 15]))
+        twin.grad = split.backward(rng.standard_normal(out.shape).astype(np.float32))
+        optimizer.step()
+        twin_optimizer.step()
+        optimizer.zero_grad()
+        twin_optimizer.zero_grad()
+        assert_same_bits(split.weight, twin.weight)
+        for state_name in info.cls.state_arrays:
+            assert_same_bits(optimizer.state[split][state_name],
+                             twin_optimizer.state[twin][state_name])
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_split_forward_and_backward_read_the_truncated_weights(mode, rng):
+    """The forward is the float32 forward on the weights truncated to bfloat16 (its top
+    halves), and so is the backward; ``.weight`` is the float32 table that training updates."""
+    module = fastemb.EmbeddingBag(40, 7, mode=mode, seed=2, split=True)
+    weight = module.weight
+    assert weight.dtype == np.float32 and module.split
+    assert not np.array_equal(weight, truncated(weight))  # (the low halves matter)
+    plain = fastemb.EmbeddingBag.from_pretrained(truncated(weight), freeze=False, mode=mode)
+    indices, offsets = rng.integers(0, 40, 30), np.array([0, 3, 3, 17])
+    assert_same_bits(module(indices, offsets), plain(indices, offsets))
+    grad_output = rng.standard_normal((4, 7)).astype(np.float32)
+    split_grad, plain_grad = module.backward(grad_output), plain.backward(grad_output)
+    assert_same_bits(split_grad.rows, plain_grad.rows)
+    assert_same_bits(split_grad.values, plain_grad.values)
+    table = fastemb.Embedding(30, 5, seed=1, split=True, padding_idx=3)
+    assert not table.weight[3].any()
+    assert_same_bits(table(np.array([[3, 7]])).astype(np.float32),
+                     truncated(table.weight)[[[3, 7]]])
+
+
+def test_split_weight_reads_and_assigns_both_halves(rng):
+    module = fastemb.Embedding(20, 6, seed=0, split=True)
+    assert_same_bits(module.weight, np.random.default_rng(0).standard_normal(
+        (20, 6), dtype=np.float32))
+    values = rng.standard_normal((20, 6)).astype(np.float32)
+    module.weight = values
+    assert_same_bits(module.weight, values)
+    before = module.weight
+    for bad in (values.astype(np.float64), values[:5], values.astype(ml_dtypes.bfloat16)):
+        with pytest.raises(ValueError, match="split table"):
+            module.weight = bad
+    assert_same_bits(module.weight, before)
+    assert repr(module) == "Embedding(20, 6, split=True)"
+    for options in (dict(dtype=np.float64), dict(dtype=ml_dtypes.bfloat16),
+                    dict(max_norm=1.0)):
+        with pytest.raises(ValueError, match="split"):
+            fastemb.EmbeddingBag(5, 2, split=True, **options)
+
+
+def test_checkpoint_of_a_split_table_restores_the_float32_weights(tmp_path, rng):
+    module = fastemb.EmbeddingBag(30, 5, mode="sum", seed=2, split=True)
+    optimizer = fastemb.optim.LazyAdam(module, lr=0.01)
+    train_steps(module, optimizer, rng, 3)
+    path = os.fspath(tmp_path / "split.npz")
+    fastemb.save(path, module, optimizer)
+    restored = fastemb.EmbeddingBag(30, 5, mode="sum", seed=5, split=True)
+    restored_optimizer = fastemb.optim.LazyAdam(restored, lr=0.01)
+    fastemb.load(path, restored, restored_optimizer)
+    assert_same_bits(restored.weight, module.weight)
+    plain = fastemb.EmbeddingBag(30, 5, mode="sum")  # (the same float32 weights)
+    fastemb.load(path, plain)
+    assert_same_bits(plain.weight, module.weight)
+    train_steps(module, optimizer, np.random.default_rng(1), 2)
+    train_steps(restored, restored_optimizer, np.random.default_rng(1), 2)
+    assert_same_bits(restored.weight, module.weight)

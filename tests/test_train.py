@@ -21,7 +21,7 @@ from reference import assert_same_bits
 import fastemb
 from fastemb import data as ratings_data
 from fastemb import train as training
-from fastemb.__main__ import DEFAULT_LR, TABLE_DTYPE_CHOICES, build_parser, main
+from fastemb.__main__ import DEFAULT_LR, TABLE_CHOICES, build_parser, main
 
 TINY = ["train", "--users", "500", "--items", "300", "--ratings", "20000", "--dim", "8",
         "--quiet", "--threads", "1"]
@@ -76,7 +76,8 @@ def build_model(data, kind, dim, seed=0, holdout=0.1, y_range=None, dtype="float
     bags = training.UserBags(train, seed) if kind == "bag" else None
     model = training.RatingModel(data.num_users, data.num_items, dim, seed,
                                  float(train.ratings.mean()), kind=kind, bags=bags,
-                                 y_range=y_range, dtype=TABLE_DTYPE_CHOICES[dtype])
+                                 y_range=y_range, dtype=TABLE_CHOICES[dtype][0],
+                                 split=TABLE_CHOICES[dtype][1])
     return model, train, test
 
 
@@ -502,12 +503,13 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(capsys, tmp_path, mo
 
 @pytest.mark.parametrize("dtype, rounding", [
     ("float16", []), ("float16", ["--stochastic-rounding"]),
-    pytest.param("bfloat16", ["--stochastic-rounding"], marks=pytest.mark.skipif(
-        importlib.util.find_spec("ml_dtypes") is None, reason="bfloat16 needs ml_dtypes"))])
-def test_16_bit_tables_train_save_and_resume_exactly(capsys, tmp_path, dtype, rounding):
-    """--dtype trains tables of that dtype (held-out RMSE below the mean predictor's), the
-    checkpoint keeps them, and a resumed run equals an uninterrupted one bit for bit (the
-    stochastic rounding's draws included)."""
+    *(pytest.param(dtype, rounding, marks=pytest.mark.skipif(
+        importlib.util.find_spec("ml_dtypes") is None, reason=f"{dtype} needs ml_dtypes"))
+      for dtype, rounding in [("bfloat16", ["--stochastic-rounding"]), ("split", [])])])
+def test_reduced_precision_tables_train_save_and_resume_exactly(capsys, tmp_path, dtype, rounding):
+    """--dtype trains tables of that dtype (or split float32 ones; held-out RMSE below the
+    mean predictor's), the checkpoint keeps them, and a resumed run equals an uninterrupted one
+    bit for bit (the stochastic rounding's draws included)."""
     base = TINY + ["--model", "bag", "--dtype", dtype, *rounding]
     a, b, c = (tmp_path / f"{name}.npz" for name in "abc")
     out = run_cli(base + ["--epochs", "2", "--save", a], capsys)
@@ -522,7 +524,7 @@ def test_16_bit_tables_train_save_and_resume_exactly(capsys, tmp_path, dtype, ro
     fastemb.load(b, resumed.modules)
     fastemb.load(c, straight.modules)
     for resumed_module, straight_module in zip(resumed.modules, straight.modules):
-        assert resumed_module.weight.dtype.name == dtype
+        assert resumed_module.weight.dtype == TABLE_CHOICES[dtype][0]
         assert_same_bits(resumed_module.weight, straight_module.weight)
     message = cli_error(TINY + ["--model", "bag", "--epochs", "3", "--resume", a], capsys)
     assert "dtype" in message
