@@ -92,9 +92,8 @@ cdef inline void prefetch_quantized_row(const QuantizedRows *rows, int64_t row) 
     """Prefetch the bytes of table row ``row`` (row 0 for an index that names no row)."""
     if <Py_ssize_t>row >= rows.num_rows or row < 0:
         row = 0
-    # prefetch_row counts in floats: the row's bytes rounded up to whole floats (a prefetch
-    # past the row's end is only a hint, never a fault)
-    prefetch_row(<const float *>(rows.data + row * rows.row_bytes), (rows.row_bytes + 3) // 4)
+    # every line the row's bytes touch (a row that straddles a line boundary takes both)
+    prefetch_row(rows.data + row * rows.row_bytes, rows.row_bytes)
 
 
 # --------------------------------------------------------------------------------------------
