@@ -215,22 +215,25 @@ static inline void fastemb_block_codes_4bit(const uint8_t *row, Py_ssize_t colum
 
 #define FASTEMB_QUANTIZED_VECTORS (FASTEMB_QUANTIZED_GROUPS * FASTEMB_VECTORS_PER_GROUP)
 
+/* A float in every lane. */
+static inline fastemb_lanes_float fastemb_lanes_broadcast(float value) {
+#if defined(__AVX512F__)
+    return (fastemb_lanes_float)_mm512_set1_ps(value);
+#elif defined(__AVX2__)
+    return (fastemb_lanes_float)_mm256_set1_ps(value);
+#else
+    return (fastemb_lanes_float)_mm_set1_ps(value);
+#endif
+}
+
 /* A row's scale and bias, in every lane. */
 static inline void fastemb_scale_bias_lanes_8bit(const uint8_t *row, Py_ssize_t code_bytes,
                                                  fastemb_lanes_float *scale,
                                                  fastemb_lanes_float *bias) {
     float s, b;
     fastemb_scale_bias_8bit(row, code_bytes, &s, &b);
-#if defined(__AVX512F__)
-    *scale = (fastemb_lanes_float)_mm512_set1_ps(s);
-    *bias = (fastemb_lanes_float)_mm512_set1_ps(b);
-#elif defined(__AVX2__)
-    *scale = (fastemb_lanes_float)_mm256_set1_ps(s);
-    *bias = (fastemb_lanes_float)_mm256_set1_ps(b);
-#else
-    *scale = (fastemb_lanes_float)_mm_set1_ps(s);
-    *bias = (fastemb_lanes_float)_mm_set1_ps(b);
-#endif
+    *scale = fastemb_lanes_broadcast(s);
+    *bias = fastemb_lanes_broadcast(b);
 }
 
 static inline void fastemb_scale_bias_lanes_4bit(const uint8_t *row, Py_ssize_t code_bytes,
@@ -247,17 +250,21 @@ static inline void fastemb_scale_bias_lanes_4bit(const uint8_t *row, Py_ssize_t 
 #else
     float s, b;
     fastemb_scale_bias_4bit(row, code_bytes, &s, &b);
-#if defined(__AVX512F__)
-    *scale = (fastemb_lanes_float)_mm512_set1_ps(s);
-    *bias = (fastemb_lanes_float)_mm512_set1_ps(b);
-#elif defined(__AVX2__)
-    *scale = (fastemb_lanes_float)_mm256_set1_ps(s);
-    *bias = (fastemb_lanes_float)_mm256_set1_ps(b);
-#else
-    *scale = (fastemb_lanes_float)_mm_set1_ps(s);
-    *bias = (fastemb_lanes_float)_mm_set1_ps(b);
+    *scale = fastemb_lanes_broadcast(s);
+    *bias = fastemb_lanes_broadcast(b);
 #endif
-#endif
+}
+
+/* values[v] = scale * code + bias for the block's codes in `groups`, in column order. */
+static inline void fastemb_group_values(const __m128i groups[FASTEMB_QUANTIZED_GROUPS],
+                                        fastemb_lanes_float scale, fastemb_lanes_float bias,
+                                        fastemb_lanes_float values[FASTEMB_QUANTIZED_VECTORS]) {
+    _Pragma("GCC unroll 4")
+    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g++)
+        fastemb_widen_group(groups[g], values + g * FASTEMB_VECTORS_PER_GROUP);
+    _Pragma("GCC unroll 16")
+    for (int v = 0; v < FASTEMB_QUANTIZED_VECTORS; v++)
+        values[v] = scale * values[v] + bias;
 }
 
 /* The values scale * q[j] + bias (rounded after the multiply, then after the add) of a block
@@ -277,12 +284,7 @@ static inline void fastemb_block_values_8bit(const uint8_t *row, Py_ssize_t code
     fastemb_lanes_float scale, bias;
     fastemb_scale_bias_lanes_8bit(row, code_bytes, &scale, &bias);
     fastemb_block_codes_8bit(row, column, groups);
-    _Pragma("GCC unroll 4")
-    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g++)
-        fastemb_widen_group(groups[g], values + g * FASTEMB_VECTORS_PER_GROUP);
-    _Pragma("GCC unroll 16")
-    for (int v = 0; v < FASTEMB_QUANTIZED_VECTORS; v++)
-        values[v] = scale * values[v] + bias;
+    fastemb_group_values(groups, scale, bias, values);
 }
 
 static inline void fastemb_block_values_4bit(const uint8_t *row, Py_ssize_t code_bytes,
@@ -305,12 +307,7 @@ static inline void fastemb_block_values_4bit(const uint8_t *row, Py_ssize_t code
 #else
     __m128i groups[FASTEMB_QUANTIZED_GROUPS];
     fastemb_block_codes_4bit(row, column, groups);
-    _Pragma("GCC unroll 4")
-    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g++)
-        fastemb_widen_group(groups[g], values + g * FASTEMB_VECTORS_PER_GROUP);
-    _Pragma("GCC unroll 16")
-    for (int v = 0; v < FASTEMB_QUANTIZED_VECTORS; v++)
-        values[v] = scale * values[v] + bias;
+    fastemb_group_values(groups, scale, bias, values);
 #endif
 }
 
