@@ -86,16 +86,76 @@ static inline void fastemb_dequantize_row(int bits, int take_max, float *restric
         fastemb_store_row_4bit(acc, row, scale, bias, 1, dim);
 }
 
-/* ---- Sums of rows with the running sums in vector registers ----
-   fastemb_sum_rows_<bits>bit[_weighted](out, rows, code_bytes, weights, count, dim):
-   out[j] = out[j] + value_e[j] for e = 0, 1, ..., count - 1 in that order (times weights[e]
-   when weighted), value_e[j] = scale_e * q_e[j] + bias_e from the codes, scale and bias of
-   rows[e]. The rows are read here only (the caller collects their addresses), so their codes,
-   scale and bias come in together.
-   Columns go in blocks of FASTEMB_QUANTIZED_BLOCK whose sums stay in registers over all the
-   rows (gcc's vector extension: the block's loops unroll into one variable per vector), then
-   the columns left take the plain loops above. Each column sees the same operations in the
-   same order either way, so the bits do not depend on the build's vector width. */
+/* ---- Bag sums in one pass, with the running sums in vector registers ----
+   fastemb_bag_sum_<bits>bit[_weighted]_<index type>(out, table, num_rows, row_bytes,
+   code_bytes, dim, indices, start, end, n, weights, padding_idx, distance):
+   out[j] = the sum over the kept entries k of [start, end) (rows of the table, not padding_idx)
+   of value_k[j] (times weights[k] when weighted), added left to right from +0, with
+   value_k[j] = scale_k * q_k[j] + bias_k from the codes, scale and bias of row indices[k].
+   Entry by entry the row is read where its index is, in the same loop that prefetches every
+   line of the row `distance` positions ahead (0: none; past n, the current one's), so the
+   loads never wait on a collect pass and rows that straddle cache lines come in whole.
+   Columns go in blocks of FASTEMB_QUANTIZED_BLOCK whose sums stay in registers over the whole
+   bag (gcc's vector extension: the block's loops unroll into one variable per vector); the
+   first block's pass prefetches, the later ones find the bag's rows in the cache. The columns
+   left take the plain loops above. Each column sees the same operations in the same order
+   either way, so the bits do not depend on the build's vector width. */
+
+/* Prefetch every cache line of the row that indices[k + distance] names (the row of
+   indices[k] past the end, row 0 for an index that names no row), without branches on the
+   data, as FBGEMM does: the row's bytes 0, 64, ... and its last byte, which cover every line
+   it touches wherever it starts, in a loop whose count depends on row_bytes only (a loop up
+   to the row's last line, 1 or 2 lines for a 36-byte 4-bit row, mispredicted its exit at
+   every other row and cost the 4-bit bag sum a third of its time). */
+#define FASTEMB_PREFETCH_QUANTIZED_ROW(table, num_rows, row_bytes, indices, n, k, distance) \
+    do { \
+        Py_ssize_t ahead_ = (k) + (distance); \
+        int64_t ahead_row_; \
+        if (ahead_ >= (n)) \
+            ahead_ = (k); \
+        ahead_row_ = (int64_t)(indices)[ahead_]; \
+        if ((uint64_t)ahead_row_ >= (uint64_t)(num_rows)) \
+            ahead_row_ = 0; \
+        { \
+            const uint8_t *row_start_ = (table) + ahead_row_ * (row_bytes); \
+            for (Py_ssize_t offset_ = 0; offset_ < (row_bytes); offset_ += 64) \
+                FASTEMB_PREFETCH(row_start_ + offset_); \
+            FASTEMB_PREFETCH(row_start_ + (row_bytes) - 1); \
+        } \
+    } while (0)
+
+static inline int fastemb_quantized_is_kept(int64_t row, int64_t padding_idx,
+                                            Py_ssize_t num_rows) {
+    return (uint64_t)row < (uint64_t)num_rows && row != padding_idx;
+}
+
+#define FASTEMB_QUANTIZED_BAG_SUM_ARGS(index_type) \
+    float *restrict out, const uint8_t *table, Py_ssize_t num_rows, Py_ssize_t row_bytes, \
+    Py_ssize_t code_bytes, Py_ssize_t dim, const index_type *indices, Py_ssize_t start, \
+    Py_ssize_t end, Py_ssize_t n, const float *weights, int64_t padding_idx, \
+    Py_ssize_t distance
+
+/* The columns from `column` on, row by row with the plain loops (prefetching when column is
+   0: then they are all the columns). */
+#define FASTEMB_QUANTIZED_BAG_SUM_REST(bits, row_loop) \
+    if (column < dim) { \
+        memset(out + column, 0, (size_t)(dim - column) * sizeof(float)); \
+        for (k = start; k < end; k++) { \
+            float scale, bias; \
+            const int64_t row = (int64_t)indices[k]; \
+            const uint8_t *source; \
+            if (column == 0 && distance) \
+                FASTEMB_PREFETCH_QUANTIZED_ROW(table, num_rows, row_bytes, indices, n, k, \
+                                               distance); \
+            if (!fastemb_quantized_is_kept(row, padding_idx, num_rows)) \
+                continue; \
+            source = table + row * row_bytes; \
+            fastemb_scale_bias_##bits##bit(source, code_bytes, &scale, &bias); \
+            row_loop(out + column, source + column * bits / 8, scale, bias, \
+                     weights ? weights[k] : 1, dim - column); \
+        } \
+    }
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__SSE2__)
 #include <immintrin.h>
 #if defined(__AVX512F__)
@@ -153,76 +213,198 @@ static inline void fastemb_block_codes_4bit(const uint8_t *row, Py_ssize_t colum
     }
 }
 
-#define FASTEMB_QUANTIZED_SUM_ROWS(name, bits, COMBINE, row_loop) \
-    static inline void name(float *restrict out, const uint8_t *const *rows, \
-                            Py_ssize_t code_bytes, const float *weights, Py_ssize_t count, \
-                            Py_ssize_t dim) { \
-        enum { VECTORS = FASTEMB_QUANTIZED_GROUPS * FASTEMB_VECTORS_PER_GROUP }; \
-        Py_ssize_t column = 0, e; \
+#define FASTEMB_QUANTIZED_VECTORS (FASTEMB_QUANTIZED_GROUPS * FASTEMB_VECTORS_PER_GROUP)
+
+/* A float in every lane. */
+static inline fastemb_lanes_float fastemb_lanes_broadcast(float value) {
+#if defined(__AVX512F__)
+    return (fastemb_lanes_float)_mm512_set1_ps(value);
+#elif defined(__AVX2__)
+    return (fastemb_lanes_float)_mm256_set1_ps(value);
+#else
+    return (fastemb_lanes_float)_mm_set1_ps(value);
+#endif
+}
+
+/* A row's scale and bias, in every lane. */
+static inline void fastemb_scale_bias_lanes_8bit(const uint8_t *row, Py_ssize_t code_bytes,
+                                                 fastemb_lanes_float *scale,
+                                                 fastemb_lanes_float *bias) {
+    float s, b;
+    fastemb_scale_bias_8bit(row, code_bytes, &s, &b);
+    *scale = fastemb_lanes_broadcast(s);
+    *bias = fastemb_lanes_broadcast(b);
+}
+
+static inline void fastemb_scale_bias_lanes_4bit(const uint8_t *row, Py_ssize_t code_bytes,
+                                                 fastemb_lanes_float *scale,
+                                                 fastemb_lanes_float *bias) {
+#if defined(__AVX512F__) && defined(__F16C__)
+    /* both halves converted at once (F16C, as fastemb_float16_value in this build), then
+       spread: lane 0 is the scale, lane 1 the bias */
+    uint32_t halves;
+    memcpy(&halves, row + code_bytes, sizeof halves);
+    const __m512 pair = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)halves)));
+    *scale = (fastemb_lanes_float)_mm512_permutexvar_ps(_mm512_set1_epi32(0), pair);
+    *bias = (fastemb_lanes_float)_mm512_permutexvar_ps(_mm512_set1_epi32(1), pair);
+#else
+    float s, b;
+    fastemb_scale_bias_4bit(row, code_bytes, &s, &b);
+    *scale = fastemb_lanes_broadcast(s);
+    *bias = fastemb_lanes_broadcast(b);
+#endif
+}
+
+/* values[v] = scale * code + bias for the block's codes in `groups`, in column order. */
+static inline void fastemb_group_values(const __m128i groups[FASTEMB_QUANTIZED_GROUPS],
+                                        fastemb_lanes_float scale, fastemb_lanes_float bias,
+                                        fastemb_lanes_float values[FASTEMB_QUANTIZED_VECTORS]) {
+    _Pragma("GCC unroll 4")
+    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g++)
+        fastemb_widen_group(groups[g], values + g * FASTEMB_VECTORS_PER_GROUP);
+    _Pragma("GCC unroll 16")
+    for (int v = 0; v < FASTEMB_QUANTIZED_VECTORS; v++)
+        values[v] = scale * values[v] + bias;
+}
+
+/* The values scale * q[j] + bias (rounded after the multiply, then after the add) of a block
+   of a row from column `column`: the block's vectors in the order of its running sums, which
+   fastemb_store_block_<bits>bit puts back in column order. 8 bits, and 4 bits in the narrower
+   builds: column order, each vector from its codes widened to float (the nibbles interleaved
+   back by fastemb_block_codes_4bit). 4 bits with AVX-512: a code has 16 values, so the row's
+   16 possible values are computed once (scale * 0 + bias, ..., scale * 15 + bias: the same
+   multiply and add of the same floats, so the same bits), and each 16 bytes of codes, widened
+   to 16 int32 lanes of pairs, look them up (vpermps reads the low 4 bits of each lane) for
+   the even columns (the low nibbles) and, shifted right by 4, for the odd ones: the sums of
+   even and odd columns are kept apart until the store. */
+static inline void fastemb_block_values_8bit(const uint8_t *row, Py_ssize_t code_bytes,
+                                             Py_ssize_t column,
+                                             fastemb_lanes_float values[FASTEMB_QUANTIZED_VECTORS]) {
+    __m128i groups[FASTEMB_QUANTIZED_GROUPS];
+    fastemb_lanes_float scale, bias;
+    fastemb_scale_bias_lanes_8bit(row, code_bytes, &scale, &bias);
+    fastemb_block_codes_8bit(row, column, groups);
+    fastemb_group_values(groups, scale, bias, values);
+}
+
+static inline void fastemb_block_values_4bit(const uint8_t *row, Py_ssize_t code_bytes,
+                                             Py_ssize_t column,
+                                             fastemb_lanes_float values[FASTEMB_QUANTIZED_VECTORS]) {
+    fastemb_lanes_float scale, bias;
+    fastemb_scale_bias_lanes_4bit(row, code_bytes, &scale, &bias);
+#if defined(__AVX512F__)
+    const fastemb_lanes_float codes = (fastemb_lanes_float)_mm512_set_ps(
+        15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 lookup = (__m512)(scale * codes + bias);
+    _Pragma("GCC unroll 4")
+    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g += 2) {
+        const __m512i pairs = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128((const __m128i *)(row + column / 2 + 8 * g)));
+        values[g] = (fastemb_lanes_float)_mm512_permutexvar_ps(pairs, lookup);
+        values[g + 1] = (fastemb_lanes_float)_mm512_permutexvar_ps(_mm512_srli_epi32(pairs, 4),
+                                                                   lookup);
+    }
+#else
+    __m128i groups[FASTEMB_QUANTIZED_GROUPS];
+    fastemb_block_codes_4bit(row, column, groups);
+    fastemb_group_values(groups, scale, bias, values);
+#endif
+}
+
+/* out[:FASTEMB_QUANTIZED_BLOCK] = a block's running sums, in column order. */
+static inline void fastemb_store_block_8bit(float *out,
+                                            const fastemb_lanes_float acc[FASTEMB_QUANTIZED_VECTORS]) {
+    _Pragma("GCC unroll 16")
+    for (int v = 0; v < FASTEMB_QUANTIZED_VECTORS; v++)
+        memcpy(out + v * FASTEMB_QUANTIZED_LANES, &acc[v], sizeof acc[v]);
+}
+
+static inline void fastemb_store_block_4bit(float *out,
+                                            const fastemb_lanes_float acc[FASTEMB_QUANTIZED_VECTORS]) {
+#if defined(__AVX512F__)
+    /* acc[g] holds columns 32 * (g / 2) + 0, 2, ..., 30 and acc[g + 1] the odd ones */
+    const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                          24, 8);
+    _Pragma("GCC unroll 4")
+    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g += 2) {
+        const __m512 even = (__m512)acc[g], odd = (__m512)acc[g + 1];
+        _mm512_storeu_ps(out + 16 * g, _mm512_permutex2var_ps(even, low, odd));
+        _mm512_storeu_ps(out + 16 * g + 16, _mm512_permutex2var_ps(even, high, odd));
+    }
+#else
+    fastemb_store_block_8bit(out, acc);
+#endif
+}
+
+#define FASTEMB_QUANTIZED_BAG_SUM(name, index_type, bits, COMBINE, row_loop) \
+    static inline void name(FASTEMB_QUANTIZED_BAG_SUM_ARGS(index_type)) { \
+        enum { VECTORS = FASTEMB_QUANTIZED_VECTORS }; \
+        Py_ssize_t column = 0, k; \
         (void)weights; \
         for (; column + FASTEMB_QUANTIZED_BLOCK <= dim; column += FASTEMB_QUANTIZED_BLOCK) { \
             fastemb_lanes_float acc[VECTORS]; \
+            const int prefetching = column == 0 && distance; \
             _Pragma("GCC unroll 16") \
             for (int v = 0; v < VECTORS; v++) \
-                memcpy(&acc[v], out + column + v * FASTEMB_QUANTIZED_LANES, sizeof acc[v]); \
-            for (e = 0; e < count; e++) { \
-                float scale, bias; \
-                __m128i groups[FASTEMB_QUANTIZED_GROUPS]; \
-                fastemb_scale_bias_##bits##bit(rows[e], code_bytes, &scale, &bias); \
-                fastemb_block_codes_##bits##bit(rows[e], column, groups); \
-                _Pragma("GCC unroll 4") \
-                for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g++) { \
-                    fastemb_lanes_float codes[FASTEMB_VECTORS_PER_GROUP]; \
-                    fastemb_widen_group(groups[g], codes); \
-                    _Pragma("GCC unroll 4") \
-                    for (int i = 0; i < FASTEMB_VECTORS_PER_GROUP; i++) { \
-                        const fastemb_lanes_float value = scale * codes[i] + bias; \
-                        COMBINE(acc[g * FASTEMB_VECTORS_PER_GROUP + i], value, weights[e]); \
-                    } \
-                } \
+                acc[v] = (fastemb_lanes_float){0}; \
+            for (k = start; k < end; k++) { \
+                fastemb_lanes_float values[VECTORS]; \
+                const int64_t row = (int64_t)indices[k]; \
+                const uint8_t *source; \
+                if (prefetching) \
+                    FASTEMB_PREFETCH_QUANTIZED_ROW(table, num_rows, row_bytes, indices, n, k, \
+                                                   distance); \
+                if (!fastemb_quantized_is_kept(row, padding_idx, num_rows)) \
+                    continue; \
+                source = table + row * row_bytes; \
+                fastemb_block_values_##bits##bit(source, code_bytes, column, values); \
+                _Pragma("GCC unroll 16") \
+                for (int v = 0; v < VECTORS; v++) \
+                    COMBINE(acc[v], values[v], weights[k]); \
             } \
-            _Pragma("GCC unroll 16") \
-            for (int v = 0; v < VECTORS; v++) \
-                memcpy(out + column + v * FASTEMB_QUANTIZED_LANES, &acc[v], sizeof acc[v]); \
+            fastemb_store_block_##bits##bit(out + column, acc); \
         } \
-        for (e = 0; column < dim && e < count; e++) { \
-            float scale, bias; \
-            fastemb_scale_bias_##bits##bit(rows[e], code_bytes, &scale, &bias); \
-            row_loop(out + column, rows[e] + column * bits / 8, scale, bias, \
-                     weights ? weights[e] : 1, dim - column); \
-        } \
+        FASTEMB_QUANTIZED_BAG_SUM_REST(bits, row_loop) \
     }
 #else  /* no vector extension: the plain loops, row by row */
-#define FASTEMB_QUANTIZED_SUM_ROWS(name, bits, COMBINE, row_loop) \
-    static inline void name(float *restrict out, const uint8_t *const *rows, \
-                            Py_ssize_t code_bytes, const float *weights, Py_ssize_t count, \
-                            Py_ssize_t dim) { \
-        for (Py_ssize_t e = 0; e < count; e++) { \
-            float scale, bias; \
-            fastemb_scale_bias_##bits##bit(rows[e], code_bytes, &scale, &bias); \
-            row_loop(out, rows[e], scale, bias, weights ? weights[e] : 1, dim); \
-        } \
+#define FASTEMB_QUANTIZED_BAG_SUM(name, index_type, bits, COMBINE, row_loop) \
+    static inline void name(FASTEMB_QUANTIZED_BAG_SUM_ARGS(index_type)) { \
+        Py_ssize_t column = 0, k; \
+        FASTEMB_QUANTIZED_BAG_SUM_REST(bits, row_loop) \
     }
 #endif
-FASTEMB_QUANTIZED_SUM_ROWS(fastemb_sum_rows_8bit, 8, FASTEMB_COMBINE_ADD, fastemb_add_row_8bit)
-FASTEMB_QUANTIZED_SUM_ROWS(fastemb_sum_rows_4bit, 4, FASTEMB_COMBINE_ADD, fastemb_add_row_4bit)
-FASTEMB_QUANTIZED_SUM_ROWS(fastemb_sum_rows_8bit_weighted, 8, FASTEMB_COMBINE_ADD_WEIGHTED,
-                           fastemb_add_weighted_row_8bit)
-FASTEMB_QUANTIZED_SUM_ROWS(fastemb_sum_rows_4bit_weighted, 4, FASTEMB_COMBINE_ADD_WEIGHTED,
-                           fastemb_add_weighted_row_4bit)
-
-/* The sum loop of a table of `bits` bits, weighted unless weights is NULL. */
-static inline void fastemb_sum_rows(int bits, float *restrict out, const uint8_t *const *rows,
-                                    Py_ssize_t code_bytes, const float *weights,
-                                    Py_ssize_t count, Py_ssize_t dim) {
-    if (bits == 8 && weights == NULL)
-        fastemb_sum_rows_8bit(out, rows, code_bytes, NULL, count, dim);
-    else if (bits == 8)
-        fastemb_sum_rows_8bit_weighted(out, rows, code_bytes, weights, count, dim);
-    else if (weights == NULL)
-        fastemb_sum_rows_4bit(out, rows, code_bytes, NULL, count, dim);
-    else
-        fastemb_sum_rows_4bit_weighted(out, rows, code_bytes, weights, count, dim);
-}
+/* The bag sums of each table (8 or 4 bits), weighting and index type. */
+#define FASTEMB_QUANTIZED_BAG_SUMS(index_type) \
+    FASTEMB_QUANTIZED_BAG_SUM(fastemb_bag_sum_8bit_##index_type, index_type, 8, \
+                              FASTEMB_COMBINE_ADD, fastemb_add_row_8bit) \
+    FASTEMB_QUANTIZED_BAG_SUM(fastemb_bag_sum_4bit_##index_type, index_type, 4, \
+                              FASTEMB_COMBINE_ADD, fastemb_add_row_4bit) \
+    FASTEMB_QUANTIZED_BAG_SUM(fastemb_bag_sum_8bit_weighted_##index_type, index_type, 8, \
+                              FASTEMB_COMBINE_ADD_WEIGHTED, fastemb_add_weighted_row_8bit) \
+    FASTEMB_QUANTIZED_BAG_SUM(fastemb_bag_sum_4bit_weighted_##index_type, index_type, 4, \
+                              FASTEMB_COMBINE_ADD_WEIGHTED, fastemb_add_weighted_row_4bit) \
+    /* The sum of a table of `bits` bits, weighted unless weights is NULL. */ \
+    static inline void fastemb_quantized_bag_sum_##index_type( \
+            int bits, FASTEMB_QUANTIZED_BAG_SUM_ARGS(index_type)) { \
+        if (bits == 8 && weights == NULL) \
+            fastemb_bag_sum_8bit_##index_type(out, table, num_rows, row_bytes, code_bytes, dim, \
+                                              indices, start, end, n, NULL, padding_idx, \
+                                              distance); \
+        else if (bits == 8) \
+            fastemb_bag_sum_8bit_weighted_##index_type(out, table, num_rows, row_bytes, \
+                                                       code_bytes, dim, indices, start, end, n, \
+                                                       weights, padding_idx, distance); \
+        else if (weights == NULL) \
+            fastemb_bag_sum_4bit_##index_type(out, table, num_rows, row_bytes, code_bytes, dim, \
+                                              indices, start, end, n, NULL, padding_idx, \
+                                              distance); \
+        else \
+            fastemb_bag_sum_4bit_weighted_##index_type(out, table, num_rows, row_bytes, \
+                                                       code_bytes, dim, indices, start, end, n, \
+                                                       weights, padding_idx, distance); \
+    }
+FASTEMB_QUANTIZED_BAG_SUMS(int32_t)
+FASTEMB_QUANTIZED_BAG_SUMS(int64_t)
 
 #endif  /* FASTEMB_QUANTIZED_H */

@@ -18,7 +18,7 @@ bytes long, so most rows start off any alignment).
 from cython.parallel cimport prange
 from libc.float cimport FLT_MAX
 from libc.math cimport isinf, lrintf
-from libc.stdint cimport int64_t, uint8_t, uint16_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
 from libc.string cimport memcpy, memset
 
 from fastemb._common cimport (BAG_MAX, BAG_MEAN, BagMode, bag_extent, check_enum, clamp,
@@ -33,15 +33,22 @@ cdef extern from "_quantized.h":
     # take_max acc[j] = max(acc[j], scale * q[j] + bias) (the new value only if greater)
     void dequantize_row "fastemb_dequantize_row"(int, bint, float *, const uint8_t *,
                                                  Py_ssize_t, Py_ssize_t) noexcept nogil
-    # (bits, out, rows, code_bytes, weights, count, dim): out[j] += (weights[e] *) (scale_e *
-    # q_e[j] + bias_e) for e = 0 .. count - 1, in that order (weights NULL: unweighted)
-    void sum_rows "fastemb_sum_rows"(int, float *, const uint8_t *const *, Py_ssize_t,
-                                     const float *, Py_ssize_t, Py_ssize_t) noexcept nogil
+    # (bits, out, table, num_rows, row_bytes, code_bytes, dim, indices, start, end, n, weights,
+    # padding_idx, distance): out[:dim] = the sum over the kept entries k of [start, end) of
+    # (weights[k] *) (scale * q[j] + bias) of row indices[k], left to right from +0 (weights
+    # NULL: unweighted), prefetching the row `distance` positions ahead (0: none)
+    void bag_sum_int32 "fastemb_quantized_bag_sum_int32_t"(
+        int, float *, const uint8_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+        const int32_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t, const float *, int64_t,
+        Py_ssize_t) noexcept nogil
+    void bag_sum_int64 "fastemb_quantized_bag_sum_int64_t"(
+        int, float *, const uint8_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+        const int64_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t, const float *, int64_t,
+        Py_ssize_t) noexcept nogil
 
 cdef enum:
     BAGS_PER_CHUNK = 64  # bags reduced per prange iteration
     ROWS_PER_CHUNK = 256  # rows quantized per prange iteration
-    ENTRIES_PER_PASS = 32  # a bag sum's kept entries collected before each call of its loops
 
 # As in _lookup: bags prefetch once the table is past half of a core's L2, a gather only past
 # the L3.
@@ -92,9 +99,8 @@ cdef inline void prefetch_quantized_row(const QuantizedRows *rows, int64_t row) 
     """Prefetch the bytes of table row ``row`` (row 0 for an index that names no row)."""
     if <Py_ssize_t>row >= rows.num_rows or row < 0:
         row = 0
-    # prefetch_row counts in floats: the row's bytes rounded up to whole floats (a prefetch
-    # past the row's end is only a hint, never a fault)
-    prefetch_row(<const float *>(rows.data + row * rows.row_bytes), (rows.row_bytes + 3) // 4)
+    # every line the row's bytes touch (a row that straddles a line boundary takes both)
+    prefetch_row(rows.data + row * rows.row_bytes, rows.row_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,29 +246,16 @@ cdef inline void sum_quantized_bag(const QuantizedRows *rows, const index_t *ind
                                    Py_ssize_t start, Py_ssize_t end, Py_ssize_t n,
                                    const float *sample_weights, int64_t padding_idx, float *out,
                                    Py_ssize_t distance) noexcept nogil:
-    """out[:D] = the sum of the kept entries of [start, end) (weighted, with sample_weights).
-    The entries' rows (and weights) are collected ENTRIES_PER_PASS at a time, each entry
-    prefetching the row ``distance`` positions ahead, then summed by the C loops, which keep
-    the running sums in registers over the whole pass."""
-    cdef const uint8_t *sources[ENTRIES_PER_PASS]
-    cdef float weights[ENTRIES_PER_PASS]
-    cdef Py_ssize_t k = start, count
-    cdef int64_t row
-    memset(out, 0, rows.dim * sizeof(float))
-    while k < end:
-        count = 0
-        while k < end and count < ENTRIES_PER_PASS:
-            if distance and k + distance < n:
-                prefetch_quantized_row(rows, indices[k + distance])
-            row = indices[k]
-            if is_kept(row, padding_idx, rows.num_rows):
-                sources[count] = rows.data + row * rows.row_bytes
-                if sample_weights != NULL:
-                    weights[count] = sample_weights[k]
-                count += 1
-            k += 1
-        sum_rows(rows.bits, out, sources, rows.code_bytes,
-                 weights if sample_weights != NULL else NULL, count, rows.dim)
+    """out[:D] = the sum of the kept entries of [start, end) (weighted, with sample_weights), in
+    one pass of the C loops over the entries, which read each row where they meet its index
+    (prefetching the row ``distance`` positions ahead) and keep the running sums in registers
+    over the whole bag."""
+    if index_t is int32_t:
+        bag_sum_int32(rows.bits, out, rows.data, rows.num_rows, rows.row_bytes, rows.code_bytes,
+                      rows.dim, indices, start, end, n, sample_weights, padding_idx, distance)
+    else:
+        bag_sum_int64(rows.bits, out, rows.data, rows.num_rows, rows.row_bytes, rows.code_bytes,
+                      rows.dim, indices, start, end, n, sample_weights, padding_idx, distance)
 
 
 cdef inline void max_quantized_bag(const QuantizedRows *rows, const index_t *indices,

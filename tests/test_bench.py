@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+import fastemb
 from fastemb import bench
 from fastemb.__main__ import main
 
@@ -98,6 +99,51 @@ def test_steps_are_compared_with_the_training_tolerance():
         bench.assert_agrees("bag_weighted_sum", close, expected)
     with pytest.raises(AssertionError):
         bench.assert_agrees("step_sgd", expected + np.float32(1e-2), expected)
+
+
+QUANTIZED_OPERATIONS = [operation for operation, stored in bench.TABLE_FORMATS.items()
+                        if stored.quantized]
+
+
+def test_quantized_bag_sums_are_registered_with_their_bits():
+    assert QUANTIZED_OPERATIONS == ["bag_sum_int8", "bag_sum_int4"]
+    data = bench.make_data(TINY_WORKLOADS[0])
+    for operation, bits in zip(QUANTIZED_OPERATIONS, (8, 4)):
+        assert operation in bench.OPERATIONS and operation in bench.REDUCED_PRECISION_OPERATIONS
+        table = data.table_for(operation)
+        assert isinstance(table, fastemb.QuantizedTable) and table.bits == bits
+        assert table is data.table_for(operation)  # (built once)
+        np.testing.assert_array_equal(table.data, fastemb.quantize(data.table, bits).data)
+
+
+@pytest.mark.parametrize("operation", QUANTIZED_OPERATIONS)
+def test_numpy_dequantizes_the_prepacked_rows_as_fastemb_does(operation):
+    table = bench.make_data(TINY_WORKLOADS[0]).table_for(operation)
+    rows = bench.implementations.numpy_dequantized_rows(table.data, table.bits)
+    np.testing.assert_array_equal(rows, table.dequantize())
+
+
+@pytest.mark.parametrize("operation", QUANTIZED_OPERATIONS)
+def test_quantized_sums_are_compared_to_float32_rounding(operation):
+    """A quantized table's sums are float32 in every implementation: the forward tolerance, not
+    the 16-bit tables' (whose torch sums are rounded to bfloat16)."""
+    expected = np.full((4, 3), 10.0, dtype=np.float32)
+    bench.assert_agrees(operation, expected + np.float32(1e-5), expected)
+    with pytest.raises(AssertionError, match=operation):
+        bench.assert_agrees(operation, expected + np.float32(1e-2), expected)
+    bench.assert_agrees("bag_sum_float16", expected + np.float32(1e-2), expected)
+
+
+def test_reduced_precision_sums_are_set_beside_torchs_float32_bag_sum():
+    workload = TINY_WORKLOADS[0]
+    measurements = [bench.Measurement("bag_sum", workload, 1, {"torch": [0.6], "fastemb": [0.5]})]
+    for operation in bench.REDUCED_PRECISION_OPERATIONS:
+        measurements.append(bench.Measurement(operation, workload, 1,
+                                              {"torch": [0.5], "fastemb": [0.2]}))
+    lines = bench.format_table(measurements, 1).splitlines()
+    for operation in bench.REDUCED_PRECISION_OPERATIONS:
+        assert f"{operation}: 3.00x torch's float32 bag_sum" in lines
+    assert "bag_sum_int8: 3.00x torch's float32 bag_sum" in lines
 
 
 def test_sizes_select_every_skew_of_a_name():

@@ -17,6 +17,11 @@ zero-argument callable (:func:`benchmark_callable`) whose result is NumPy arrays
 - ``gather``: the rows of every index, shape ``(num_bags, bag_size, dim)``;
 - ``bag_sum``, ``bag_mean``, ``bag_max``: each bag reduced to one row, shape ``(num_bags, dim)``;
 - ``bag_weighted_sum``: the sum of each bag's rows times the per-sample weights;
+- ``bag_sum_float16``, ``bag_sum_bfloat16``, ``bag_sum_int8``, ``bag_sum_int4`` (the
+  reduced-precision operations, :data:`TABLE_FORMATS`): the bag sum of the table stored in 16
+  bits, or quantized row-wise (``fastemb.quantize``; torch runs its quantized embedding_bag ops
+  on the same prepacked bytes); the report also sets fastemb's time beside torch's float32
+  ``bag_sum``;
 - ``forward_backward``: the bag sums, then the coalesced weight gradient for the upstream
   gradient ``grad_output``: ``(output, rows, values)`` with ``rows`` sorted and unique;
 - ``step_lazyadam``, ``step_sgd``, ``step_adagrad``: one training step of the bag sum (forward,
@@ -56,13 +61,15 @@ from .report import (format_ratio, format_seconds, format_table, machine_info, p
 from .speed_of_light import compile_c_library, speed_of_light_callable
 from .workloads import (FORWARD_OPERATIONS, IMPLEMENTATIONS, OPERATIONS,
                         REDUCED_PRECISION_OPERATIONS, SKEWS, SPEED_OF_LIGHT,
-                        STEP_HYPERPARAMETERS, STEP_OPERATIONS, WORKLOADS, BenchData, Workload,
+                        STEP_HYPERPARAMETERS, STEP_OPERATIONS, TABLE_FORMATS, WORKLOADS,
+                        BenchData, TableFormat, Workload,
                         make_data, select_workloads, step_optimizer, workload_names)
 
 __all__ = [
     "EXACT_OPERATIONS", "FORWARD_OPERATIONS", "IMPLEMENTATIONS", "OPERATIONS",
     "REDUCED_PRECISION_OPERATIONS", "SKEWS", "SPEED_OF_LIGHT", "STEP_HYPERPARAMETERS", "STEP_OPERATIONS",
-    "WORKLOADS", "BenchData", "Measurement", "Workload", "assert_agrees",
+    "TABLE_FORMATS", "WORKLOADS", "BenchData", "Measurement", "TableFormat", "Workload",
+    "assert_agrees",
     "available_implementations", "benchmark_callable", "call_for", "compile_c_library",
     "default_thread_counts", "format_ratio", "format_seconds", "format_table", "machine_info",
     "make_data", "measure", "plot_speedups", "report", "select_workloads",

@@ -18,7 +18,7 @@ from ..modules import EmbeddingBag
 from .speed_of_light import speed_of_light_callable, speed_of_light_library
 from .workloads import (FORWARD_OPERATIONS, IMPLEMENTATIONS, OPERATIONS,
                         REDUCED_PRECISION_OPERATIONS, SPEED_OF_LIGHT, STEP_OPERATIONS,
-                        aligned_copy, step_optimizer, step_state_arrays, table_dtype_of)
+                        aligned_copy, step_optimizer, step_state_arrays, table_format)
 
 # Operations that every implementation computes the same way (rows added or compared in bag
 # order, the mean divides the rounded sum), so all of them agree bit for bit. The others may
@@ -27,7 +27,8 @@ from .workloads import (FORWARD_OPERATIONS, IMPLEMENTATIONS, OPERATIONS,
 EXACT_OPERATIONS = frozenset({"gather", "bag_sum", "bag_mean", "bag_max"})
 ROUNDING_TOLERANCE = {"rtol": 1e-5, "atol": 1e-4}
 # torch returns a 16-bit table's bag sums in its dtype: one bfloat16 rounding of sums of about
-# 6 in magnitude (NumPy sums the widened rows pairwise)
+# 6 in magnitude (NumPy sums the widened rows pairwise). A quantized table's sums are float32
+# everywhere (torch fuses scale * q + bias, NumPy sums pairwise): ROUNDING_TOLERANCE.
 REDUCED_PRECISION_TOLERANCE = {"rtol": 2.0 ** -7, "atol": 0.05}
 STEP_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -45,8 +46,8 @@ def fastemb_callable(operation, data):
                                             per_sample_weights=data.per_sample_weights),
             "bag_max": lambda: bag(mode="max"),
         }[operation]
-    if operation in REDUCED_PRECISION_OPERATIONS:
-        table = data.table_in(table_dtype_of(operation))
+    if operation in REDUCED_PRECISION_OPERATIONS:  # (a 16-bit array or a QuantizedTable)
+        table = data.table_for(operation)
         return lambda: embedding_bag(data.indices, table, data.offsets, mode="sum")
     if operation == "forward_backward":
         module = EmbeddingBag.from_pretrained(data.table, freeze=False, mode="sum")
@@ -98,10 +99,8 @@ def torch_callable(operation, data):
             "bag_weighted_sum": lambda: bag("sum", per_sample_weights=weights),
             "bag_max": lambda: bag("max"),
         }[operation]
-    if operation in REDUCED_PRECISION_OPERATIONS:  # (torch gives the sums in the table dtype)
-        table = torch.from_numpy(data.table).to(getattr(torch, table_dtype_of(operation).name))
-        return lambda: torch.nn.functional.embedding_bag(indices, table, offsets,
-                                                         mode="sum").float().numpy()
+    if operation in REDUCED_PRECISION_OPERATIONS:
+        return torch_reduced_precision_sum(torch, operation, data, indices, offsets)
     grad_output = torch.from_numpy(data.grad_output)
     training = operation != "forward_backward"
     table = aligned_copy(data.table) if training else data.table
@@ -130,6 +129,47 @@ def torch_callable(operation, data):
         return output.detach().numpy(), module.weight.detach().numpy()
 
     return step
+
+
+def torch_reduced_precision_sum(torch, operation, data, indices, offsets):
+    """torch's bag sum of the workload's table in the format of ``operation``: a quantized table's
+    prepacked bytes (fastemb's, the same as torch's prepack gives) summed by
+    ``torch.ops.quantized.embedding_bag_byte_rowwise_offsets`` (8 bits) or
+    ``embedding_bag_4bit_rowwise_offsets`` (4 bits); a 16-bit table by ``embedding_bag``, which
+    gives the sums in the table dtype."""
+    stored = table_format(operation)
+    if stored.quantized:
+        quantized_sum = {8: torch.ops.quantized.embedding_bag_byte_rowwise_offsets,
+                         4: torch.ops.quantized.embedding_bag_4bit_rowwise_offsets}[stored.bits]
+        packed = torch.from_numpy(data.table_for(operation).data)
+        return lambda: quantized_sum(packed, indices, offsets, mode=0).numpy()
+    table = torch.from_numpy(data.table).to(getattr(torch, stored.name))
+    return lambda: torch.nn.functional.embedding_bag(indices, table, offsets,
+                                                     mode="sum").float().numpy()
+
+
+def numpy_dequantized_rows(packed_rows, bits):
+    """``scale * q + bias`` in float32 of prepacked rows (uint8, ``(..., row_bytes)``): 8 bits,
+    the row's codes then float32 scale and bias; 4 bits, two codes a byte (the even column in
+    the low nibble) then float16 scale and bias."""
+    tail = 8 if bits == 8 else 4
+    scale_bias = np.ascontiguousarray(packed_rows[..., -tail:]).view(
+        np.float32 if bits == 8 else np.float16).astype(np.float32)
+    codes = packed_rows[..., :-tail]
+    if bits == 4:  # (low, high) nibble pairs, flattened into column order
+        codes = np.stack((codes & 15, codes >> 4), axis=-1).reshape(*codes.shape[:-1], -1)
+    return codes.astype(np.float32) * scale_bias[..., :1] + scale_bias[..., 1:]
+
+
+def numpy_reduced_precision_sum(operation, data):
+    """NumPy's bag sum of the workload's table in the format of ``operation``: ``np.take`` of
+    the bags' rows (16-bit, or a quantized table's bytes), widened (dequantized) to float32,
+    summed."""
+    table = data.table_for(operation)
+    if table_format(operation).quantized:
+        return lambda: numpy_dequantized_rows(np.take(table.data, data.index_matrix, axis=0),
+                                              table.bits).sum(axis=1)
+    return lambda: np.take(table, data.index_matrix, axis=0).astype(np.float32).sum(axis=1)
 
 
 def numpy_bag_sum_and_grad(data, table):
@@ -198,8 +238,7 @@ def numpy_callable(operation, data):
             "bag_max": lambda: rows().max(axis=1),
         }[operation]
     if operation in REDUCED_PRECISION_OPERATIONS:
-        table = data.table_in(table_dtype_of(operation))
-        return lambda: np.take(table, data.index_matrix, axis=0).astype(np.float32).sum(axis=1)
+        return numpy_reduced_precision_sum(operation, data)
     if operation == "forward_backward":
         return functools.partial(numpy_bag_sum_and_grad, data, data.table)
     update = functools.partial(NUMPY_UPDATES[operation], **step_optimizer(operation)[1])
@@ -317,6 +356,7 @@ def assert_array_agrees(operation, actual, expected, name):
     differs = actual != expected
     tolerance = (STEP_TOLERANCE if operation in STEP_OPERATIONS
                  else REDUCED_PRECISION_TOLERANCE if operation in REDUCED_PRECISION_OPERATIONS
+                 and not table_format(operation).quantized
                  else ROUNDING_TOLERANCE)
     np.testing.assert_allclose(
         actual[differs], expected[differs], **tolerance,

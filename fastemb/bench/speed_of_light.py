@@ -17,7 +17,7 @@ from .._config import get_num_threads
 from .._kernels import kernels as _core
 from .._memory import aligned_full
 from .workloads import (FORWARD_OPERATIONS, REDUCED_PRECISION_OPERATIONS, aligned_copy,
-                        step_state_arrays, table_dtype_of)
+                        step_state_arrays, table_format)
 
 SPEED_OF_LIGHT_SOURCE = pathlib.Path(__file__).with_name("speed_of_light.c")
 SPEED_OF_LIGHT_SINK_WORDS = 17  # LANES + 1 in the C source
@@ -65,7 +65,7 @@ def speed_of_light_callable(operation, data):
     thread count) that move only the table-sized bytes the operation cannot avoid.
 
     - ``gather``: copy the looked-up rows into a preallocated buffer;
-    - the bag reductions: read the looked-up rows (of the 16-bit table, for the
+    - the bag reductions: read the looked-up rows (of the 16-bit or quantized table, for the
       reduced-precision bag sums);
     - ``forward_backward``: read the looked-up rows, then write one row of ``grad_output`` per
       unique index into a preallocated gradient;
@@ -82,7 +82,9 @@ def speed_of_light_callable(operation, data):
     sink = np.zeros(SPEED_OF_LIGHT_SINK_WORDS, dtype=np.uint32)
 
     def read(table):
-        words = table.view(np.float32)  # (a 16-bit table's rows as as many bytes of float32)
+        # (a 16-bit or quantized table's rows as as many bytes of float32: the bench's dims make
+        # a quantized row, D + 8 or D / 2 + 4 bytes, whole words)
+        words = table.view(np.float32)
         library.sol_read(words.ctypes.data, words.shape[1], indices.ctypes.data, indices.size,
                          sink.ctypes.data, get_num_threads())
 
@@ -97,9 +99,9 @@ def speed_of_light_callable(operation, data):
         return copy_rows
     if operation in FORWARD_OPERATIONS:
         return lambda: read(data.table)
-    if operation in REDUCED_PRECISION_OPERATIONS:
-        table = data.table_in(table_dtype_of(operation))
-        return lambda: read(table)
+    if operation in REDUCED_PRECISION_OPERATIONS:  # (a quantized table: its prepacked bytes)
+        table = data.table_for(operation)
+        return lambda: read(table.data if table_format(operation).quantized else table)
     rows, first = np.unique(indices, return_index=True)
     if operation == "forward_backward":
         source_bags = np.searchsorted(data.offsets, first, side="right") - 1

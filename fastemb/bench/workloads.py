@@ -9,12 +9,37 @@ import numpy as np
 from .. import optim
 from .._dtypes import TABLE_DTYPES
 from .._memory import aligned_full
+from ..quantized import QUANTIZED_BITS, quantize
 
 FORWARD_OPERATIONS = ("gather", "bag_sum", "bag_mean", "bag_weighted_sum", "bag_max")
-# The bag sum of the workload's table in each 16-bit dtype this installation has (bfloat16
-# needs ml_dtypes): "bag_sum_float16", "bag_sum_bfloat16".
-REDUCED_PRECISION_OPERATIONS = tuple(f"bag_sum_{dtype.name}" for dtype in TABLE_DTYPES
-                                     if TABLE_DTYPES[dtype].half_format is not None)
+
+
+@dataclass(frozen=True)
+class TableFormat:
+    """How a reduced-precision bag sum stores the workload's float32 table: rounded to a 16-bit
+    ``dtype``, or row-wise quantized to ``bits`` bits (``fastemb.quantize``: torch's prepacked
+    bytes, which torch's quantized embedding_bag ops read)."""
+
+    name: str
+    dtype: np.dtype = None  # a 16-bit table dtype, or None
+    bits: int = 0  # 8 or 4 for a quantized table, else 0
+
+    @property
+    def quantized(self):
+        return self.bits != 0
+
+
+# The reduced-precision operations: the bag sum of the workload's table stored in each 16-bit
+# dtype this installation has (bfloat16 needs ml_dtypes), "bag_sum_float16" and
+# "bag_sum_bfloat16", and quantized row-wise, "bag_sum_int8" and "bag_sum_int4"; each
+# implementation sums its own table of that format, and the report sets fastemb's time beside
+# torch's float32 bag sum.
+TABLE_FORMATS = {
+    **{f"bag_sum_{dtype.name}": TableFormat(dtype.name, dtype=dtype) for dtype in TABLE_DTYPES
+       if TABLE_DTYPES[dtype].half_format is not None},
+    **{f"bag_sum_int{bits}": TableFormat(f"int{bits}", bits=bits) for bits in QUANTIZED_BITS},
+}
+REDUCED_PRECISION_OPERATIONS = tuple(TABLE_FORMATS)
 IMPLEMENTATIONS = ("fastemb", "torch", "numpy")
 SPEED_OF_LIGHT = "speed_of_light"
 SKEWS = ("uniform", "zipf")
@@ -36,10 +61,9 @@ OPERATIONS = (FORWARD_OPERATIONS + REDUCED_PRECISION_OPERATIONS + ("forward_back
               + STEP_OPERATIONS)
 
 
-def table_dtype_of(operation):
-    """The table dtype of a reduced-precision operation ("bag_sum_bfloat16": bfloat16)."""
-    name = operation.removeprefix("bag_sum_")
-    return next(dtype for dtype in TABLE_DTYPES if dtype.name == name)
+def table_format(operation):
+    """The :class:`TableFormat` of a reduced-precision operation ("bag_sum_int8": 8 bits)."""
+    return TABLE_FORMATS[operation]
 
 
 def step_optimizer(operation):
@@ -130,6 +154,14 @@ class BenchData:
         """The table rounded to ``dtype`` (cached; on a 64-byte boundary, like the table)."""
         return make_table_in(self.workload, np.dtype(dtype))
 
+    def table_for(self, operation):
+        """The table a reduced-precision operation sums (cached): a 16-bit array (see
+        :meth:`table_in`) or a ``fastemb.QuantizedTable``."""
+        table_format = TABLE_FORMATS[operation]
+        if table_format.quantized:
+            return make_quantized_table(self.workload, table_format.bits)
+        return self.table_in(table_format.dtype)
+
 
 def sample_rows(rng, num_embeddings, size, skew):
     """Draw ``size`` int64 row ids in ``[0, num_embeddings)`` from ``rng``.
@@ -184,6 +216,13 @@ def make_data(workload, seed=0):
 def make_table_in(workload, dtype):
     """The table of ``workload`` (:func:`make_data`'s) rounded to ``dtype``, cached."""
     return aligned_copy(make_data(workload).table.astype(dtype))
+
+
+@functools.lru_cache(maxsize=2)
+def make_quantized_table(workload, bits):
+    """The table of ``workload`` quantized to ``bits`` bits (a ``fastemb.QuantizedTable``),
+    cached."""
+    return quantize(make_data(workload).table, bits)
 
 
 def workload_names():
