@@ -9,16 +9,13 @@ import numpy as np
 
 from . import __version__, bench, get_num_threads, optim, set_num_threads, show_config
 from . import train as training
-from ._dtypes import TABLE_DTYPES
+from ._dtypes import TRAINABLE_TABLES
 from .data import DATASETS, load_ratings, synthetic_ratings
 
 DEFAULT_LR = {name: info.train_lr for name, info in optim.OPTIMIZERS.items()}
-# the train command's --dtype: every table dtype this installation has, by name, and "split"
-# (a split float32 table: see fastemb.modules), with the tables' dtype and whether they split
-TABLE_DTYPE_CHOICES = {dtype.name: dtype for dtype in TABLE_DTYPES}
-TABLE_CHOICES = ({name: (dtype, False) for name, dtype in TABLE_DTYPE_CHOICES.items()}
-                 | ({"split": (np.dtype(np.float32), True)}
-                    if "bfloat16" in TABLE_DTYPE_CHOICES else {}))
+# the train command's --dtype: the tables this installation can train, with their module
+# options (dtype, split)
+TABLE_CHOICES = TRAINABLE_TABLES
 DEFAULT_WEIGHT_DECAY = 4e-4
 
 

@@ -61,3 +61,11 @@ def bfloat16_dtype() -> np.dtype:
         raise ImportError("bfloat16 tables need ml_dtypes: pip install 'fastemb[bfloat16]' "
                           "(or pip install ml_dtypes)")
     return np.dtype(ml_dtypes.bfloat16)
+
+
+# The tables a model can train, by name (the train command's --dtype, the bench's training
+# steps): each table dtype, and "split", a split float32 table (bfloat16 top halves for the
+# forward, low halves beside: fastemb.modules), which needs bfloat16. Each gives the module
+# options (dtype, split).
+TRAINABLE_TABLES = {dtype.name: (dtype, False) for dtype in TABLE_DTYPES} | (
+    {"split": (np.dtype(np.float32), True)} if ml_dtypes is not None else {})

@@ -455,6 +455,8 @@ cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_
             ahead = rows[u + UPDATE_PREFETCH_ROWS]
             if 0 <= ahead < num_rows:
                 prefetch_row(weight + ahead * dim, dim * sizeof(table_t), True)
+                if low_halves != NULL:
+                    prefetch_row(low_halves + ahead * dim, dim * sizeof(uint16_t), True)
                 if state_a_width:
                     prefetch_row(state_a + ahead * state_a_width,
                                  state_a_width * sizeof(floating), True)

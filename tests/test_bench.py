@@ -146,6 +146,33 @@ def test_reduced_precision_sums_are_set_beside_torchs_float32_bag_sum():
     assert "bag_sum_int8: 3.00x torch's float32 bag_sum" in lines
 
 
+def test_reduced_precision_steps_are_set_beside_fastembs_float32_step():
+    workload = TINY_WORKLOADS[0]
+    measurements = [bench.Measurement("step_lazyadam", workload, 1,
+                                      {"torch": [2.0], "fastemb": [0.6]})]
+    for operation in bench.REDUCED_PRECISION_STEP_OPERATIONS:
+        measurements.append(bench.Measurement(operation, workload, 1,
+                                              {"torch": [2.0], "fastemb": [0.5]}))
+    lines = bench.format_table(measurements, 1).splitlines()
+    for operation in bench.REDUCED_PRECISION_STEP_OPERATIONS:
+        assert f"{operation}: 1.20x fastemb's float32 step_lazyadam" in lines
+
+
+@pytest.mark.parametrize("operation", bench.REDUCED_PRECISION_STEP_OPERATIONS)
+def test_reduced_precision_step_trains_its_own_table(operation):
+    """fastemb's step trains the table in that format (its forward reads the rounded or
+    truncated table); the first step's output is the bag sums of that table."""
+    data = bench.make_data(TINY_WORKLOADS[0])
+    dtype, split = bench.workloads.trained_table(operation)
+    assert operation.endswith("split") == split
+    table = data.table.astype(dtype)
+    if split:
+        table = (table.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    expected = fastemb.embedding_bag(data.indices, table, data.offsets, mode="sum")
+    np.testing.assert_array_equal(bench.benchmark_callable("fastemb", operation, data)(),
+                                  expected)
+
+
 def test_sizes_select_every_skew_of_a_name():
     assert [w.label for w in bench.select_workloads(["large"])] == ["large-uniform",
                                                                      "large-zipf"]

@@ -29,7 +29,12 @@ zero-argument callable (:func:`benchmark_callable`) whose result is NumPy arrays
   :data:`STEP_HYPERPARAMETERS`) on the implementation's own copy of the table and optimizer state:
   ``(output, weight)``, where ``weight`` is that copy after the step. Each call takes one more
   step from where the last one left off; the work of a step does not depend on the values, so
-  timing repeated calls is fair, and the first call's result is one step from the shared table.
+  timing repeated calls is fair, and the first call's result is one step from the shared table;
+- ``step_lazyadam_float16``, ``step_lazyadam_bfloat16``, ``step_lazyadam_split``
+  (:data:`REDUCED_PRECISION_STEP_OPERATIONS`): fastemb's LazyAdam step on the table trained in
+  16 bits or split (bfloat16 top halves for the forward, low halves beside); the others run
+  their float32 step; each gives the step's forward output, and the report also sets fastemb's
+  time beside its own float32 ``step_lazyadam``.
 
 fastemb and torch take the indices flat, with bag-start ``offsets``; NumPy takes them as a
 ``(num_bags, bag_size)`` matrix, which is the fastest way NumPy has to reduce equal-sized bags.
@@ -60,14 +65,15 @@ from .report import (format_ratio, format_seconds, format_table, machine_info, p
                      report)
 from .speed_of_light import compile_c_library, speed_of_light_callable
 from .workloads import (FORWARD_OPERATIONS, IMPLEMENTATIONS, OPERATIONS,
-                        REDUCED_PRECISION_OPERATIONS, SKEWS, SPEED_OF_LIGHT,
+                        REDUCED_PRECISION_OPERATIONS, REDUCED_PRECISION_STEP_OPERATIONS, SKEWS,
+                        SPEED_OF_LIGHT,
                         STEP_HYPERPARAMETERS, STEP_OPERATIONS, TABLE_FORMATS, WORKLOADS,
                         BenchData, TableFormat, Workload,
                         make_data, select_workloads, step_optimizer, workload_names)
 
 __all__ = [
     "EXACT_OPERATIONS", "FORWARD_OPERATIONS", "IMPLEMENTATIONS", "OPERATIONS",
-    "REDUCED_PRECISION_OPERATIONS", "SKEWS", "SPEED_OF_LIGHT", "STEP_HYPERPARAMETERS", "STEP_OPERATIONS",
+    "REDUCED_PRECISION_OPERATIONS", "REDUCED_PRECISION_STEP_OPERATIONS", "SKEWS", "SPEED_OF_LIGHT", "STEP_HYPERPARAMETERS", "STEP_OPERATIONS",
     "TABLE_FORMATS", "WORKLOADS", "BenchData", "Measurement", "TableFormat", "Workload",
     "assert_agrees",
     "available_implementations", "benchmark_callable", "call_for", "compile_c_library",

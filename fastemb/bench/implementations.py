@@ -17,8 +17,9 @@ from ..functional import embedding, embedding_bag
 from ..modules import EmbeddingBag
 from .speed_of_light import speed_of_light_callable, speed_of_light_library
 from .workloads import (FORWARD_OPERATIONS, IMPLEMENTATIONS, OPERATIONS,
-                        REDUCED_PRECISION_OPERATIONS, SPEED_OF_LIGHT, STEP_OPERATIONS,
-                        aligned_copy, step_optimizer, step_state_arrays, table_format)
+                        REDUCED_PRECISION_OPERATIONS, REDUCED_PRECISION_STEP_OPERATIONS,
+                        SPEED_OF_LIGHT, STEP_OPERATIONS, aligned_copy, float32_step,
+                        step_optimizer, step_state_arrays, table_format, trained_table)
 
 # Operations that every implementation computes the same way (rows added or compared in bag
 # order, the mean divides the rounded sum), so all of them agree bit for bit. The others may
@@ -60,7 +61,12 @@ def fastemb_callable(operation, data):
 
         return forward_backward
     info, hyperparameters = step_optimizer(operation)
-    module = EmbeddingBag.from_pretrained(aligned_copy(data.table), freeze=False, mode="sum")
+    if operation in REDUCED_PRECISION_STEP_OPERATIONS:
+        dtype, split = trained_table(operation)
+        module = EmbeddingBag(*data.table.shape, mode="sum", dtype=dtype, split=split)
+        module.weight = data.table.astype(dtype)  # (a split table's: both halves set)
+    else:
+        module = EmbeddingBag.from_pretrained(aligned_copy(data.table), freeze=False, mode="sum")
     optimizer = info.cls(module, **hyperparameters)
 
     def step():
@@ -68,6 +74,8 @@ def fastemb_callable(operation, data):
         output = module(data.indices, data.offsets)
         module.backward(data.grad_output)
         optimizer.step()
+        if operation in REDUCED_PRECISION_STEP_OPERATIONS:
+            return output  # (a split table's weight would be put together: O(table))
         return output, module.weight
 
     return step
@@ -297,6 +305,11 @@ def benchmark_callable(implementation, operation, data):
     if implementation not in CALLABLE_BUILDERS:
         raise ValueError(f"implementation must be one of {', '.join(CALLABLE_BUILDERS)}; "
                          f"got {implementation!r}")
+    if operation in REDUCED_PRECISION_STEP_OPERATIONS and implementation != "fastemb":
+        # (only fastemb trains such tables: the others run their float32 step, and give its
+        # forward output, as fastemb's does)
+        step = CALLABLE_BUILDERS[implementation](float32_step(operation), data)
+        return step if implementation == SPEED_OF_LIGHT else lambda: step()[0]
     return CALLABLE_BUILDERS[implementation](operation, data)
 
 
@@ -355,8 +368,9 @@ def assert_array_agrees(operation, actual, expected, name):
         return
     differs = actual != expected
     tolerance = (STEP_TOLERANCE if operation in STEP_OPERATIONS
-                 else REDUCED_PRECISION_TOLERANCE if operation in REDUCED_PRECISION_OPERATIONS
-                 and not table_format(operation).quantized
+                 else REDUCED_PRECISION_TOLERANCE if operation in REDUCED_PRECISION_STEP_OPERATIONS
+                 or (operation in REDUCED_PRECISION_OPERATIONS
+                     and not table_format(operation).quantized)
                  else ROUNDING_TOLERANCE)
     np.testing.assert_allclose(
         actual[differs], expected[differs], **tolerance,

@@ -16,7 +16,8 @@ from .._kernels import variant as _kernel_variant
 from .harness import measure
 from .implementations import (benchmark_callable, speed_of_light_is_available, thread_count,
                               torch_is_available)
-from .workloads import REDUCED_PRECISION_OPERATIONS, SPEED_OF_LIGHT, make_data
+from .workloads import (REDUCED_PRECISION_OPERATIONS, REDUCED_PRECISION_STEP_OPERATIONS,
+                        SPEED_OF_LIGHT, float32_step, make_data)
 
 def format_seconds(seconds):
     """``"480 us"``, ``"12.34 ms"`` or ``"1.20 s"``; ``"-"`` for None."""
@@ -62,14 +63,21 @@ def format_table(measurements, repeat):
         lines.append("".join(f"{cell(measurement):>{width}}" if i
                              else f"{cell(measurement):<{width}}"
                              for i, (_, width, cell) in enumerate(TABLE_COLUMNS)))
-    float32_sum = next((m for m in measurements if m.operation == "bag_sum"), None)
+    by_operation = {measurement.operation: measurement for measurement in measurements}
     for measurement in measurements:
-        if measurement.operation in REDUCED_PRECISION_OPERATIONS and float32_sum is not None:
-            torch_float32 = float32_sum.seconds("torch")
-            fastemb_seconds = measurement.seconds("fastemb")
-            if torch_float32 is not None and fastemb_seconds is not None:
-                lines.append(f"{measurement.operation}: {torch_float32 / fastemb_seconds:.2f}x "
-                             f"torch's float32 bag_sum")
+        # a reduced-precision operation beside its float32 one: torch's bag sum, fastemb's step
+        if measurement.operation in REDUCED_PRECISION_OPERATIONS:
+            implementation, float32 = "torch", by_operation.get("bag_sum")
+        elif measurement.operation in REDUCED_PRECISION_STEP_OPERATIONS:
+            implementation, float32 = "fastemb", by_operation.get(
+                float32_step(measurement.operation))
+        else:
+            continue
+        float32_seconds = float32.seconds(implementation) if float32 is not None else None
+        fastemb_seconds = measurement.seconds("fastemb")
+        if float32_seconds is not None and fastemb_seconds is not None:
+            lines.append(f"{measurement.operation}: {float32_seconds / fastemb_seconds:.2f}x "
+                         f"{implementation}'s float32 {float32.operation}")
     return "\n".join(lines)
 
 
