@@ -16,6 +16,9 @@ DEFAULT_LR = {name: info.train_lr for name, info in optim.OPTIMIZERS.items()}
 # the train command's --dtype: the tables this installation can train, with their module
 # options (dtype, split)
 TABLE_CHOICES = TRAINABLE_TABLES
+DTYPE_HELP = ("the tables' dtype (default float32). 16-bit tables take half the memory and are "
+              "updated in float32, then rounded; split tables are float32 tables whose forward "
+              "reads only their bfloat16 top halves. bfloat16 and split need ml_dtypes.")
 DEFAULT_WEIGHT_DECAY = 4e-4
 
 
@@ -210,10 +213,7 @@ def add_train_command(commands):
                        help="passes over the data (default 10)")
     train.add_argument("--dim", type=positive_int, default=32, help="embedding size (default 32)")
     train.add_argument("--dtype", choices=list(TABLE_CHOICES), default="float32",
-                       help="the tables' dtype: " + ", ".join(TABLE_CHOICES) + " (16-bit "
-                            "tables: half the memory, updated in float32 and rounded; split: "
-                            "float32 tables whose forward reads only their bfloat16 top "
-                            "halves; bfloat16 and split need ml_dtypes) (default float32)")
+                       help=DTYPE_HELP)
     train.add_argument("--stochastic-rounding", action="store_true",
                        help="round 16-bit tables' updates stochastically (unbiased) rather "
                             "than to nearest")

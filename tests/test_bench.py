@@ -134,28 +134,21 @@ def test_quantized_sums_are_compared_to_float32_rounding(operation):
     bench.assert_agrees("bag_sum_float16", expected + np.float32(1e-2), expected)
 
 
-def test_reduced_precision_sums_are_set_beside_torchs_float32_bag_sum():
+@pytest.mark.parametrize("float32, operations, implementation", [
+    ("bag_sum", bench.REDUCED_PRECISION_OPERATIONS, "torch"),
+    ("step_lazyadam", bench.REDUCED_PRECISION_STEP_OPERATIONS, "fastemb")])
+def test_reduced_precision_operations_are_set_beside_their_float32_one(float32, operations,
+                                                                       implementation):
+    """The bag sums beside torch's float32 bag sum, the steps beside fastemb's float32 step."""
     workload = TINY_WORKLOADS[0]
-    measurements = [bench.Measurement("bag_sum", workload, 1, {"torch": [0.6], "fastemb": [0.5]})]
-    for operation in bench.REDUCED_PRECISION_OPERATIONS:
+    measurements = [bench.Measurement(float32, workload, 1, {"torch": [0.6], "fastemb": [0.6]})]
+    for operation in operations:
         measurements.append(bench.Measurement(operation, workload, 1,
                                               {"torch": [0.5], "fastemb": [0.2]}))
     lines = bench.format_table(measurements, 1).splitlines()
-    for operation in bench.REDUCED_PRECISION_OPERATIONS:
-        assert f"{operation}: 3.00x torch's float32 bag_sum" in lines
-    assert "bag_sum_int8: 3.00x torch's float32 bag_sum" in lines
-
-
-def test_reduced_precision_steps_are_set_beside_fastembs_float32_step():
-    workload = TINY_WORKLOADS[0]
-    measurements = [bench.Measurement("step_lazyadam", workload, 1,
-                                      {"torch": [2.0], "fastemb": [0.6]})]
-    for operation in bench.REDUCED_PRECISION_STEP_OPERATIONS:
-        measurements.append(bench.Measurement(operation, workload, 1,
-                                              {"torch": [2.0], "fastemb": [0.5]}))
-    lines = bench.format_table(measurements, 1).splitlines()
-    for operation in bench.REDUCED_PRECISION_STEP_OPERATIONS:
-        assert f"{operation}: 1.20x fastemb's float32 step_lazyadam" in lines
+    for operation in operations:
+        assert f"{operation}: 3.00x {implementation}'s float32 {float32}" in lines
+    assert ("bag_sum_int8" in operations) == (float32 == "bag_sum")
 
 
 @pytest.mark.parametrize("operation", bench.REDUCED_PRECISION_STEP_OPERATIONS)

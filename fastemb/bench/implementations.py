@@ -31,6 +31,10 @@ ROUNDING_TOLERANCE = {"rtol": 1e-5, "atol": 1e-4}
 # 6 in magnitude (NumPy sums the widened rows pairwise). A quantized table's sums are float32
 # everywhere (torch fuses scale * q + bias, NumPy sums pairwise): ROUNDING_TOLERANCE.
 REDUCED_PRECISION_TOLERANCE = {"rtol": 2.0 ** -7, "atol": 0.05}
+# A reduced-precision training step's forward against the float32 one: a split table's reads
+# the weights truncated to bfloat16, each up to 2^-7 of itself nearer zero, errors that add
+# up over a bag's 32 rows instead of cancelling
+REDUCED_PRECISION_STEP_TOLERANCE = {"rtol": 2.0 ** -7, "atol": 0.25}
 STEP_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
@@ -368,9 +372,10 @@ def assert_array_agrees(operation, actual, expected, name):
         return
     differs = actual != expected
     tolerance = (STEP_TOLERANCE if operation in STEP_OPERATIONS
-                 else REDUCED_PRECISION_TOLERANCE if operation in REDUCED_PRECISION_STEP_OPERATIONS
-                 or (operation in REDUCED_PRECISION_OPERATIONS
-                     and not table_format(operation).quantized)
+                 else REDUCED_PRECISION_STEP_TOLERANCE
+                 if operation in REDUCED_PRECISION_STEP_OPERATIONS
+                 else REDUCED_PRECISION_TOLERANCE if operation in REDUCED_PRECISION_OPERATIONS
+                 and not table_format(operation).quantized
                  else ROUNDING_TOLERANCE)
     np.testing.assert_allclose(
         actual[differs], expected[differs], **tolerance,
