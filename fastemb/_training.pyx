@@ -392,13 +392,18 @@ cdef inline void round_row(const float *wide, table_t *row, Py_ssize_t dim,
     """row[:dim] = wide[:dim] rounded to the 16-bit format, to nearest or stochastically (the
     draw of column j is mix64(row_key + j): the same on any thread)."""
     cdef Py_ssize_t j
-    for j in range(dim):
-        if table_t is bfloat16_t:
-            row[j] = (bfloat16_stochastic(wide[j], mix64(row_key + <uint64_t>j)) if stochastic
-                      else bfloat16_nearest(wide[j]))
-        elif table_t is float16_t:
-            row[j] = (float16_stochastic(wide[j], mix64(row_key + <uint64_t>j)) if stochastic
-                      else float16_nearest(wide[j]))
+    if stochastic:
+        for j in range(dim):
+            if table_t is bfloat16_t:
+                row[j] = bfloat16_stochastic(wide[j], mix64(row_key + <uint64_t>j))
+            elif table_t is float16_t:
+                row[j] = float16_stochastic(wide[j], mix64(row_key + <uint64_t>j))
+    else:  # (a loop of its own, which the compiler vectorises)
+        for j in range(dim):
+            if table_t is bfloat16_t:
+                row[j] = bfloat16_nearest(wide[j])
+            elif table_t is float16_t:
+                row[j] = float16_nearest(wide[j])
 
 
 cdef inline void join_row(const uint16_t *high, const uint16_t *low, float *wide,
