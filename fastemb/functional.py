@@ -2,7 +2,9 @@
 ``fastemb.embedding_bag``).
 
 Each function validates and coerces every argument first (``_validation``), then applies
-``max_norm`` if asked, then runs one kernel of ``fastemb._core``.
+``max_norm`` if asked, then runs one kernel of ``fastemb._core``. ``embedding_bag`` first offers
+its arguments to ``_core.bag_forward_common``, which does all of that in one compiled call for
+plain arrays without max_norm, and declines anything else to this path.
 """
 
 from __future__ import annotations
