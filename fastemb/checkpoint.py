@@ -142,11 +142,12 @@ def load(path: str | os.PathLike, modules, optimizer=None) -> None:
         table = arrays.get(f"table_{i}")
         if table is not None and dtype_names is not None:
             table = _restored(table, dtype_names[i])
-        if table is None or table.shape != module.weight.shape or table.dtype != module.weight.dtype:
+        weight = module.weight  # (once: a split table's is put together on every read)
+        if table is None or table.shape != weight.shape or table.dtype != weight.dtype:
             found = "nothing" if table is None else f"{table.dtype} {table.shape}"
             raise ValueError(f"table {i} in {path} is {found}, but the module's weight is "
-                             f"{module.weight.dtype} {module.weight.shape}")
-        if not module.weight.flags.writeable:
+                             f"{weight.dtype} {weight.shape}")
+        if not weight.flags.writeable:
             raise ValueError(f"module {i}'s weight is read-only; cannot load into it")
         tables.append(table)
     if optimizer is not None:
