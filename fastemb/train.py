@@ -118,7 +118,8 @@ class RatingModel:
         float32 (rows of 16-bit tables are widened, exactly)."""
         user_vectors = self._user_vectors(users).astype(np.float32, copy=False)
         item_vectors = self.items(items).astype(np.float32, copy=False)
-        biases = self.user_bias(users)[:, 0] + self.item_bias(items)[:, 0].astype(np.float32)
+        biases = (self.user_bias(users)[:, 0].astype(np.float32, copy=False)
+                  + self.item_bias(items)[:, 0].astype(np.float32, copy=False))
         score = self.offset + np.einsum("ij,ij->i", user_vectors, item_vectors) + biases
         if self.y_range is None:
             return score, np.float32(1), user_vectors, item_vectors
