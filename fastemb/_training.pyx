@@ -5,7 +5,7 @@ gradient's accumulation. The rules every kernel follows are in ``fastemb/_core.p
 
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt, sqrtf
-from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -14,8 +14,8 @@ from fastemb._common cimport (BAG_MEAN, BFLOAT16, CACHE_LINE_BYTES, FASTEMB_PREF
                               STEP_ADAGRAD, STEP_ADAM, STEP_ROWWISE_ADAGRAD, STEP_SGD, BagMode,
                               HalfFormat, StepMethod, bfloat16_nearest, bfloat16_stochastic,
                               bfloat16_t, check_enum, clamp, element_value, float16_nearest,
-                              float16_stochastic, float16_t, floating, index_t, mix64,
-                              prefetch_row, table_t, team_size)
+                              float16_stochastic, float16_t, floating, index_t, join_halves, mix64,
+                              prefetch_row, split_halves, table_t, team_size)
 
 __all__ = ["accumulate_rows", "bag_gradient_factors", "bags_of_positions",
            "sample_weights_grad", "sparse_step", "sparse_step_half"]
@@ -406,27 +406,6 @@ cdef inline void round_row(const float *wide, table_t *row, Py_ssize_t dim,
                 row[j] = float16_nearest(wide[j])
 
 
-cdef inline void join_row(const uint16_t *high, const uint16_t *low, float *wide,
-                          Py_ssize_t dim) noexcept nogil:
-    """wide[:dim] = the float32s whose top 16 bits are high[:dim] and low 16 bits low[:dim]."""
-    cdef Py_ssize_t j
-    cdef uint32_t bits
-    for j in range(dim):
-        bits = (<uint32_t>high[j] << 16) | low[j]
-        memcpy(&wide[j], &bits, sizeof(float))
-
-
-cdef inline void split_row(const float *wide, uint16_t *high, uint16_t *low,
-                           Py_ssize_t dim) noexcept nogil:
-    """high[:dim], low[:dim] = the top and the low 16 bits of wide[:dim] (join_row undone)."""
-    cdef Py_ssize_t j
-    cdef uint32_t bits
-    for j in range(dim):
-        memcpy(&bits, &wide[j], sizeof(float))
-        high[j] = <uint16_t>(bits >> 16)
-        low[j] = <uint16_t>(bits & 0xffff)
-
-
 cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_ssize_t dim,
                     floating *state_a, Py_ssize_t state_a_width, floating *state_b,
                     const int64_t *rows, Py_ssize_t num_groups, const floating *grad,
@@ -475,8 +454,8 @@ cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_
         if half:
             w = buffer + buffer_stride
             if low_halves != NULL:
-                join_row(<const uint16_t *>(weight + row * dim), low_halves + row * dim,
-                         <float *>w, dim)
+                join_halves(<const uint16_t *>(weight + row * dim), low_halves + row * dim,
+                            <float *>w, dim)
             else:
                 widen_row(weight + row * dim, <float *>w, dim)
         else:
@@ -496,7 +475,7 @@ cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_
                    state_b + row * dim if method == STEP_ADAM else NULL, g, dim, lr,
                    one_minus_beta1, one_minus_beta2, eps)
         if half and low_halves != NULL:
-            split_row(<float *>w, <uint16_t *>(weight + row * dim), low_halves + row * dim, dim)
+            split_halves(<float *>w, <uint16_t *>(weight + row * dim), low_halves + row * dim, dim)
         elif half:
             round_row(<float *>w, weight + row * dim, dim, stochastic,
                       mix64(rounding_key ^ <uint64_t>row) * <uint64_t>dim)
