@@ -31,6 +31,10 @@ cdef extern from "_core.h":
     float float16_value "fastemb_float16_value"(float16_t value) noexcept nogil
     float16_t float16_nearest "fastemb_float16_nearest"(float value) noexcept nogil
     bfloat16_t bfloat16_nearest "fastemb_bfloat16_nearest"(float value) noexcept nogil
+    void widen_float16_row "fastemb_widen_float16_row"(const float16_t *row, float *wide,
+                                                       Py_ssize_t dim) noexcept nogil
+    void round_float16_row "fastemb_round_float16_row"(const float *wide, float16_t *row,
+                                                       Py_ssize_t dim) noexcept nogil
     # (stochastic rounding: see _core.h)
     float16_t float16_stochastic "fastemb_float16_stochastic"(float value,
                                                              uint64_t random) noexcept nogil

@@ -13,9 +13,10 @@ import numpy as np
 from fastemb._common cimport (BAG_MEAN, BFLOAT16, CACHE_LINE_BYTES, FASTEMB_PREFETCH, FLOAT16,
                               STEP_ADAGRAD, STEP_ADAM, STEP_ROWWISE_ADAGRAD, STEP_SGD, BagMode,
                               HalfFormat, StepMethod, bfloat16_nearest, bfloat16_stochastic,
-                              bfloat16_t, check_enum, clamp, element_value, float16_nearest,
-                              float16_stochastic, float16_t, floating, index_t, join_halves, mix64,
-                              prefetch_row, split_halves, table_t, team_size)
+                              bfloat16_t, check_enum, clamp, element_value, float16_stochastic,
+                              float16_t, floating, index_t, join_halves, mix64, prefetch_row,
+                              round_float16_row, split_halves, table_t, team_size,
+                              widen_float16_row)
 
 __all__ = ["accumulate_rows", "bag_gradient_factors", "bags_of_positions",
            "sample_weights_grad", "sparse_step", "sparse_step_half"]
@@ -383,8 +384,11 @@ cdef void update_row(StepMethod method, floating *w, floating *state_a, floating
 cdef inline void widen_row(const table_t *row, float *wide, Py_ssize_t dim) noexcept nogil:
     """wide[:dim] = a 16-bit row's values in float32 (exact)."""
     cdef Py_ssize_t j
-    for j in range(dim):
-        wide[j] = <float>element_value(row, j)
+    if table_t is float16_t:
+        widen_float16_row(row, wide, dim)
+    else:
+        for j in range(dim):
+            wide[j] = <float>element_value(row, j)
 
 
 cdef inline void round_row(const float *wide, table_t *row, Py_ssize_t dim,
@@ -398,12 +402,12 @@ cdef inline void round_row(const float *wide, table_t *row, Py_ssize_t dim,
                 row[j] = bfloat16_stochastic(wide[j], mix64(row_key + <uint64_t>j))
             elif table_t is float16_t:
                 row[j] = float16_stochastic(wide[j], mix64(row_key + <uint64_t>j))
+    elif table_t is float16_t:
+        round_float16_row(wide, row, dim)
     else:  # (a loop of its own, which the compiler vectorises)
         for j in range(dim):
             if table_t is bfloat16_t:
                 row[j] = bfloat16_nearest(wide[j])
-            elif table_t is float16_t:
-                row[j] = float16_nearest(wide[j])
 
 
 cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_ssize_t dim,

@@ -170,6 +170,36 @@ def test_stochastic_rounding_never_overflows_to_infinity(half):
         assert_same_bits(result.astype(half), np.full(10, special, half))
 
 
+def sgd_step_of_one_row(half, row, update):
+    """A 1-row table holding ``row`` (16-bit) after one SGD step that adds ``update`` (float32)
+    to it, rounded to nearest."""
+    module = fastemb.Embedding.from_pretrained(row[None, :], freeze=False)
+    optimizer = fastemb.optim.SGD(module, lr=1.0)
+    module(np.array([0]))
+    module.backward(-update[None, :])
+    optimizer.step()
+    return module.weight[0]
+
+
+def test_step_widens_and_rounds_every_16_bit_value_as_numpy_does(half):
+    """Every 16-bit value (NaN aside) survives a step that adds zero bit for bit (the widening
+    and rounding back, vectorised and in the tail, are exact), and float32 results around
+    every 16-bit value round to nearest as NumPy/ml_dtypes round (ties to even, overflow to
+    infinity, subnormals). An odd length runs both the vector loops and the tail."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(half)
+    every = np.append(every[~np.isnan(every)], every[:7])
+    assert_same_bits(sgd_step_of_one_row(half, every, np.zeros(every.size, np.float32)), every)
+    finite = every[np.isfinite(every)].astype(np.float32)
+    spacing = np.abs(finite) * np.float32(2.0 ** -12 if half == np.float16 else 2.0 ** -9)
+    results = np.concatenate([finite, finite + spacing, finite - spacing,
+                              finite * np.float32(1 + 2 ** -20),
+                              np.array([65520.0, 1e-8], np.float32)])
+    zeros = np.zeros(results.size, half)
+    with np.errstate(over="ignore"):  # (past the largest 16-bit value: infinity)
+        expected = (np.float32(0) + results).astype(half)
+    assert_same_bits(sgd_step_of_one_row(half, zeros, results), expected)
+
+
 def test_small_updates_add_up_only_with_stochastic_rounding(half):
     """Updates of a tenth of the 16-bit spacing are all lost to rounding to nearest; with
     stochastic rounding their sum arrives, on average."""
