@@ -68,7 +68,9 @@ def fastemb_callable(operation, data):
     if operation in REDUCED_PRECISION_STEP_OPERATIONS:
         dtype, split = trained_table(operation)
         module = EmbeddingBag(*data.table.shape, mode="sum", dtype=dtype, split=split)
-        module.weight = data.table.astype(dtype)  # (a split table's: both halves set)
+        # on a cache line, as the float32 step's table (a 16-bit row of 64 columns that starts
+        # 16 bytes into a line spans 3 lines, not 2); a split table's: both halves set
+        module.weight = aligned_copy(data.table.astype(dtype))
     else:
         module = EmbeddingBag.from_pretrained(aligned_copy(data.table), freeze=False, mode="sum")
     optimizer = info.cls(module, **hyperparameters)
