@@ -16,12 +16,15 @@ from fastemb._common cimport (BAG_MAX, BAG_MEAN, BAG_SUM, BFLOAT16, FASTEMB_HAVE
                               omp_get_max_threads, prefetch_ahead, prefetch_distance,
                               prefetch_table_row, rows_on_lines, stored_t, table_t, team_size)
 
+import sys
+
 import numpy as np
 
 from fastemb._allocator import BLOCK_CACHE_HANDLER
 
 cdef extern from "numpy/arrayobject.h":
     object PyDataMem_SetHandler(object handler)  # (the allocator new arrays take their data from)
+    enum: NPY_USERDEF  # (the first type number of the dtypes other packages register)
 
 cnp.import_array()
 
@@ -98,6 +101,25 @@ cdef bint is_plain_array(object value) noexcept:
     return (cnp.PyArray_CheckExact(value) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>value)
             and cnp.PyArray_ISALIGNED(<cnp.ndarray>value)
             and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>value))
+
+
+# NumPy's type number of ml_dtypes' bfloat16 (a user dtype, numbered when ml_dtypes registers
+# it), found the first time a table of a user dtype comes while ml_dtypes is imported; -1 before.
+cdef int bfloat16_type = -1
+
+
+cdef bint is_bfloat16(int type_number):
+    """True when ``type_number`` is ml_dtypes' bfloat16 (an array of it means ml_dtypes is
+    imported: looked up in sys.modules, never imported here)."""
+    global bfloat16_type
+    if type_number < NPY_USERDEF:
+        return False
+    if bfloat16_type < 0:
+        ml_dtypes = sys.modules.get("ml_dtypes")
+        if ml_dtypes is None:
+            return False
+        bfloat16_type = np.dtype(ml_dtypes.bfloat16).num
+    return type_number == bfloat16_type
 
 
 cdef int index_type_of(object value, int ndim) noexcept:
@@ -748,14 +770,19 @@ cdef Py_ssize_t reduce_table(const void *table, int table_type, Py_ssize_t num_r
                              const int64_t *bounds, Py_ssize_t num_bags, BagMode mode,
                              const void *sample_weights, int64_t padding_idx, void *out,
                              int num_threads) noexcept nogil:
-    """reduce_chunks on a table of NumPy type ``table_type`` (float32, float64 or float16;
-    out and sample_weights float64 for float64, float32 otherwise), without winners."""
+    """reduce_chunks on a table of NumPy type ``table_type`` (float32, float64, float16 or
+    bfloat16; out and sample_weights float64 for float64, float32 otherwise), without
+    winners."""
     if table_type == cnp.NPY_FLOAT64:
         return reduce_chunks(<const double *>table, num_rows, dim, indices, n, bounds, num_bags,
                              mode, <const double *>sample_weights, padding_idx, <double *>out,
                              NULL, num_threads)
     if table_type == cnp.NPY_FLOAT16:
         return reduce_chunks(<const float16_t *>table, num_rows, dim, indices, n, bounds,
+                             num_bags, mode, <const float *>sample_weights, padding_idx,
+                             <float *>out, NULL, num_threads)
+    if table_type == bfloat16_type:
+        return reduce_chunks(<const bfloat16_t *>table, num_rows, dim, indices, n, bounds,
                              num_bags, mode, <const float *>sample_weights, padding_idx,
                              <float *>out, NULL, num_threads)
     return reduce_chunks(<const float *>table, num_rows, dim, indices, n, bounds, num_bags, mode,
@@ -779,7 +806,7 @@ cdef int bag_mode_of(object mode) noexcept:
 def bag_forward_common(input, weight, offsets, mode, per_sample_weights,
                        bint include_last_offset, padding_idx):
     """``fastemb.embedding_bag`` without max_norm, in one call, for its common case: a plain
-    (C-contiguous, aligned, native) float32, float64 or float16 table; plain int32/int64
+    (C-contiguous, aligned, native) float32, float64, float16 or bfloat16 table; plain int32/int64
     indices, 1-D with plain offsets or 2-D without; a str mode; per-sample weights None or a
     plain array of the input's shape in the dtype the bags are computed in; padding_idx None or
     an int. Returns the bags, bit for bit those of the general path, or None when the call is
@@ -800,7 +827,7 @@ def bag_forward_common(input, weight, offsets, mode, per_sample_weights,
         return None
     table_type = cnp.PyArray_TYPE(<cnp.ndarray>weight)
     if (table_type != cnp.NPY_FLOAT32 and table_type != cnp.NPY_FLOAT64
-            and table_type != cnp.NPY_FLOAT16):
+            and table_type != cnp.NPY_FLOAT16 and not is_bfloat16(table_type)):
         return None
     sum_type = cnp.NPY_FLOAT64 if table_type == cnp.NPY_FLOAT64 else cnp.NPY_FLOAT32
     num_rows = cnp.PyArray_DIM(<cnp.ndarray>weight, 0)

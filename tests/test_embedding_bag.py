@@ -282,7 +282,26 @@ def test_common_path_gives_the_general_paths_bits_or_declines(case):
             assert_same_bits(out, bag_forward(**case).output)
 
 
-@pytest.mark.parametrize("table_dtype", [np.float32, np.float64, np.float16])
+try:
+    import ml_dtypes
+    SIXTEEN_BIT_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+except ImportError:  # (bfloat16 tables need ml_dtypes)
+    SIXTEEN_BIT_DTYPES = (np.dtype(np.float16),)
+
+
+@given(bag_cases(weights=True, table_dtypes=SIXTEEN_BIT_DTYPES))
+def test_common_path_on_16_bit_tables_gives_the_general_paths_bits(case):
+    """float16 and bfloat16 tables take the one-call path too (float32 per-sample weights),
+    with the general path's bits."""
+    if case["per_sample_weights"] is not None:
+        case["per_sample_weights"] = case["per_sample_weights"].astype(np.float32)
+    out = common_path(case)
+    if out is not None:
+        assert out.dtype == np.float32
+        assert_same_bits(out, bag_forward(**case).output)
+
+
+@pytest.mark.parametrize("table_dtype", [np.float32, np.float64, *SIXTEEN_BIT_DTYPES])
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 def test_common_path_runs_on_plain_arrays_and_declines_the_rest(table_dtype, index_dtype, rng):
     """Plain arrays take the one-call path (with the general path's bits); every other kind of
@@ -316,7 +335,7 @@ def test_common_path_runs_on_plain_arrays_and_declines_the_rest(table_dtype, ind
         {**plain, "offsets": offsets.tolist()}, {**plain, "input": indices.tolist()},
         {**plain, "input": indices.astype(np.int16)}, {**plain, "input": indices[::-1]},
         {**plain, "weight": np.asfortranarray(weight)}, {**plain, "weight": weight.tolist()},
-        {**plain, "weight": weight.astype(">" + np.dtype(table_dtype).str[1:])},
+        {**plain, "weight": weight.astype(np.dtype(table_dtype).newbyteorder())},
         {**plain, "mode": np.str_("sum")}, {**plain, "mode": "product"},
         {**plain, "mode": np.array(["sum"])},
         {**plain, "per_sample_weights": sample_weights.astype(np.float16)},
