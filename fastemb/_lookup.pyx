@@ -5,7 +5,6 @@ index checks of the lookups. The rules every kernel follows are in ``fastemb/_co
 from cython.parallel cimport prange
 from libc.math cimport INFINITY, NAN, fabs, isinf, pow, sqrt
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
-from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 cimport numpy as cnp
@@ -20,11 +19,7 @@ import sys
 
 import numpy as np
 
-from fastemb._allocator import BLOCK_CACHE_HANDLER
-
-cdef extern from "numpy/arrayobject.h":
-    object PyDataMem_SetHandler(object handler)  # (the allocator new arrays take their data from)
-    enum: NPY_USERDEF  # (the first type number of the dtypes other packages register)
+include "_bag_call.pxi"
 
 cnp.import_array()
 
@@ -75,34 +70,6 @@ def first_out_of_range(const index_t[::1] indices, int64_t num_embeddings, int n
     return found
 
 
-cdef bint copy_valid_offsets(const index_t *offsets, Py_ssize_t num_offsets, int64_t *bounds,
-                             Py_ssize_t num_bags, int64_t num_indices,
-                             bint include_last_offset) noexcept nogil:
-    """Fill bounds (num_bags + 1 entries) from torch-style offsets; False if they are not valid:
-    from 0, non-decreasing, the last bag ending at num_indices at most (exactly, with
-    include_last_offset)."""
-    cdef Py_ssize_t b
-    cdef int64_t previous = 0, offset
-    for b in range(num_offsets):
-        offset = offsets[b]
-        if offset < previous or (b == 0 and offset != 0):
-            return False
-        bounds[b] = offset
-        previous = offset
-    if include_last_offset:
-        return previous == num_indices
-    bounds[num_bags] = num_indices
-    return previous <= num_indices
-
-
-cdef bint is_plain_array(object value) noexcept:
-    """True for an ndarray (not a subclass) that is C-contiguous, aligned and in native byte
-    order: one whose data a kernel may read as it is."""
-    return (cnp.PyArray_CheckExact(value) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>value)
-            and cnp.PyArray_ISALIGNED(<cnp.ndarray>value)
-            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>value))
-
-
 # NumPy's type number of ml_dtypes' bfloat16 (a user dtype, numbered when ml_dtypes registers
 # it), found the first time a table of a user dtype comes while ml_dtypes is imported; -1 before.
 cdef int bfloat16_type = -1
@@ -120,37 +87,6 @@ cdef bint is_bfloat16(int type_number):
             return False
         bfloat16_type = np.dtype(ml_dtypes.bfloat16).num
     return type_number == bfloat16_type
-
-
-cdef int index_type_of(object value, int ndim) noexcept:
-    """NPY_INT32 or NPY_INT64 for a plain array (is_plain_array) of ndim dimensions holding
-    those; -1 for anything else."""
-    cdef int type_number
-    if not is_plain_array(value) or cnp.PyArray_NDIM(<cnp.ndarray>value) != ndim:
-        return -1
-    type_number = cnp.PyArray_TYPE(<cnp.ndarray>value)
-    return type_number if type_number == cnp.NPY_INT32 or type_number == cnp.NPY_INT64 else -1
-
-
-cdef Py_ssize_t bag_count(object offsets, bint include_last_offset) noexcept:
-    """The number of bags B that torch-style ``offsets`` give, if they are a plain 1-D
-    int32/int64 array (see index_type_of); -1 for any other offsets."""
-    cdef Py_ssize_t num_offsets
-    if index_type_of(offsets, 1) < 0:
-        return -1
-    num_offsets = cnp.PyArray_DIM(<cnp.ndarray>offsets, 0)
-    return num_offsets - 1 if include_last_offset else num_offsets
-
-
-cdef bint copy_offsets(cnp.ndarray offsets, int64_t *bounds, Py_ssize_t num_bags,
-                       int64_t num_indices, bint include_last_offset) noexcept:
-    """copy_valid_offsets on offsets that bag_count accepted (it gave num_bags >= 0)."""
-    cdef Py_ssize_t num_offsets = cnp.PyArray_DIM(offsets, 0)
-    if cnp.PyArray_TYPE(offsets) == cnp.NPY_INT64:
-        return copy_valid_offsets(<const int64_t *>cnp.PyArray_DATA(offsets), num_offsets,
-                                  bounds, num_bags, num_indices, include_last_offset)
-    return copy_valid_offsets(<const int32_t *>cnp.PyArray_DATA(offsets), num_offsets, bounds,
-                              num_bags, num_indices, include_last_offset)
 
 
 def bounds_from_offsets(offsets, int64_t num_indices, bint include_last_offset):
@@ -790,40 +726,21 @@ cdef Py_ssize_t reduce_table(const void *table, int table_type, Py_ssize_t num_r
                          num_threads)
 
 
-cdef int bag_mode_of(object mode) noexcept:
-    """The BagMode of a mode string ("sum", "mean", "max"); -1 for anything else."""
-    if type(mode) is not str:
-        return -1
-    if mode == "sum":
-        return BAG_SUM
-    if mode == "mean":
-        return BAG_MEAN
-    if mode == "max":
-        return BAG_MAX
-    return -1
-
-
 def bag_forward_common(input, weight, offsets, mode, per_sample_weights,
                        bint include_last_offset, padding_idx):
     """``fastemb.embedding_bag`` without max_norm, in one call, for its common case: a plain
-    (C-contiguous, aligned, native) float32, float64, float16 or bfloat16 table; plain int32/int64
-    indices, 1-D with plain offsets or 2-D without; a str mode; per-sample weights None or a
-    plain array of the input's shape in the dtype the bags are computed in; padding_idx None or
-    an int. Returns the bags, bit for bit those of the general path, or None when the call is
-    not that case or its arguments are not valid (an index out of range, bad offsets): the
-    caller then takes the general path, which converts or explains. It writes nothing but the
-    fresh output it returns."""
-    cdef int table_type, index_type, bag_mode = bag_mode_of(mode)
-    cdef int sum_type, input_dims, num_threads
-    cdef Py_ssize_t num_rows, dim, n, num_bags, b, out_of_range, bag_size = 0
-    cdef int64_t padding = -1
-    cdef int64_t *bounds = NULL
-    cdef const void *table = NULL
-    cdef const void *indices = NULL
-    cdef const void *weights_data = NULL
+    (C-contiguous, aligned, native) float32, float64, float16 or bfloat16 table, and the
+    arguments parse_bag_call takes (per-sample weights in the dtype the bags are computed in).
+    Returns the bags, bit for bit those of the general path, or None when the call is not
+    that case or its arguments are not valid (an index out of range, bad offsets): the caller
+    then takes the general path, which converts or explains. It writes nothing but the fresh
+    output it returns."""
+    cdef int table_type, sum_type, num_threads
+    cdef Py_ssize_t num_rows, dim, out_of_range
+    cdef const void *table
     cdef void *out_data
-    cdef cnp.npy_intp out_shape[2]
-    if bag_mode < 0 or not is_plain_array(weight) or cnp.PyArray_NDIM(<cnp.ndarray>weight) != 2:
+    cdef BagCall call
+    if not is_plain_array(weight) or cnp.PyArray_NDIM(<cnp.ndarray>weight) != 2:
         return None
     table_type = cnp.PyArray_TYPE(<cnp.ndarray>weight)
     if (table_type != cnp.NPY_FLOAT32 and table_type != cnp.NPY_FLOAT64
@@ -832,64 +749,30 @@ def bag_forward_common(input, weight, offsets, mode, per_sample_weights,
     sum_type = cnp.NPY_FLOAT64 if table_type == cnp.NPY_FLOAT64 else cnp.NPY_FLOAT32
     num_rows = cnp.PyArray_DIM(<cnp.ndarray>weight, 0)
     dim = cnp.PyArray_DIM(<cnp.ndarray>weight, 1)
-    input_dims = 1 if offsets is not None else 2
-    index_type = index_type_of(input, input_dims)
-    if index_type < 0:
+    if dim == 0 or not parse_bag_call(input, offsets, mode, per_sample_weights,
+                                      include_last_offset, padding_idx, num_rows, sum_type,
+                                      &call):
         return None
-    n = cnp.PyArray_SIZE(<cnp.ndarray>input)
-    if padding_idx is not None:
-        if type(padding_idx) is not int or not -num_rows <= padding_idx < num_rows:
-            return None
-        padding = padding_idx % num_rows
-    if per_sample_weights is not None:
-        if (bag_mode == BAG_MAX or not is_plain_array(per_sample_weights)
-                or cnp.PyArray_TYPE(<cnp.ndarray>per_sample_weights) != sum_type
-                or cnp.PyArray_NDIM(<cnp.ndarray>per_sample_weights) != input_dims
-                or cnp.PyArray_DIM(<cnp.ndarray>per_sample_weights, 0)
-                != cnp.PyArray_DIM(<cnp.ndarray>input, 0)
-                or cnp.PyArray_SIZE(<cnp.ndarray>per_sample_weights) != n):
-            return None
-        weights_data = cnp.PyArray_DATA(<cnp.ndarray>per_sample_weights)
-    if input_dims == 2:
-        num_bags = cnp.PyArray_DIM(<cnp.ndarray>input, 0)
-        bag_size = cnp.PyArray_DIM(<cnp.ndarray>input, 1)
-    else:
-        num_bags = bag_count(offsets, include_last_offset)
-    if num_bags <= 0 or dim == 0:  # (the general path's rare cases)
-        return None
-    bounds = <int64_t *>malloc((num_bags + 1) * sizeof(int64_t))
-    if bounds == NULL:
-        raise MemoryError()
     try:
-        if input_dims == 2:
-            for b in range(num_bags + 1):
-                bounds[b] = b * bag_size
-        elif not copy_offsets(offsets, bounds, num_bags, n, include_last_offset):
-            return None
-        out_shape[0] = num_bags
-        out_shape[1] = dim
-        previous_handler = PyDataMem_SetHandler(BLOCK_CACHE_HANDLER)
-        try:
-            out = cnp.PyArray_EMPTY(2, out_shape, sum_type, 0)
-        finally:
-            PyDataMem_SetHandler(previous_handler)
+        out = new_bag_output(call.num_bags, dim, sum_type)
         table = cnp.PyArray_DATA(<cnp.ndarray>weight) if num_rows else NULL
-        indices = cnp.PyArray_DATA(<cnp.ndarray>input) if n else NULL
         out_data = cnp.PyArray_DATA(<cnp.ndarray>out)
-        num_threads = threads_for(n * dim)
+        num_threads = threads_for(call.num_indices * dim)
         with nogil:
-            if index_type == cnp.NPY_INT64:
+            if call.index_type == cnp.NPY_INT64:
                 out_of_range = reduce_table(table, table_type, num_rows, dim,
-                                            <const int64_t *>indices, n, bounds, num_bags,
-                                            <BagMode>bag_mode, weights_data, padding, out_data,
+                                            <const int64_t *>call.indices, call.num_indices,
+                                            call.bounds, call.num_bags, call.mode,
+                                            call.weights, call.padding_idx, out_data,
                                             num_threads)
             else:
                 out_of_range = reduce_table(table, table_type, num_rows, dim,
-                                            <const int32_t *>indices, n, bounds, num_bags,
-                                            <BagMode>bag_mode, weights_data, padding, out_data,
+                                            <const int32_t *>call.indices, call.num_indices,
+                                            call.bounds, call.num_bags, call.mode,
+                                            call.weights, call.padding_idx, out_data,
                                             num_threads)
     finally:
-        free(bounds)
+        free_bag_call(&call)
     return out if out_of_range == 0 else None
 
 

@@ -21,12 +21,22 @@ from libc.math cimport isinf, lrintf
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
 from libc.string cimport memcpy, memset
 
-from fastemb._common cimport (BAG_MAX, BAG_MEAN, BagMode, bag_extent, check_enum, clamp,
-                              count_out_of_range, divide_by_bag_sizes, float16_nearest,
+cimport numpy as cnp
+from fastemb._common cimport (BAG_MAX, BAG_MEAN, BAG_SUM, BagMode, bag_extent, check_enum,
+                              clamp, count_out_of_range, divide_by_bag_sizes, float16_nearest,
                               float16_t, float16_value, index_t, is_kept, prefetch_distance,
                               prefetch_row, team_size)
 
-__all__ = ["gather_quantized", "quantize_rows", "quantized_bag_reduce", "quantized_row_bytes"]
+import importlib
+
+import numpy as np
+
+include "_bag_call.pxi"
+
+cnp.import_array()
+
+__all__ = ["gather_quantized", "quantize_rows", "quantized_bag_forward_common",
+           "quantized_bag_reduce", "quantized_row_bytes"]
 
 cdef extern from "_quantized.h":
     # (bits, take_max, acc, row, code_bytes, dim): acc[j] = scale * q[j] + bias, or with
@@ -45,6 +55,10 @@ cdef extern from "_quantized.h":
         int, float *, const uint8_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
         const int64_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t, const float *, int64_t,
         Py_ssize_t) noexcept nogil
+
+# The threads of a call touching about `work` elements, from the _lookup module of this build,
+# which holds the thread settings.
+threads_for = importlib.import_module(__name__.replace("._quantized", "._lookup")).threads_for
 
 cdef enum:
     BAGS_PER_CHUNK = 64  # bags reduced per prange iteration
@@ -295,6 +309,38 @@ cdef inline void reduce_quantized_bags(const QuantizedRows *rows, const index_t 
                               out + b * rows.dim, distance)
 
 
+cdef Py_ssize_t reduce_quantized_chunks(const QuantizedRows *rows, const index_t *indices,
+                                        Py_ssize_t n, const int64_t *bounds,
+                                        Py_ssize_t num_bags, BagMode mode,
+                                        const float *sample_weights, int64_t padding_idx,
+                                        float *out, int num_threads) noexcept nogil:
+    """quantized_bag_reduce's loop on checked arguments (``n`` indices; out (num_bags, D),
+    num_bags > 0): the bags in chunks of BAGS_PER_CHUNK, each chunk then counting the indices
+    of its bags outside [0, V), as _lookup.bag_reduce does. Returns how many there were,
+    those outside every bag included."""
+    cdef Py_ssize_t num_chunks = (num_bags + BAGS_PER_CHUNK - 1) // BAGS_PER_CHUNK
+    cdef Py_ssize_t chunk, first, last, out_of_range = 0
+    cdef Py_ssize_t distance = prefetch_distance(rows.num_rows, rows.row_bytes, 1,
+                                                 BAG_PREFETCH_MIN_TABLE_BYTES)
+    cdef Py_ssize_t num_kept = n if rows.data != NULL else 0  # (no rows: every bag is empty)
+    for chunk in prange(num_chunks, schedule="dynamic", num_threads=team_size(num_threads)):
+        first = chunk * BAGS_PER_CHUNK
+        last = min(first + BAGS_PER_CHUNK, num_bags)
+        reduce_quantized_bags(rows, indices, num_kept, bounds, first, last, sample_weights,
+                              padding_idx, mode == BAG_MAX, out, distance)
+        if mode == BAG_MEAN:
+            divide_by_bag_sizes(rows.num_rows, rows.dim, indices, num_kept, bounds, first, last,
+                                sample_weights, padding_idx, out)
+        if n:
+            out_of_range += count_out_of_range(  # (an OpenMP reduction)
+                indices, clamp(bounds[first], 0, n), clamp(bounds[last], 0, n), rows.num_rows)
+    if n:  # indices before the first bag or after the last
+        out_of_range += count_out_of_range(indices, 0, clamp(bounds[0], 0, n), rows.num_rows)
+        out_of_range += count_out_of_range(indices, clamp(bounds[num_bags], 0, n), n,
+                                           rows.num_rows)
+    return out_of_range
+
+
 def quantized_bag_reduce(const uint8_t[:, ::1] data, int bits, const index_t[::1] indices,
                          const int64_t[::1] bounds, BagMode mode,
                          const float[::1] sample_weights, int64_t padding_idx,
@@ -309,11 +355,9 @@ def quantized_bag_reduce(const uint8_t[:, ::1] data, int bits, const index_t[::1
     check_enum(mode, BAG_MAX, "bag mode")
     cdef QuantizedRows rows = describe_rows(data, bits)
     cdef Py_ssize_t n = indices.shape[0], num_bags = bounds.shape[0] - 1
-    cdef Py_ssize_t num_chunks, chunk, first, last, out_of_range = 0
     cdef const index_t *index_data = &indices[0] if n > 0 else NULL
     cdef const float *weights_data = NULL
-    cdef Py_ssize_t distance = prefetch_distance(rows.num_rows, rows.row_bytes, 1,
-                                                 BAG_PREFETCH_MIN_TABLE_BYTES)
+    cdef Py_ssize_t out_of_range
     if num_bags < 0 or out.shape[0] != num_bags or out.shape[1] != rows.dim:
         raise ValueError("quantized_bag_reduce: out must have shape "
                          "(len(bounds) - 1, embedding_dim)")
@@ -324,26 +368,48 @@ def quantized_bag_reduce(const uint8_t[:, ::1] data, int bits, const index_t[::1
             weights_data = &sample_weights[0]
     if num_bags == 0 or rows.dim == 0:  # nothing to reduce, but the indices are still checked
         return count_out_of_range(index_data, 0, n, rows.num_rows) if n else 0
-    if rows.data == NULL:  # no rows: every entry is skipped (n = 0 clamps every bag empty)
-        n = 0
-    num_chunks = (num_bags + BAGS_PER_CHUNK - 1) // BAGS_PER_CHUNK
     with nogil:
-        for chunk in prange(num_chunks, schedule="dynamic", num_threads=team_size(num_threads)):
-            first = chunk * BAGS_PER_CHUNK
-            last = min(first + BAGS_PER_CHUNK, num_bags)
-            reduce_quantized_bags(&rows, index_data, n, &bounds[0], first, last, weights_data,
-                                  padding_idx, mode == BAG_MAX, &out[0, 0], distance)
-            if mode == BAG_MEAN:
-                divide_by_bag_sizes(rows.num_rows, rows.dim, index_data, n, &bounds[0], first,
-                                    last, weights_data, padding_idx, &out[0, 0])
-            if indices.shape[0]:
-                out_of_range += count_out_of_range(  # (an OpenMP reduction)
-                    index_data, clamp(bounds[first], 0, indices.shape[0]),
-                    clamp(bounds[last], 0, indices.shape[0]), rows.num_rows)
-    if indices.shape[0]:  # indices before the first bag or after the last
-        out_of_range += count_out_of_range(index_data, 0,
-                                           clamp(bounds[0], 0, indices.shape[0]), rows.num_rows)
-        out_of_range += count_out_of_range(
-            index_data, clamp(bounds[num_bags], 0, indices.shape[0]), indices.shape[0],
-            rows.num_rows)
+        out_of_range = reduce_quantized_chunks(&rows, index_data, n, &bounds[0], num_bags, mode,
+                                               weights_data, padding_idx, &out[0, 0],
+                                               num_threads)
     return out_of_range
+
+
+def quantized_bag_forward_common(input, data, int bits, offsets, mode, per_sample_weights,
+                                 bint include_last_offset, padding_idx):
+    """``fastemb.embedding_bag`` on a QuantizedTable's prepacked rows ``data`` (a plain uint8
+    array; see _lookup.bag_forward_common) in one call, for its common case: the arguments
+    parse_bag_call takes, float32 per-sample weights. Returns the float32 bags, bit for bit
+    those of the general path, or None when the call is not that case or not valid: the
+    caller then takes the general path. It writes nothing but the fresh output it returns."""
+    cdef QuantizedRows rows
+    cdef BagCall call
+    cdef Py_ssize_t out_of_range
+    cdef int num_threads
+    cdef float *out_data
+    if (not is_plain_array(data) or cnp.PyArray_NDIM(<cnp.ndarray>data) != 2
+            or cnp.PyArray_TYPE(<cnp.ndarray>data) != cnp.NPY_UINT8):
+        return None
+    rows = describe_rows(data, bits)
+    if rows.dim == 0 or not parse_bag_call(input, offsets, mode, per_sample_weights,
+                                           include_last_offset, padding_idx, rows.num_rows,
+                                           cnp.NPY_FLOAT32, &call):
+        return None
+    try:
+        out = new_bag_output(call.num_bags, rows.dim, cnp.NPY_FLOAT32)
+        out_data = <float *>cnp.PyArray_DATA(<cnp.ndarray>out)
+        num_threads = threads_for(call.num_indices * rows.dim)
+        with nogil:
+            if call.index_type == cnp.NPY_INT64:
+                out_of_range = reduce_quantized_chunks(
+                    &rows, <const int64_t *>call.indices, call.num_indices, call.bounds,
+                    call.num_bags, call.mode, <const float *>call.weights, call.padding_idx,
+                    out_data, num_threads)
+            else:
+                out_of_range = reduce_quantized_chunks(
+                    &rows, <const int32_t *>call.indices, call.num_indices, call.bounds,
+                    call.num_bags, call.mode, <const float *>call.weights, call.padding_idx,
+                    out_data, num_threads)
+    finally:
+        free_bag_call(&call)
+    return out if out_of_range == 0 else None

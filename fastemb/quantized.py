@@ -167,8 +167,14 @@ def quantized_embedding(input, table, padding_idx=None, max_norm=None):
 def quantized_embedding_bag(input, table, offsets=None, mode="mean", per_sample_weights=None,
                             include_last_offset=False, padding_idx=None, max_norm=None):
     """``fastemb.embedding_bag`` on a QuantizedTable: float32 ``(B, D)``, the float path's
-    validation and errors, float32 per-sample weights."""
+    validation and errors, float32 per-sample weights. The common case runs in one compiled
+    call (``quantized_bag_forward_common``, as ``bag_forward_common`` for float tables)."""
     _check_no_max_norm(max_norm)
+    out = _core.quantized_bag_forward_common(input, table.data, table.bits, offsets, mode,
+                                             per_sample_weights, include_last_offset,
+                                             padding_idx)
+    if out is not None:
+        return out  # (else the call is not the common case, or not valid: see below)
     mode, indices, bounds, sample_weights, padding = bag_arguments(
         input, offsets, mode, per_sample_weights, include_last_offset, padding_idx,
         table.num_embeddings, np.dtype(np.float32))

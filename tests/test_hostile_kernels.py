@@ -431,6 +431,21 @@ for side in ("after", "before"):
                                                guarded(np.zeros((2, D), f4)), threads),
             ):
                 expect(ValueError, bad)
+
+            case(f"quantized_bag_forward_common {tag}")
+            # rows outside [0, V) or offsets that are not valid: declined (None), after reading
+            # only in bounds; valid ones: the bags by hand
+            assert K.quantized_bag_forward_common(indices, data, bits, I([0, 3]), "sum", None,
+                                                  False, None) is None
+            good = guarded(np.array([0, 4, 2, 1, 3], np.int64))
+            for offsets in (I([0, 6]), I([1, 5]), I([0, 3, 2, 5]), I([0, 2, 4]), I([])):
+                assert K.quantized_bag_forward_common(good, data, bits, offsets, "sum", None,
+                                                      True, None) is None
+            for mode in ("sum", "mean", "max"):
+                got = K.quantized_bag_forward_common(good, data, bits, I([0, 3, 3]), mode, None,
+                                                     False, -1)
+                want, _ = bags_by_hand(values, np.asarray(good), [0, 3, 3, 5], mode, None, 4)
+                assert_same_bits(got, want)
 print("ALL OK", flush=True)
 """
 

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 from hypothesis import given
+from common_path import check_runs_unchanged, declined_bag_calls, plain_bag_calls
 from hypothesis import strategies as st
 from reference import assert_same_bits, embedding_bag_ref, embedding_ref, out_of_range
 from strategies import bag_cases
@@ -274,6 +275,50 @@ def test_bags_match_the_float32_reference_bit_for_bit(case):
     table: the same values, added (times the weights) left to right from +0 in float32."""
     expected, _ = embedding_bag_ref(**reference_case(case))
     assert_same_bits(fastemb.embedding_bag(**case), expected)
+
+
+def common_path(case):
+    """What the one-call path gives for a quantized bag ``case`` (None: declined)."""
+    from fastemb._kernels import kernels
+
+    table = case["weight"]
+    return kernels.quantized_bag_forward_common(
+        case["input"], table.data, table.bits, case.get("offsets"), case["mode"],
+        case.get("per_sample_weights"), case.get("include_last_offset", False),
+        case.get("padding_idx"))
+
+
+@given(quantized_bag_cases())
+def test_common_path_gives_the_reference_bits_or_declines(case):
+    """The one-call path (embedding_bag's common case on a quantized table) gives the float32
+    reference's bits wherever it runs."""
+    out = common_path(case)
+    if out is not None:
+        expected, _ = embedding_bag_ref(**reference_case(case))
+        assert_same_bits(out, expected)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_common_path_runs_on_plain_arrays_and_declines_the_rest(bits, index_dtype, rng):
+    """Plain arguments take the one-call path; anything else, and anything invalid, is
+    declined (None) for the general path to convert or explain; nothing the caller holds
+    changes either way."""
+    table = fastemb.quantize(random_table(rng, 9, 6), bits)
+    indices = rng.integers(0, 9, 12).astype(index_dtype)
+    offsets = np.array([0, 3, 3, 7], index_dtype)
+    sample_weights = rng.random(12).astype(np.float32)
+    check_runs_unchanged(plain_bag_calls(table, indices, offsets, sample_weights), common_path,
+                         lambda call: embedding_bag_ref(**reference_case(call))[0],
+                         assert_same_bits)
+    for case in declined_bag_calls(table, indices, offsets, sample_weights) + [
+            dict(input=indices, weight=table, offsets=offsets, mode="sum",
+                 per_sample_weights=sample_weights.astype(np.float64))]:
+        assert common_path(case) is None, case
+    from fastemb._kernels import kernels
+    for data in (table.data.astype(np.int8), table.data[:, ::-1], table.data.tolist()):
+        assert kernels.quantized_bag_forward_common(indices, data, bits, offsets, "sum", None,
+                                                    False, None) is None
 
 
 @pytest.mark.parametrize(("mode", "weighted"), [("sum", False), ("mean", False), ("max", False),
