@@ -14,9 +14,10 @@ Rules every kernel follows:
 
 - It is called by the Python layer (``fastemb/functional.py`` and friends) after all validation;
   the ``def`` wrapper only checks that the arrays fit together, with the GIL held, and then runs
-  the loop with the GIL released. One entry checks its arguments itself:
-  ``bag_forward_common``, embedding_bag's common case in one call, which declines (returns
-  None) anything it does not fully check, for the Python layer to convert or explain.
+  the loop with the GIL released. Two entries check their arguments themselves:
+  ``bag_forward_common`` and ``quantized_bag_forward_common``, embedding_bag's common case in
+  one call (float and quantized tables; their parsing is ``_bag_call.pxi``), which decline
+  (return None) anything they do not fully check, for the Python layer to convert or explain.
 - It is parallel over *output rows* with ``prange``: each output row is written by exactly one
   iteration (owner computes), in a fixed order, so the result is bitwise identical for any
   thread count and schedule. The schedule is static, except for the gradient sums over unique
