@@ -44,14 +44,12 @@ cdef bint copy_valid_offsets(const index_t *offsets, Py_ssize_t num_offsets, int
     return previous <= num_indices
 
 
-
 cdef bint is_plain_array(object value) noexcept:
     """True for an ndarray (not a subclass) that is C-contiguous, aligned and in native byte
     order: one whose data a kernel may read as it is."""
     return (cnp.PyArray_CheckExact(value) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>value)
             and cnp.PyArray_ISALIGNED(<cnp.ndarray>value)
             and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>value))
-
 
 
 cdef int index_type_of(object value, int ndim) noexcept:
@@ -83,7 +81,6 @@ cdef bint copy_offsets(cnp.ndarray offsets, int64_t *bounds, Py_ssize_t num_bags
                                   bounds, num_bags, num_indices, include_last_offset)
     return copy_valid_offsets(<const int32_t *>cnp.PyArray_DATA(offsets), num_offsets, bounds,
                               num_bags, num_indices, include_last_offset)
-
 
 
 cdef int bag_mode_of(object mode) noexcept:

@@ -218,7 +218,7 @@ static inline fastemb_float16 fastemb_float16_nearest(float value) {
 /* A float16 row widened to float32 (exact), and a float32 row rounded to the nearest float16s
    (ties to even), as the element functions above give them: F16C's vcvtph2ps / vcvtps2ph on
    16 or 8 columns at a time where the build has them (gcc converts a _Float16 loop element by
-   element, which made a float16 table's training step 3x slower than a bfloat16 one's), the
+   element, which made a float16 table's SGD update 2.7x slower than a bfloat16 one's), the
    element functions for the columns left. */
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -319,8 +319,6 @@ static inline fastemb_float16 fastemb_float16_stochastic(float value, uint64_t r
     return rounded;
 }
 
-/* splitmix64's output function: a well-mixed 64-bit hash, for counter-based random numbers
-   (the draw of element (row, j) depends on the key, the row and j only: on no thread). */
 /* A split float32 table's rows: wide[j] = the float32 whose top 16 bits are high[j] and low
    16 bits low[j] (join), and back (split), exactly. In C for `restrict`: without it the
    compiler checked at every row whether the three rows overlap (the split SGD step took 7%
@@ -344,6 +342,8 @@ static inline void fastemb_split_halves(const float *restrict wide, uint16_t *re
     }
 }
 
+/* splitmix64's output function: a well-mixed 64-bit hash, for counter-based random numbers
+   (the draw of element (row, j) depends on the key, the row and j only: on no thread). */
 static inline uint64_t fastemb_mix64(uint64_t x) {
     x += 0x9e3779b97f4a7c15ULL;
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
