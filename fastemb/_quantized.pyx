@@ -29,8 +29,6 @@ from fastemb._common cimport (BAG_MAX, BAG_MEAN, BAG_SUM, BagMode, bag_extent, c
 
 import importlib
 
-import numpy as np
-
 include "_bag_call.pxi"
 
 cnp.import_array()
