@@ -11,7 +11,10 @@ from ._config import __version__, get_num_threads, set_num_threads, show_config
 from ._memory import release_memory
 from .backward import embedding_backward, embedding_bag_backward
 from .checkpoint import load, save
+from .collection import (EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection,
+                         EmbeddingConfig)
 from .functional import embedding, embedding_bag
+from .jagged import JaggedArray, KeyedArray, KeyedJaggedArray
 from .modules import Embedding, EmbeddingBag
 from .quantized import QuantizedTable, quantize
 from .sparse import SparseGrad
@@ -19,6 +22,13 @@ from .sparse import SparseGrad
 __all__ = [
     "Embedding",
     "EmbeddingBag",
+    "EmbeddingBagCollection",
+    "EmbeddingBagConfig",
+    "EmbeddingCollection",
+    "EmbeddingConfig",
+    "JaggedArray",
+    "KeyedArray",
+    "KeyedJaggedArray",
     "QuantizedTable",
     "SparseGrad",
     "__version__",

@@ -140,9 +140,10 @@ cdef inline void bag_extent(const int64_t *bounds, Py_ssize_t b, Py_ssize_t n,
 cdef inline void divide_by_bag_sizes(Py_ssize_t num_rows, Py_ssize_t dim, const index_t *indices,
                                      Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
                                      Py_ssize_t end_bag, const floating *sample_weights,
-                                     int64_t padding_idx, floating *out) noexcept nogil:
+                                     int64_t padding_idx, floating *out,
+                                     Py_ssize_t out_stride) noexcept nogil:
     """Mean: divide each bag's sum by its kept entries' count (weighted: their weights' sum),
-    for the bags in [first_bag, end_bag)."""
+    for the bags in [first_bag, end_bag), whose rows of out lie out_stride elements apart."""
     cdef Py_ssize_t b, k, j, start, end, count
     cdef floating divisor, weight_total
     for b in range(first_bag, end_bag):
@@ -156,7 +157,7 @@ cdef inline void divide_by_bag_sizes(Py_ssize_t num_rows, Py_ssize_t dim, const 
                     weight_total = weight_total + sample_weights[k]
         divisor = weight_total if sample_weights != NULL else <floating>count
         for j in range(dim):
-            out[b * dim + j] = out[b * dim + j] / divisor if divisor != 0 else 0
+            out[b * out_stride + j] = out[b * out_stride + j] / divisor if divisor != 0 else 0
 
 
 cdef inline Py_ssize_t count_out_of_range(const index_t *indices, Py_ssize_t start,

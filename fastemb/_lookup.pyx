@@ -23,13 +23,15 @@ include "_bag_call.pxi"
 
 cnp.import_array()
 
-__all__ = ["bag_forward_common", "bag_reduce", "bounds_from_offsets", "first_decrease",
+__all__ = ["bag_forward_common", "bag_reduce", "bounds_from_offsets", "collection_bag_reduce",
+           "collection_gather", "first_decrease",
            "first_out_of_range", "gather_rows", "get_num_threads", "renorm_rows",
            "set_parallel_grain", "set_requested_threads", "threads_for"]
 
 cdef enum:
     RANGE_CHECK_CHUNK = 4096  # indices checked per chunk by first_out_of_range
     BAGS_PER_CHUNK = 64  # bags reduced per prange iteration by bag_reduce
+    GATHER_ROWS_PER_CHUNK = 256  # rows copied per prange iteration by collection_gather
 
 # Prefetching starts at a table size, below which the rows a lookup needs are mostly in the
 # core's own caches and prefetch instructions are overhead. A bag's running sum waits on its
@@ -351,10 +353,12 @@ cdef inline void sum_block(reduction_t *reduction, const table_t *table, Py_ssiz
                            const int64_t *bounds, Py_ssize_t first_bag, Py_ssize_t end_bag,
                            const floating *sample_weights, int64_t padding_idx,
                            Py_ssize_t column, columns_t *columns, Py_ssize_t any_width,
-                           floating *out, Py_ssize_t distance, bint lines_aligned) noexcept nogil:
+                           floating *out, Py_ssize_t out_stride, Py_ssize_t distance,
+                           bint lines_aligned) noexcept nogil:
     """out[b, column:column+width] = the sum of bag b's kept rows' columns (times their
-    weights, for a WeightedSumReduction), for the bags b in [first_bag, end_bag). With
-    distance > 0 it prefetches the same columns of the row ``distance`` positions ahead."""
+    weights, for a WeightedSumReduction), for the bags b in [first_bag, end_bag), where out's
+    rows lie ``out_stride`` elements apart. With distance > 0 it prefetches the same columns of
+    the row ``distance`` positions ahead."""
     cdef Py_ssize_t width = block_width(columns, any_width, sizeof(floating))
     cdef bint unrolled = not (columns_t is WideColumns or columns_t is AnyColumns)
     cdef bint weighted = reduction_t is WeightedSumReduction
@@ -381,18 +385,18 @@ cdef inline void sum_block(reduction_t *reduction, const table_t *table, Py_ssiz
         for k in range(prefetched_end, end):
             add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k,
                           padding_idx, column, width, weighted, unrolled)
-        store_block(out + b * dim + column, acc, width, unrolled)
+        store_block(out + b * out_stride + column, acc, width, unrolled)
 
 
 cdef inline void max_block(const table_t *table, Py_ssize_t num_rows, Py_ssize_t dim,
                            const index_t *indices, Py_ssize_t n, const int64_t *bounds,
                            Py_ssize_t first_bag, Py_ssize_t end_bag, int64_t padding_idx,
                            Py_ssize_t column, columns_t *columns, Py_ssize_t any_width,
-                           floating *out, int64_t *winners, Py_ssize_t distance,
-                           bint lines_aligned) noexcept nogil:
+                           floating *out, int64_t *winners, Py_ssize_t out_stride,
+                           Py_ssize_t distance, bint lines_aligned) noexcept nogil:
     """out[b, column:column+width] = those columns' max over bag b's kept rows (first wins
-    ties), for the bags b in [first_bag, end_bag); winners (unless NULL) gets the winning rows.
-    No kept row: zeros and -1."""
+    ties), for the bags b in [first_bag, end_bag); winners (unless NULL, rows as far apart as
+    out's: ``out_stride``) gets the winning rows. No kept row: zeros and -1."""
     cdef Py_ssize_t width = block_width(columns, any_width, sizeof(floating))
     cdef floating acc[MAX_BLOCK_ELEMENTS]
     cdef int64_t winner[MAX_BLOCK_ELEMENTS]
@@ -404,8 +408,8 @@ cdef inline void max_block(const table_t *table, Py_ssize_t num_rows, Py_ssize_t
     cdef int64_t row
     for b in range(first_bag, end_bag):
         bag_extent(bounds, b, n, &start, &end)
-        out_row = out + b * dim + column
-        winner_row = winners + b * dim + column if winners != NULL else NULL
+        out_row = out + b * out_stride + column
+        winner_row = winners + b * out_stride + column if winners != NULL else NULL
         k = start
         while k < end and not is_kept(indices[k], padding_idx, num_rows):
             k += 1
@@ -450,15 +454,17 @@ cdef inline void reduce_block(reduction_t *reduction, const table_t *table,
                               Py_ssize_t end_bag, const floating *sample_weights,
                               int64_t padding_idx, Py_ssize_t column, columns_t *columns,
                               Py_ssize_t any_width, floating *out, int64_t *winners,
-                              Py_ssize_t distance, bint lines_aligned) noexcept nogil:
+                              Py_ssize_t out_stride, Py_ssize_t distance,
+                              bint lines_aligned) noexcept nogil:
     """One block of columns of bags [first_bag, end_bag): sum_block or max_block."""
     if reduction_t is MaxReduction:
         max_block(table, num_rows, dim, indices, n, bounds, first_bag, end_bag, padding_idx,
-                  column, columns, any_width, out, winners, distance, lines_aligned)
+                  column, columns, any_width, out, winners, out_stride, distance,
+                  lines_aligned)
     else:
         sum_block(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
-                  sample_weights, padding_idx, column, columns, any_width, out, distance,
-                  lines_aligned)
+                  sample_weights, padding_idx, column, columns, any_width, out, out_stride,
+                  distance, lines_aligned)
 
 
 cdef inline Py_ssize_t reduce_block_if_it_fits(
@@ -466,15 +472,15 @@ cdef inline Py_ssize_t reduce_block_if_it_fits(
         const index_t *indices, Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
         Py_ssize_t end_bag, const floating *sample_weights, int64_t padding_idx,
         Py_ssize_t column, columns_t *columns, floating *out, int64_t *winners,
-        Py_ssize_t distance, bint lines_aligned) noexcept nogil:
+        Py_ssize_t out_stride, Py_ssize_t distance, bint lines_aligned) noexcept nogil:
     """reduce_block on a block of this (compile-time) width at ``column``, if the row has that
     many columns left; returns the column after the block (``column`` when it did not fit)."""
     cdef Py_ssize_t width = sizeof(columns_t) // sizeof(floating)
     if dim - column < width:
         return column
     reduce_block(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
-                 sample_weights, padding_idx, column, columns, 0, out, winners, distance,
-                 lines_aligned)
+                 sample_weights, padding_idx, column, columns, 0, out, winners, out_stride,
+                 distance, lines_aligned)
     return column + width
 
 
@@ -483,34 +489,40 @@ cdef inline void reduce_columns(reduction_t *reduction, const table_t *table,
                                 Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
                                 Py_ssize_t end_bag, const floating *sample_weights,
                                 int64_t padding_idx, floating *out, int64_t *winners,
-                                Py_ssize_t distance, bint lines_aligned) noexcept nogil:
+                                Py_ssize_t out_stride, Py_ssize_t distance,
+                                bint lines_aligned) noexcept nogil:
     """Bags [first_bag, end_bag), block by block over the columns: wide blocks, then at most
     one narrow block of each width, all of compile-time width, then the rest."""
     cdef Py_ssize_t column = 0, wide = BLOCK_BYTES // sizeof(floating)
     while dim - column >= wide:
         column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
                                          first_bag, end_bag, sample_weights, padding_idx,
-                                         column, <WideColumns *>NULL, out, winners, distance,
-                                         lines_aligned)
+                                         column, <WideColumns *>NULL, out, winners,
+                                         out_stride, distance, lines_aligned)
     column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
                                      first_bag, end_bag, sample_weights, padding_idx, column,
-                                     <Columns512 *>NULL, out, winners, distance, lines_aligned)
+                                     <Columns512 *>NULL, out, winners, out_stride,
+                                     distance, lines_aligned)
     column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
                                      first_bag, end_bag, sample_weights, padding_idx, column,
-                                     <Columns256 *>NULL, out, winners, distance, lines_aligned)
+                                     <Columns256 *>NULL, out, winners, out_stride,
+                                     distance, lines_aligned)
     column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
                                      first_bag, end_bag, sample_weights, padding_idx, column,
-                                     <Columns128 *>NULL, out, winners, distance, lines_aligned)
+                                     <Columns128 *>NULL, out, winners, out_stride,
+                                     distance, lines_aligned)
     column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
                                      first_bag, end_bag, sample_weights, padding_idx, column,
-                                     <Columns64 *>NULL, out, winners, distance, lines_aligned)
+                                     <Columns64 *>NULL, out, winners, out_stride,
+                                     distance, lines_aligned)
     column = reduce_block_if_it_fits(reduction, table, num_rows, dim, indices, n, bounds,
                                      first_bag, end_bag, sample_weights, padding_idx, column,
-                                     <Columns32 *>NULL, out, winners, distance, lines_aligned)
+                                     <Columns32 *>NULL, out, winners, out_stride,
+                                     distance, lines_aligned)
     if column < dim:
         reduce_block(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
                      sample_weights, padding_idx, column, <AnyColumns *>NULL, dim - column, out,
-                     winners, distance, lines_aligned)
+                     winners, out_stride, distance, lines_aligned)
 
 
 cdef inline bint is_one_block(Py_ssize_t row_bytes) noexcept nogil:
@@ -524,8 +536,10 @@ cdef inline void reduce_bags(reduction_t *reduction, const table_t *table,
                              Py_ssize_t n, const int64_t *bounds, Py_ssize_t first_bag,
                              Py_ssize_t end_bag, const floating *sample_weights,
                              int64_t padding_idx, floating *out, int64_t *winners,
-                             Py_ssize_t distance, bint lines_aligned) noexcept nogil:
-    """The sums (weighted for a WeightedSumReduction) or maxima of bags [first_bag, end_bag).
+                             Py_ssize_t out_stride, Py_ssize_t distance,
+                             bint lines_aligned) noexcept nogil:
+    """The sums (weighted for a WeightedSumReduction) or maxima of bags [first_bag, end_bag),
+    into rows of out (and winners) ``out_stride`` elements apart.
     A row of one block of columns is reduced for all these bags in one call, the bag loop
     inside the block's loop function (a call per bag cost about 5% of a bag sum of 32 rows);
     a row of several blocks bag by bag, so that its blocks read their lines of a row close
@@ -533,11 +547,13 @@ cdef inline void reduce_bags(reduction_t *reduction, const table_t *table,
     cdef Py_ssize_t b
     if is_one_block(dim * sizeof(floating)):
         reduce_columns(reduction, table, num_rows, dim, indices, n, bounds, first_bag, end_bag,
-                       sample_weights, padding_idx, out, winners, distance, lines_aligned)
+                       sample_weights, padding_idx, out, winners, out_stride, distance,
+                       lines_aligned)
     else:
         for b in range(first_bag, end_bag):
             reduce_columns(reduction, table, num_rows, dim, indices, n, bounds, b, b + 1,
-                           sample_weights, padding_idx, out, winners, distance, lines_aligned)
+                           sample_weights, padding_idx, out, winners, out_stride, distance,
+                           lines_aligned)
 
 
 cdef inline bint sums_in(stored_t *table_type, floating *sum_type) noexcept nogil:
@@ -551,6 +567,41 @@ cdef inline bint sums_in(stored_t *table_type, floating *sum_type) noexcept nogi
         return False
 
 
+cdef inline Py_ssize_t reduce_bag_chunk(const table_t *table, Py_ssize_t num_rows,
+                                        Py_ssize_t dim, const index_t *indices,
+                                        Py_ssize_t num_indices, const int64_t *bounds,
+                                        Py_ssize_t first, Py_ssize_t last, BagMode mode,
+                                        const floating *sample_weights, int64_t padding_idx,
+                                        floating *out, int64_t *winners, Py_ssize_t out_stride,
+                                        Py_ssize_t distance,
+                                        bint lines_aligned) noexcept nogil:
+    """Bags [first, last) of one table (see reduce_chunks), into rows of out (and winners)
+    ``out_stride`` elements apart; returns how many of their indices lie outside [0, V),
+    counted right after reducing them, while they are still in the core's cache."""
+    # With no indices or an empty table every bag is empty (n = 0 clamps every bag to [0, 0]);
+    # the kernels then read neither.
+    cdef Py_ssize_t n = num_indices if table != NULL else 0
+    if mode == BAG_MAX:
+        reduce_bags(<MaxReduction *>NULL, table, num_rows, dim, indices, n, bounds, first,
+                    last, <const floating *>NULL, padding_idx, out, winners, out_stride,
+                    distance, lines_aligned)
+    elif sample_weights == NULL:
+        reduce_bags(<SumReduction *>NULL, table, num_rows, dim, indices, n, bounds, first,
+                    last, sample_weights, padding_idx, out, NULL, out_stride, distance,
+                    lines_aligned)
+    else:
+        reduce_bags(<WeightedSumReduction *>NULL, table, num_rows, dim, indices, n, bounds,
+                    first, last, sample_weights, padding_idx, out, NULL, out_stride, distance,
+                    lines_aligned)
+    if mode == BAG_MEAN:
+        divide_by_bag_sizes(num_rows, dim, indices, n, bounds, first, last, sample_weights,
+                            padding_idx, out, out_stride)
+    if num_indices == 0:
+        return 0
+    return count_out_of_range(indices, clamp(bounds[first], 0, num_indices),
+                              clamp(bounds[last], 0, num_indices), num_rows)
+
+
 cdef Py_ssize_t reduce_chunks(const table_t *table, Py_ssize_t num_rows, Py_ssize_t dim,
                               const index_t *indices, Py_ssize_t num_indices,
                               const int64_t *bounds, Py_ssize_t num_bags, BagMode mode,
@@ -560,10 +611,7 @@ cdef Py_ssize_t reduce_chunks(const table_t *table, Py_ssize_t num_rows, Py_ssiz
     and winners NULL when absent): the bags in chunks of BAGS_PER_CHUNK, each chunk counting
     its indices outside [0, V) right after reducing them; returns the count."""
     cdef Py_ssize_t num_chunks = (num_bags + BAGS_PER_CHUNK - 1) // BAGS_PER_CHUNK
-    cdef Py_ssize_t chunk, first, last, out_of_range = 0
-    # With no indices or an empty table every bag is empty (n = 0 clamps every bag to [0, 0]);
-    # the kernels then read neither.
-    cdef Py_ssize_t n = num_indices if table != NULL else 0
+    cdef Py_ssize_t chunk, first, out_of_range = 0
     cdef Py_ssize_t distance = prefetch_distance(num_rows, dim, sizeof(table_t),
                                                  BAG_PREFETCH_MIN_TABLE_BYTES)
     # (then every block of columns starts a multiple of 64 bytes into its row too)
@@ -572,25 +620,10 @@ cdef Py_ssize_t reduce_chunks(const table_t *table, Py_ssize_t num_rows, Py_ssiz
     # the other for a while, and a static split then waits for it.
     for chunk in prange(num_chunks, schedule="dynamic", num_threads=team_size(num_threads)):
         first = chunk * BAGS_PER_CHUNK
-        last = min(first + BAGS_PER_CHUNK, num_bags)
-        if mode == BAG_MAX:
-            reduce_bags(<MaxReduction *>NULL, table, num_rows, dim, indices, n, bounds, first,
-                        last, <const floating *>NULL, padding_idx, out, winners, distance,
-                        lines_aligned)
-        elif sample_weights == NULL:
-            reduce_bags(<SumReduction *>NULL, table, num_rows, dim, indices, n, bounds, first,
-                        last, sample_weights, padding_idx, out, NULL, distance, lines_aligned)
-        else:
-            reduce_bags(<WeightedSumReduction *>NULL, table, num_rows, dim, indices, n, bounds,
-                        first, last, sample_weights, padding_idx, out, NULL, distance,
-                        lines_aligned)
-        if mode == BAG_MEAN:
-            divide_by_bag_sizes(num_rows, dim, indices, n, bounds, first, last, sample_weights,
-                                padding_idx, out)
-        if num_indices:
-            out_of_range += count_out_of_range(  # (an OpenMP reduction)
-                indices, clamp(bounds[first], 0, num_indices),
-                clamp(bounds[last], 0, num_indices), num_rows)
+        out_of_range += reduce_bag_chunk(  # (an OpenMP reduction)
+            table, num_rows, dim, indices, num_indices, bounds, first,
+            min(first + BAGS_PER_CHUNK, num_bags), mode, sample_weights, padding_idx, out,
+            winners, dim, distance, lines_aligned)
     if num_indices:  # indices before the first bag or after the last (none, with offsets
         # that start at 0 and a last bag that runs to the end)
         out_of_range += count_out_of_range(indices, 0, clamp(bounds[0], 0, num_indices),
@@ -774,6 +807,260 @@ def bag_forward_common(input, weight, offsets, mode, per_sample_weights,
     finally:
         free_bag_call(&call)
     return out if out_of_range == 0 else None
+
+
+# --------------------------------------------------------------------------------------------
+# A collection's bags in one call (fastemb.EmbeddingBagCollection): for every feature f of
+# table t and every bag b of the batch,
+#   out[b, column_f : column_f + D_t] = reduce(mode_f) of table_t's rows values[k],
+#                                       k in [bounds[first_f + b], bounds[first_f + b + 1])
+# one chunk of BAGS_PER_CHUNK bags of one feature per prange iteration: each output element
+# is written by exactly one iteration, with the same loops as bag_reduce, so each feature's
+# columns equal its own bag_reduce call bit for bit.
+# --------------------------------------------------------------------------------------------
+
+cdef struct FeatureBags:
+    # one feature of a collection call, checked: its table and where its bags lie
+    const void *table  # NULL for a table without rows
+    int table_type  # NumPy type number (float32, float64, float16 or bfloat16)
+    Py_ssize_t num_rows
+    Py_ssize_t dim
+    Py_ssize_t distance
+    bint lines_aligned
+    const int64_t *bounds  # the feature's B + 1 bag bounds, into the call's values
+    BagMode mode
+    int64_t padding_idx
+    Py_ssize_t column
+
+
+cdef Py_ssize_t reduce_feature_chunk(const FeatureBags *feature, const index_t *values,
+                                     Py_ssize_t num_values, Py_ssize_t first, Py_ssize_t last,
+                                     const floating *sample_weights, floating *out,
+                                     int64_t *winners, Py_ssize_t out_stride) noexcept nogil:
+    """reduce_bag_chunk for bags [first, last) of one feature, on its table's type (float64
+    tables with float64 sums, the others with float32 ones: check_collection_tables made
+    sure)."""
+    cdef floating *out_block = out + feature.column
+    cdef int64_t *winner_block = winners + feature.column if winners != NULL else NULL
+    if floating is double:
+        return reduce_bag_chunk(<const double *>feature.table, feature.num_rows, feature.dim,
+                                values, num_values, feature.bounds, first, last, feature.mode,
+                                sample_weights, feature.padding_idx, out_block, winner_block,
+                                out_stride, feature.distance, feature.lines_aligned)
+    elif feature.table_type == cnp.NPY_FLOAT32:
+        return reduce_bag_chunk(<const float *>feature.table, feature.num_rows, feature.dim,
+                                values, num_values, feature.bounds, first, last, feature.mode,
+                                sample_weights, feature.padding_idx, out_block, winner_block,
+                                out_stride, feature.distance, feature.lines_aligned)
+    elif feature.table_type == cnp.NPY_FLOAT16:
+        return reduce_bag_chunk(<const float16_t *>feature.table, feature.num_rows, feature.dim,
+                                values, num_values, feature.bounds, first, last, feature.mode,
+                                sample_weights, feature.padding_idx, out_block, winner_block,
+                                out_stride, feature.distance, feature.lines_aligned)
+    else:
+        return reduce_bag_chunk(<const bfloat16_t *>feature.table, feature.num_rows,
+                                feature.dim, values, num_values, feature.bounds, first, last,
+                                feature.mode, sample_weights, feature.padding_idx, out_block,
+                                winner_block, out_stride, feature.distance,
+                                feature.lines_aligned)
+
+
+cdef int describe_feature(FeatureBags *feature, object table, bint float64_sums,
+                          Py_ssize_t num_bounds, int64_t first_bag, Py_ssize_t num_bags,
+                          int64_t mode, int64_t padding_idx, int64_t column,
+                          Py_ssize_t out_columns) except -1:
+    """Check one feature of collection_bag_reduce and fill ``feature``; ValueError if it does
+    not fit the call."""
+    cdef int table_type
+    cdef Py_ssize_t item_size
+    if not is_plain_array(table) or cnp.PyArray_NDIM(<cnp.ndarray>table) != 2:
+        raise ValueError("collection_bag_reduce: every table must be a C-contiguous, aligned "
+                         "2-D array")
+    table_type = cnp.PyArray_TYPE(<cnp.ndarray>table)
+    if float64_sums != (table_type == cnp.NPY_FLOAT64) or not (
+            table_type == cnp.NPY_FLOAT64 or table_type == cnp.NPY_FLOAT32
+            or table_type == cnp.NPY_FLOAT16 or is_bfloat16(table_type)):
+        raise ValueError("collection_bag_reduce: out must be float64 for float64 tables and "
+                         "float32 for float32, float16 and bfloat16 ones")
+    feature.table_type = table_type
+    feature.num_rows = cnp.PyArray_DIM(<cnp.ndarray>table, 0)
+    feature.dim = cnp.PyArray_DIM(<cnp.ndarray>table, 1)
+    feature.table = cnp.PyArray_DATA(<cnp.ndarray>table) if feature.num_rows else NULL
+    if first_bag < 0 or first_bag + num_bags >= num_bounds:
+        raise ValueError("collection_bag_reduce: a feature's bags lie outside bounds")
+    if column < 0 or column + feature.dim > out_columns:
+        raise ValueError("collection_bag_reduce: a feature's columns lie outside out")
+    check_enum(mode, BAG_MAX, "bag mode")
+    item_size = cnp.PyArray_ITEMSIZE(<cnp.ndarray>table)
+    feature.distance = prefetch_distance(feature.num_rows, feature.dim, item_size,
+                                         BAG_PREFETCH_MIN_TABLE_BYTES)
+    feature.lines_aligned = rows_on_lines(feature.table, feature.dim * item_size)
+    feature.mode = <BagMode>mode
+    feature.padding_idx = padding_idx
+    feature.column = column
+    return 0
+
+
+def collection_bag_reduce(list tables, const index_t[::1] values, const int64_t[::1] bounds,
+                          const int64_t[::1] feature_tables, const int64_t[::1] first_bags,
+                          const int64_t[::1] modes, const int64_t[::1] padding,
+                          const int64_t[::1] columns, sample_weights, floating[:, ::1] out,
+                          int64_t[:, ::1] winners, int num_threads):
+    """Reduce the bags of every feature of a collection into its columns of ``out`` (B, C).
+
+    Feature f reads ``tables[feature_tables[f]]``; its bag b is
+    ``values[bounds[first_bags[f] + b]:bounds[first_bags[f] + b + 1]]``, reduced by
+    ``modes[f]`` (a BagMode), skipping ``padding[f]`` (-1: none) and weighted by
+    ``sample_weights`` (one per value, or None), into ``out[b, columns[f]:columns[f] + D]``;
+    ``winners`` (out's shape, or None) gets the max features' winning rows. Tables are
+    float64 (out float64) or float32, float16 and bfloat16 (out float32), C-contiguous.
+    Features must not share columns (each output element has one owner). Returns how many
+    values of the bags lie outside their table's rows (skipped, like padding; the caller, whose
+    fresh output this is, raises when it is not 0).
+    """
+    cdef Py_ssize_t num_features = feature_tables.shape[0], num_bags = out.shape[0]
+    cdef Py_ssize_t num_values = values.shape[0], out_stride = out.shape[1]
+    cdef Py_ssize_t chunks_per_feature = (num_bags + BAGS_PER_CHUNK - 1) // BAGS_PER_CHUNK
+    cdef Py_ssize_t item, f, first, out_of_range = 0
+    cdef const floating[::1] weights_view  # (typed from out: a None argument names no type)
+    cdef const floating *weights_data = NULL
+    cdef int64_t *winner_data = NULL
+    cdef FeatureBags *features
+    cdef FeatureBags *feature
+    if (first_bags.shape[0] != num_features or modes.shape[0] != num_features
+            or padding.shape[0] != num_features or columns.shape[0] != num_features):
+        raise ValueError("collection_bag_reduce: feature_tables, first_bags, modes, padding "
+                         "and columns need one entry per feature")
+    if sample_weights is not None:
+        weights_view = sample_weights
+        if weights_view.shape[0] != num_values:
+            raise ValueError("collection_bag_reduce: sample_weights needs one entry per value")
+        weights_data = &weights_view[0] if num_values else NULL
+    if winners is not None:
+        if winners.shape[0] != num_bags or winners.shape[1] != out_stride:
+            raise ValueError("collection_bag_reduce: winners must have the shape of out")
+        winner_data = &winners[0, 0] if winners.size else NULL
+    if num_features == 0 or num_bags == 0:
+        return 0
+    features = <FeatureBags *>malloc(num_features * sizeof(FeatureBags))
+    if features == NULL:
+        raise MemoryError()
+    try:
+        for f in range(num_features):
+            if not 0 <= feature_tables[f] < len(tables):
+                raise ValueError("collection_bag_reduce: a feature names no table")
+            describe_feature(&features[f], tables[feature_tables[f]], floating is double,
+                             bounds.shape[0], first_bags[f], num_bags, modes[f], padding[f],
+                             columns[f], out_stride)
+            features[f].bounds = &bounds[first_bags[f]]
+        with nogil:
+            for item in prange(num_features * chunks_per_feature, schedule="dynamic",
+                               num_threads=team_size(num_threads)):
+                feature = &features[item // chunks_per_feature]
+                first = (item % chunks_per_feature) * BAGS_PER_CHUNK
+                out_of_range += reduce_feature_chunk(  # (an OpenMP reduction)
+                    feature, &values[0] if num_values else NULL, num_values, first,
+                    min(first + BAGS_PER_CHUNK, num_bags), weights_data, &out[0, 0],
+                    winner_data, out_stride)
+    finally:
+        free(features)
+    return out_of_range
+
+
+# A collection's unpooled lookups in one call (fastemb.EmbeddingCollection): feature f of
+# table t copies the rows values[k], k in [starts[f], ends[f]), to its own block of out:
+#   out[out_offsets[f] + (k - starts[f]) * row_bytes_t : ... + row_bytes_t] = table_t[values[k]]
+# (bytes: each block is a (n_f, D_t) array of its table's dtype), one chunk of
+# GATHER_ROWS_PER_CHUNK rows of one feature per prange iteration. A value outside its table
+# gets a row of zeros and is counted.
+
+cdef struct GatheredFeature:
+    # one feature of a collection_gather call, checked
+    const char *table
+    Py_ssize_t num_rows
+    Py_ssize_t row_bytes
+    Py_ssize_t start  # its values: [start, end)
+    Py_ssize_t end
+    Py_ssize_t out_offset  # its block's first byte in out
+    Py_ssize_t first_chunk  # its first prange iteration
+
+
+cdef int describe_gathered_feature(GatheredFeature *feature, object table, int64_t start,
+                                   int64_t end, int64_t out_offset, Py_ssize_t num_values,
+                                   Py_ssize_t out_bytes) except -1:
+    """Check one feature of collection_gather (its table: a C-contiguous, aligned 2-D array of
+    float32, float64, float16 or bfloat16) and fill ``feature``."""
+    cdef int table_type
+    if not is_plain_array(table) or cnp.PyArray_NDIM(<cnp.ndarray>table) != 2:
+        raise ValueError("collection_gather: every table must be a C-contiguous, aligned 2-D "
+                         "array")
+    table_type = cnp.PyArray_TYPE(<cnp.ndarray>table)
+    if not (table_type == cnp.NPY_FLOAT64 or table_type == cnp.NPY_FLOAT32
+            or table_type == cnp.NPY_FLOAT16 or is_bfloat16(table_type)):
+        raise ValueError("collection_gather: tables must be float32, float64, float16 or "
+                         "bfloat16")
+    feature.table = <const char *>cnp.PyArray_DATA(<cnp.ndarray>table)
+    feature.num_rows = cnp.PyArray_DIM(<cnp.ndarray>table, 0)
+    feature.row_bytes = (cnp.PyArray_DIM(<cnp.ndarray>table, 1)
+                         * cnp.PyArray_ITEMSIZE(<cnp.ndarray>table))
+    if not 0 <= start <= end <= num_values:
+        raise ValueError("collection_gather: a feature's values must lie within values")
+    if out_offset < 0 or out_offset + (end - start) * feature.row_bytes > out_bytes:
+        raise ValueError("collection_gather: a feature's block lies outside out")
+    feature.start = start
+    feature.end = end
+    feature.out_offset = out_offset
+    return 0
+
+
+def collection_gather(list tables, const index_t[::1] values, const int64_t[::1] feature_tables,
+                      const int64_t[::1] starts, const int64_t[::1] ends, char[::1] out,
+                      const int64_t[::1] out_offsets, int num_threads):
+    """Copy every feature's rows into its block of ``out`` (see above); returns how many values
+    lie outside their table (their rows are zeros; the caller, whose fresh output this is,
+    raises when it is not 0). Each feature's values [starts[f], ends[f]) must lie within
+    values, and its block inside ``out``."""
+    cdef Py_ssize_t num_features = feature_tables.shape[0], num_chunks = 0
+    cdef Py_ssize_t f, item, k, first, out_of_range = 0
+    cdef int64_t row
+    cdef GatheredFeature *features
+    cdef GatheredFeature *feature
+    cdef char *target
+    if (starts.shape[0] != num_features or ends.shape[0] != num_features
+            or out_offsets.shape[0] != num_features):
+        raise ValueError("collection_gather: starts, ends and out_offsets need one entry per "
+                         "feature")
+    features = <GatheredFeature *>malloc(max(num_features, 1) * sizeof(GatheredFeature))
+    if features == NULL:
+        raise MemoryError()
+    try:
+        for f in range(num_features):
+            if not 0 <= feature_tables[f] < len(tables):
+                raise ValueError("collection_gather: a feature names no table")
+            describe_gathered_feature(&features[f], tables[feature_tables[f]], starts[f],
+                                      ends[f], out_offsets[f], values.shape[0],
+                                      out.shape[0])
+            features[f].first_chunk = num_chunks
+            num_chunks += (features[f].end - features[f].start + GATHER_ROWS_PER_CHUNK - 1
+                           ) // GATHER_ROWS_PER_CHUNK
+        with nogil:
+            for item in prange(num_chunks, schedule="dynamic", num_threads=team_size(num_threads)):
+                f = 0  # (the feature whose chunks hold this one: features are few)
+                while f + 1 < num_features and features[f + 1].first_chunk <= item:
+                    f = f + 1
+                feature = &features[f]
+                first = feature.start + (item - feature.first_chunk) * GATHER_ROWS_PER_CHUNK
+                for k in range(first, min(first + GATHER_ROWS_PER_CHUNK, feature.end)):
+                    row = values[k]
+                    target = &out[0] + feature.out_offset + (k - feature.start) * feature.row_bytes
+                    if 0 <= row < feature.num_rows:
+                        memcpy(target, feature.table + row * feature.row_bytes, feature.row_bytes)
+                    else:
+                        memset(target, 0, feature.row_bytes)
+                        out_of_range += 1
+    finally:
+        free(features)
+    return out_of_range
 
 
 # --------------------------------------------------------------------------------------------

@@ -328,7 +328,7 @@ cdef Py_ssize_t reduce_quantized_chunks(const QuantizedRows *rows, const index_t
                               padding_idx, mode == BAG_MAX, out, distance)
         if mode == BAG_MEAN:
             divide_by_bag_sizes(rows.num_rows, rows.dim, indices, num_kept, bounds, first, last,
-                                sample_weights, padding_idx, out)
+                                sample_weights, padding_idx, out, rows.dim)
         if n:
             out_of_range += count_out_of_range(  # (an OpenMP reduction)
                 indices, clamp(bounds[first], 0, n), clamp(bounds[last], 0, n), rows.num_rows)

@@ -16,13 +16,14 @@ import zlib
 import numpy as np
 
 from ._dtypes import TABLE_DTYPES
+from .collection import table_modules
 
 FORMAT = "fastemb-checkpoint"
 VERSION = 1
 
 
 def _module_list(modules):
-    module_list = list(modules) if isinstance(modules, (list, tuple)) else [modules]
+    module_list = table_modules(modules)
     for module in module_list:
         if not isinstance(getattr(module, "weight", None), np.ndarray):
             raise TypeError(f"expected fastemb modules, got {type(module).__name__}")
@@ -47,7 +48,8 @@ def _restored(stored, dtype_name):
 
 def save(path: str | os.PathLike, modules, optimizer=None,
          metadata: dict | None = None) -> None:
-    """Save the tables of ``modules`` (a module or a list) and ``optimizer``'s state to ``path``;
+    """Save the tables of ``modules`` (a module, a collection, or a list of them) and
+    ``optimizer``'s state to ``path``;
     ``metadata`` (a JSON-serialisable dict) is stored beside them (see ``read_metadata``).
 
     >>> import os, tempfile, fastemb

@@ -33,6 +33,7 @@ from ._config import threads_for
 from ._dtypes import TABLE_DTYPES
 from ._memory import aligned_full
 from ._validation import as_real, check_writable_table
+from .collection import table_modules
 from .sparse import SparseGrad
 
 __all__ = ["OPTIMIZERS", "Adagrad", "LazyAdam", "OptimizerInfo", "RowWiseAdagrad", "SGD"]
@@ -74,8 +75,7 @@ class _SparseOptimizer:
 
     def __init__(self, modules, weight_decay=0.0, stochastic_rounding=False, seed=0,
                  **hyperparameters):
-        if not isinstance(modules, (list, tuple)):
-            modules = [modules]
+        modules = table_modules(modules)
         if not modules:
             raise ValueError("the optimizer needs at least one module")
         if len(set(map(id, modules))) != len(modules):
