@@ -2,15 +2,16 @@
 """fastemb._grouping: the radix sort that groups looked-up positions by table row, which every
 backward pass starts from. The rules every kernel follows are in ``fastemb/_core.pyx``."""
 
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 import numpy as np
 
 from fastemb._common cimport index_t, is_kept, team_size
 
-__all__ = ["group_by_row"]
+__all__ = ["collection_group_by_row", "group_by_row"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,3 +185,182 @@ def group_by_row(const index_t[::1] indices, int64_t num_rows, int64_t padding_i
                     u = u + 1
         starts[num_groups] = m
     return rows_array, starts_array, np.asarray(positions)
+
+
+# --------------------------------------------------------------------------------------------
+# A collection's backward: the same grouping, table by table. A collection's values lie table
+# by table (its features in config order, a table's features neighbours), so each table's
+# positions are one segment, sorted on its own, in the core's cache: one prange iteration per
+# table, each a sequential LSD radix sort of packed (row, value) keys with digits of at most
+# SEGMENT_DIGIT_BITS bits. While it places each position it also finds the gradient row the
+# position reads (its source): its bag, or its place among the table's values.
+# --------------------------------------------------------------------------------------------
+
+cdef enum:
+    SEGMENT_DIGIT_BITS = 11
+
+
+cdef struct Segment:
+    # one table of collection_group_by_row: its number, its positions [start, end), its rows
+    # and its features
+    Py_ssize_t number
+    Py_ssize_t start
+    Py_ssize_t end
+    int64_t num_rows
+    int key_bits
+    Py_ssize_t first_feature
+    Py_ssize_t end_feature
+
+
+cdef Py_ssize_t sort_pass(const int64_t *keys_in, int64_t *keys_out, Py_ssize_t m,
+                          int shift, int64_t mask, int64_t *histogram) noexcept nogil:
+    """One stable counting-sort pass of keys_in[:m] into keys_out on (key >> shift) & mask."""
+    cdef Py_ssize_t i, digit
+    cdef int64_t running = 0, count
+    memset(histogram, 0, (mask + 1) * sizeof(int64_t))
+    for i in range(m):
+        histogram[(keys_in[i] >> shift) & mask] += 1
+    for digit in range(mask + 1):
+        count = histogram[digit]
+        histogram[digit] = running
+        running = running + count
+    for i in range(m):
+        digit = (keys_in[i] >> shift) & mask
+        keys_out[histogram[digit]] = keys_in[i]
+        histogram[digit] += 1
+    return m
+
+
+cdef Py_ssize_t group_segment(const Segment *segment, const index_t *values,
+                              const int64_t *bounds, Py_ssize_t batch_size,
+                              const int64_t *padding, const int64_t *grad_row_bases,
+                              bint one_row_per_value, bint positions_in_order, int value_bits,
+                              int64_t *source, int64_t *keys, int64_t *spare, int64_t *order,
+                              int64_t *rows, int64_t *starts, int64_t *histogram) noexcept nogil:
+    """Group one table's positions by row (see collection_group_by_row); returns its number of
+    unique rows U. Writes source over the segment, order[start:start + m] (m kept positions),
+    rows[start:start + U] and starts[start + t:start + t + U + 1] (t: the table's number, so
+    that each table has one more entry than positions), using keys and spare over the segment
+    as scratch."""
+    cdef Py_ssize_t f, b, k, m = 0, i, u = 0, num_passes, pass_number
+    cdef Py_ssize_t start = segment.start, feature_start, bag_start, bag_end
+    cdef int64_t row, value, value_mask = (<int64_t>1 << value_bits) - 1
+    cdef int digit_bits
+    cdef int64_t *sorted_keys = keys + start
+    cdef int64_t *other_keys = spare + start
+    cdef int64_t *swap
+    # 1. Each kept position's source and packed key, in position order.
+    for f in range(segment.first_feature, segment.end_feature):
+        feature_start = bounds[f * batch_size]
+        for b in range(batch_size):
+            bag_start = bounds[f * batch_size + b]
+            bag_end = bounds[f * batch_size + b + 1]
+            for k in range(bag_start, bag_end):
+                source[k] = grad_row_bases[f] + (k - feature_start if one_row_per_value else b)
+                row = values[k]
+                if row == padding[f] or not 0 <= row < segment.num_rows:
+                    continue
+                value = k if positions_in_order else source[k]
+                sorted_keys[m] = row << value_bits | value
+                m += 1
+    # 2. LSD passes on the row's digits.
+    num_passes = (segment.key_bits + SEGMENT_DIGIT_BITS - 1) // SEGMENT_DIGIT_BITS
+    digit_bits = (segment.key_bits + num_passes - 1) // num_passes if num_passes else 0
+    for pass_number in range(num_passes):
+        sort_pass(sorted_keys, other_keys, m, value_bits + pass_number * digit_bits,
+                  (<int64_t>1 << digit_bits) - 1, histogram)
+        swap = sorted_keys
+        sorted_keys = other_keys
+        other_keys = swap
+    # 3. Groups: a key whose row differs from the previous one starts one.
+    for i in range(m):
+        if i == 0 or (sorted_keys[i] >> value_bits) != (sorted_keys[i - 1] >> value_bits):
+            rows[start + u] = sorted_keys[i] >> value_bits
+            starts[start + segment.number + u] = start + i
+            u += 1
+        order[start + i] = sorted_keys[i] & value_mask
+    starts[start + segment.number + u] = start + m
+    return u
+
+
+def collection_group_by_row(const index_t[::1] values, const int64_t[::1] bounds,
+                            Py_ssize_t batch_size, const int64_t[::1] table_features,
+                            const int64_t[::1] num_rows, const int64_t[::1] padding,
+                            const int64_t[::1] grad_row_bases, bint one_row_per_value,
+                            bint positions_in_order, int num_threads):
+    """Group a collection's positions by row, table by table; returns ``(source, order, rows,
+    starts, group_counts)`` (int64).
+
+    Feature f's values are bags ``bounds[f * B:(f + 1) * B + 1]`` (bounds from 0 to
+    ``len(values)``, non-decreasing); table t reads features ``table_features[t]`` to
+    ``table_features[t + 1]`` (from 0 to K, non-decreasing), whose values are one segment.
+    Position p of feature f, in bag b, reads gradient row ``source[p] = grad_row_bases[f] +
+    b`` (or ``+ p - (f's first position)`` with ``one_row_per_value``); it is skipped when
+    ``values[p]`` is ``padding[f]`` or outside ``[0, num_rows[t])`` (0 rows skips a table).
+    Table t has ``U = group_counts[t]`` unique rows, ascending, in ``rows[s:s + U]``, where s
+    is its segment's first position, and ``order[starts[s + t + u]:starts[s + t + u + 1]]``
+    holds the positions of its u-th row, ascending, or with ``positions_in_order`` False, their
+    sources, in that order (as group_by_row's payload)."""
+    cdef Py_ssize_t n = values.shape[0], num_tables = table_features.shape[0] - 1
+    cdef Py_ssize_t num_features = padding.shape[0], t, f, k, largest = n
+    cdef int value_bits, histogram_bins = 1 << SEGMENT_DIGIT_BITS
+    if (num_tables < 0 or num_rows.shape[0] != num_tables
+            or grad_row_bases.shape[0] != num_features or batch_size < 0
+            or bounds.shape[0] != num_features * batch_size + 1):
+        raise ValueError("collection_group_by_row: table_features needs one entry per table "
+                         "plus one, num_rows one per table, padding and grad_row_bases one "
+                         "per feature, bounds K * B + 1")
+    if table_features[0] != 0 or table_features[num_tables] != num_features:
+        raise ValueError("collection_group_by_row: table_features must run from 0 to K")
+    for t in range(num_tables):
+        if table_features[t + 1] < table_features[t]:
+            raise ValueError("collection_group_by_row: table_features must be non-decreasing")
+    if bounds[0] != 0 or bounds[bounds.shape[0] - 1] != n:
+        raise ValueError("collection_group_by_row: bounds must run from 0 to len(values)")
+    for k in range(bounds.shape[0] - 1):
+        if bounds[k + 1] < bounds[k]:
+            raise ValueError("collection_group_by_row: bounds must be non-decreasing")
+    for f in range(num_features):
+        if grad_row_bases[f] < 0:
+            raise ValueError("collection_group_by_row: grad_row_bases must be >= 0")
+        largest = max(largest, grad_row_bases[f] + max(
+            batch_size, bounds[(f + 1) * batch_size] - bounds[f * batch_size]))
+    value_bits = int(largest).bit_length()
+    source_array, order_array = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    rows_array, starts_array = np.empty(n, dtype=np.int64), np.empty(n + num_tables, np.int64)
+    counts_array = np.zeros(num_tables, dtype=np.int64)
+    keys_array, spare_array = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    histograms_array = np.empty((team_size(num_threads), histogram_bins), dtype=np.int64)
+    cdef int64_t[::1] source = source_array, order = order_array, rows = rows_array
+    cdef int64_t[::1] starts = starts_array, counts = counts_array, keys = keys_array
+    cdef int64_t[::1] spare = spare_array
+    cdef int64_t[:, ::1] histograms = histograms_array
+    if n == 0:
+        starts_array[:] = 0
+        return source_array, order_array, rows_array, starts_array, counts_array
+    cdef Segment *segments = <Segment *>malloc(num_tables * sizeof(Segment))
+    if segments == NULL:
+        raise MemoryError()
+    try:
+        for t in range(num_tables):
+            segments[t].number = t
+            segments[t].first_feature = table_features[t]
+            segments[t].end_feature = table_features[t + 1]
+            segments[t].start = bounds[table_features[t] * batch_size]
+            segments[t].end = bounds[table_features[t + 1] * batch_size]
+            segments[t].num_rows = max(num_rows[t], 0)
+            segments[t].key_bits = int(segments[t].num_rows - 1).bit_length() if (
+                segments[t].num_rows > 1) else 0
+            if segments[t].key_bits + value_bits > 63:
+                raise ValueError(f"collection_group_by_row: table {t} has too many rows to group "
+                                 f"with {largest} positions")
+        with nogil:
+            for t in prange(num_tables, schedule="dynamic", num_threads=team_size(num_threads)):
+                counts[t] = group_segment(&segments[t], &values[0], &bounds[0], batch_size,
+                                          &padding[0], &grad_row_bases[0], one_row_per_value,
+                                          positions_in_order, value_bits, &source[0],
+                                          &keys[0], &spare[0], &order[0], &rows[0],
+                                          &starts[0], &histograms[threadid(), 0])
+    finally:
+        free(segments)
+    return source_array, order_array, rows_array, starts_array, counts_array

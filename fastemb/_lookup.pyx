@@ -13,7 +13,8 @@ from fastemb._common cimport (BAG_MAX, BAG_MEAN, BAG_SUM, BFLOAT16, FASTEMB_HAVE
                               check_enum, clamp, count_out_of_range, divide_by_bag_sizes,
                               element_value, float16_t, floating, index_t, is_kept,
                               omp_get_max_threads, prefetch_ahead, prefetch_distance,
-                              prefetch_table_row, rows_on_lines, stored_t, table_t, team_size)
+                              prefetch_row, prefetch_table_row, rows_on_lines, stored_t,
+                              table_t, team_size)
 
 import sys
 
@@ -31,6 +32,7 @@ __all__ = ["bag_forward_common", "bag_reduce", "bounds_from_offsets", "collectio
 cdef enum:
     RANGE_CHECK_CHUNK = 4096  # indices checked per chunk by first_out_of_range
     BAGS_PER_CHUNK = 64  # bags reduced per prange iteration by bag_reduce
+    OUT_PREFETCH_BAGS = 4  # how many bags ahead a collection's output rows are prefetched
     GATHER_ROWS_PER_CHUNK = 256  # rows copied per prange iteration by collection_gather
 
 # Prefetching starts at a table size, below which the rows a lookup needs are mostly in the
@@ -385,6 +387,10 @@ cdef inline void sum_block(reduction_t *reduction, const table_t *table, Py_ssiz
         for k in range(prefetched_end, end):
             add_entry(acc, table, num_rows, dim, indices[k], sample_weights, k,
                           padding_idx, column, width, weighted, unrolled)
+        if out_stride != dim and b + OUT_PREFETCH_BAGS < end_bag:
+            # rows of out far apart (a collection's): the CPU does not fetch them ahead
+            prefetch_row(out + (b + OUT_PREFETCH_BAGS) * out_stride + column,
+                         width * sizeof(floating), True)
         store_block(out + b * out_stride + column, acc, width, unrolled)
 
 
@@ -956,6 +962,8 @@ def collection_bag_reduce(list tables, const index_t[::1] values, const int64_t[
         with nogil:
             for item in prange(num_features * chunks_per_feature, schedule="dynamic",
                                num_threads=team_size(num_threads)):
+                # feature by feature: a feature's rows `distance` positions ahead, which its
+                # bags prefetch, are those of its next bags
                 feature = &features[item // chunks_per_feature]
                 first = (item % chunks_per_feature) * BAGS_PER_CHUNK
                 out_of_range += reduce_feature_chunk(  # (an OpenMP reduction)

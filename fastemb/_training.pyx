@@ -6,6 +6,7 @@ gradient's accumulation. The rules every kernel follows are in ``fastemb/_core.p
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt, sqrtf
 from libc.stdint cimport int64_t, uint16_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -19,10 +20,14 @@ from fastemb._common cimport (BAG_MEAN, BFLOAT16, CACHE_LINE_BYTES, FASTEMB_PREF
                               widen_float16_row)
 
 __all__ = ["accumulate_rows", "bag_gradient_factors", "bags_of_positions",
-           "sample_weights_grad", "sparse_step", "sparse_step_half"]
+           "sample_weights_grad", "sparse_step", "sparse_step_half", "sparse_step_tables",
+           "split_columns"]
 
 # Optimizer steps walk the sorted unique rows and prefetch this many rows ahead.
 cdef Py_ssize_t UPDATE_PREFETCH_ROWS = 32
+# Optimizer steps hand out unique rows to threads this many at a time.
+cdef enum:
+    STEP_ROWS_PER_CHUNK = 256
 # Gradient sums follow a chain of loads per unique row (order -> source -> grad row) that the
 # CPU cannot run ahead on: they prefetch the source entry 2x and the grad row 1x this many
 # unique rows ahead, so that each link of the chain is in cache when the sum reaches it.
@@ -48,6 +53,34 @@ def bags_of_positions(const int64_t[::1] bounds, int64_t[::1] bag_of, int num_th
         for b in prange(num_bags, schedule="static", num_threads=team_size(num_threads)):
             for k in range(clamp(bounds[b], 0, n), clamp(bounds[b + 1], 0, n)):
                 bag_of[k] = b
+
+
+def split_columns(const floating[:, :] grad, const int64_t[::1] columns, floating[::1] out,
+                  int num_threads):
+    """Copy the column blocks of ``grad`` (B, C) one after the other into ``out`` (B * C):
+    block f, ``grad[:, columns[f]:columns[f + 1]]``, becomes the C-contiguous
+    ``out[B * columns[f]:B * columns[f + 1]]`` (a collection's gradient rows, table by table,
+    in one pass over grad)."""
+    cdef Py_ssize_t num_rows = grad.shape[0], num_blocks = columns.shape[0] - 1, b, f
+    cdef Py_ssize_t width, row_stride
+    if num_blocks < 0 or columns[0] != 0 or columns[num_blocks] != grad.shape[1] or (
+            out.shape[0] != num_rows * grad.shape[1]):
+        raise ValueError("split_columns: columns must run from 0 to C, and out have B * C "
+                         "elements")
+    for f in range(num_blocks):
+        if columns[f + 1] < columns[f]:
+            raise ValueError("split_columns: columns must be non-decreasing")
+    if num_rows == 0 or grad.shape[1] == 0:
+        return
+    if grad.shape[1] > 1 and grad.strides[1] != sizeof(floating):
+        raise ValueError("split_columns: grad's rows must be contiguous")
+    row_stride = grad.strides[0] // sizeof(floating)
+    with nogil:
+        for b in prange(num_rows, schedule="static", num_threads=team_size(num_threads)):
+            for f in range(num_blocks):
+                width = columns[f + 1] - columns[f]
+                memcpy(&out[0] + num_rows * columns[f] + b * width,
+                       &grad[0, 0] + b * row_stride + columns[f], width * sizeof(floating))
 
 
 def bag_gradient_factors(floating[::1] coefficients, floating[::1] totals,
@@ -107,10 +140,11 @@ cdef struct PlanView:
     const int64_t *winners
     Py_ssize_t num_positions  # entries of source, or grad rows when there is no source
     Py_ssize_t grad_rows
+    Py_ssize_t grad_stride  # elements from one grad row to the next (D, or more for a view)
     bint scale_by_frequency
 
 
-cdef int check_plan(str kernel, const floating[:, ::1] grad, Py_ssize_t num_groups,
+cdef int check_plan(str kernel, const floating[:, :] grad, Py_ssize_t num_groups,
                     const int64_t[::1] starts, const int64_t[::1] order,
                     const int64_t[::1] source, const floating[::1] coefficients,
                     const int64_t[:, ::1] winners, bint scale_by_frequency,
@@ -138,6 +172,9 @@ cdef int check_plan(str kernel, const floating[:, ::1] grad, Py_ssize_t num_grou
     if winners is not None and (winners.shape[0] != grad.shape[0]
                                 or winners.shape[1] != grad.shape[1]):
         raise ValueError(f"{kernel}: winners must have grad's shape")
+    if grad.shape[1] > 1 and grad.strides[1] != sizeof(floating) or (
+            grad.shape[0] > 1 and grad.strides[0] % sizeof(floating)) or grad.strides[0] < 0:
+        raise ValueError(f"{kernel}: grad's rows must be contiguous, at a positive stride")
     view.starts = &starts[0]
     view.order = &order[0] if order.shape[0] else NULL
     view.source = &source[0] if source is not None and num_positions else NULL
@@ -145,6 +182,7 @@ cdef int check_plan(str kernel, const floating[:, ::1] grad, Py_ssize_t num_grou
     view.winners = &winners[0, 0] if winners is not None and winners.size else NULL
     view.num_positions = num_positions
     view.grad_rows = grad.shape[0]
+    view.grad_stride = grad.strides[0] // sizeof(floating) if grad.shape[0] > 1 else grad.shape[1]
     view.scale_by_frequency = scale_by_frequency
     return 0
 
@@ -171,7 +209,7 @@ cdef inline void prefetch_grad_row(const floating *grad, Py_ssize_t dim, const P
     """Prefetch the grad row that order[k] reads."""
     cdef int64_t grad_row = grad_row_of(plan, plan.order[k])
     if grad_row >= 0:
-        prefetch_row(grad + grad_row * dim, dim * sizeof(floating))
+        prefetch_row(grad + grad_row * plan.grad_stride, dim * sizeof(floating))
 
 
 cdef inline void prefetch_group_gradient(const floating *grad, Py_ssize_t dim,
@@ -215,7 +253,7 @@ cdef void accumulate_one_row(const floating *grad, Py_ssize_t dim, int64_t row,
         grad_row = grad_row_of(plan, position)
         if grad_row < 0:
             continue
-        grad_source = grad + grad_row * dim
+        grad_source = grad + grad_row * plan.grad_stride
         if winners != NULL:
             if grad_row == previous:
                 continue
@@ -257,10 +295,10 @@ cdef inline const floating *single_gradient_row(const floating *grad, Py_ssize_t
     if plan.starts[group + 1] - start != 1:
         return NULL
     grad_row = grad_row_of(plan, plan.order[start])
-    return grad + grad_row * dim if grad_row >= 0 else NULL
+    return grad + grad_row * plan.grad_stride if grad_row >= 0 else NULL
 
 
-def accumulate_rows(const floating[:, ::1] grad, const int64_t[::1] rows not None,
+def accumulate_rows(const floating[:, :] grad, const int64_t[::1] rows not None,
                     const int64_t[::1] starts, const int64_t[::1] order,
                     const int64_t[::1] source, const floating[::1] coefficients,
                     bint scale_by_frequency, const int64_t[:, ::1] winners,
@@ -410,26 +448,103 @@ cdef inline void round_row(const float *wide, table_t *row, Py_ssize_t dim,
                 row[j] = bfloat16_nearest(wide[j])
 
 
-cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_ssize_t dim,
-                    floating *state_a, Py_ssize_t state_a_width, floating *state_b,
-                    const int64_t *rows, Py_ssize_t num_groups, const floating *grad,
-                    const PlanView *view, floating *buffers, Py_ssize_t buffer_stride,
-                    floating lr, floating one_minus_beta1, floating one_minus_beta2,
-                    floating eps, bint maximize, floating decay, bint stochastic,
-                    uint64_t rounding_key, uint16_t *low_halves,
-                    int num_threads) noexcept nogil:
-    """sparse_step's loop over the unique rows, on checked arguments. A float32 or float64
-    table (of the state's dtype) is updated in place; a 16-bit one (float32 state) through a
-    float32 copy of each row, rounded back (see round_row). Each thread owns two rows of
-    ``buffers``: the summed gradient, then the widened weight."""
-    cdef Py_ssize_t u, j
-    cdef floating *buffer
+cdef struct TableStep:
+    # one table's optimizer step on checked arguments (see sparse_step): the table (a table_t
+    # array) and its state (floating arrays, the gradient's type), the gradient plan, and the
+    # step's scalars
+    StepMethod method
+    void *weight
+    Py_ssize_t num_rows
+    Py_ssize_t dim
+    void *state_a
+    Py_ssize_t state_a_width
+    void *state_b
+    const int64_t *rows
+    Py_ssize_t num_groups
+    const void *grad
+    PlanView view
+    double lr
+    double one_minus_beta1
+    double one_minus_beta2
+    double eps
+    double decay
+    bint maximize
+    bint stochastic
+    uint64_t rounding_key
+    uint16_t *low_halves
+
+
+cdef inline void step_row(const TableStep *step, Py_ssize_t u, table_t *table_type,
+                          floating *buffer, Py_ssize_t buffer_stride) noexcept nogil:
+    """Update unique row u of a step: a float32 or float64 table (of the state's dtype) in
+    place; a 16-bit one (float32 state) through a float32 copy of the row, rounded back (see
+    round_row). ``buffer`` is the thread's two rows: the summed gradient, then the widened
+    weight. (table_type is NULL: it only selects the table's type.)"""
+    cdef table_t *weight = <table_t *>step.weight
+    cdef floating *state_a = <floating *>step.state_a
+    cdef floating *state_b = <floating *>step.state_b
+    cdef const floating *grad = <const floating *>step.grad
+    cdef const PlanView *view = &step.view
+    cdef Py_ssize_t dim = step.dim, j
     cdef floating *w
     cdef const floating *g
     cdef int64_t row, ahead
-    cdef bint direct = (not maximize and decay == 0 and view.coefficients == NULL
-                        and not view.scale_by_frequency and view.winners == NULL)
     cdef bint half = table_t is bfloat16_t or table_t is float16_t
+    if u + UPDATE_PREFETCH_ROWS < step.num_groups:
+        ahead = step.rows[u + UPDATE_PREFETCH_ROWS]
+        if 0 <= ahead < step.num_rows:
+            prefetch_row(weight + ahead * dim, dim * sizeof(table_t), True)
+            if step.low_halves != NULL:
+                prefetch_row(step.low_halves + ahead * dim, dim * sizeof(uint16_t), True)
+            if step.state_a_width:
+                prefetch_row(state_a + ahead * step.state_a_width,
+                             step.state_a_width * sizeof(floating), True)
+            if step.method == STEP_ADAM:
+                prefetch_row(state_b + ahead * dim, dim * sizeof(floating), True)
+    prefetch_group_gradient(grad, dim, view, u, step.num_groups)
+    row = step.rows[u]
+    if row < 0 or row >= step.num_rows:
+        return
+    if half:
+        w = buffer + buffer_stride
+        if step.low_halves != NULL:
+            join_halves(<const uint16_t *>(weight + row * dim), step.low_halves + row * dim,
+                        <float *>w, dim)
+        else:
+            widen_row(weight + row * dim, <float *>w, dim)
+    else:
+        w = <floating *>(weight + row * dim)
+    # a row looked up once (most rows of a uniform batch) reads its grad row in place
+    g = NULL
+    if (not step.maximize and step.decay == 0 and view.coefficients == NULL
+            and not view.scale_by_frequency and view.winners == NULL):
+        g = single_gradient_row(grad, dim, view, u)
+    if g == NULL:
+        accumulate_one_row(grad, dim, row, view, u, buffer)
+        if step.maximize:
+            for j in range(dim):
+                buffer[j] = -buffer[j]
+        if step.decay != 0:
+            for j in range(dim):
+                buffer[j] = buffer[j] + <floating>step.decay * w[j]
+        g = buffer
+    update_row(step.method, w, state_a + row * step.state_a_width if step.state_a_width else NULL,
+               state_b + row * dim if step.method == STEP_ADAM else NULL, g, dim,
+               <floating>step.lr, <floating>step.one_minus_beta1,
+               <floating>step.one_minus_beta2, <floating>step.eps)
+    if half and step.low_halves != NULL:
+        split_halves(<float *>w, <uint16_t *>(weight + row * dim), step.low_halves + row * dim,
+                     dim)
+    elif half:
+        round_row(<float *>w, weight + row * dim, dim, step.stochastic,
+                  mix64(step.rounding_key ^ <uint64_t>row) * <uint64_t>dim)
+
+
+cdef void step_rows(const TableStep *step, table_t *table_type, floating *buffers,
+                    Py_ssize_t buffer_stride, int num_threads) noexcept nogil:
+    """sparse_step's loop over the unique rows: step_row for each, each thread owning two rows
+    of ``buffers``."""
+    cdef Py_ssize_t u
     if table_t is double:
         if floating is float:
             return  # (a pair the callers never make: a float64 table has float64 state)
@@ -437,57 +552,14 @@ cdef void step_rows(StepMethod method, table_t *weight, Py_ssize_t num_rows, Py_
         return  # (float32, bfloat16 and float16 tables have float32 state)
     # dynamic: a frequent row's sum has thousands of positions, a static split would leave the
     # other threads waiting
-    for u in prange(num_groups, schedule="dynamic", chunksize=256,
+    for u in prange(step.num_groups, schedule="dynamic", chunksize=STEP_ROWS_PER_CHUNK,
                     num_threads=team_size(num_threads)):
-        if u + UPDATE_PREFETCH_ROWS < num_groups:
-            ahead = rows[u + UPDATE_PREFETCH_ROWS]
-            if 0 <= ahead < num_rows:
-                prefetch_row(weight + ahead * dim, dim * sizeof(table_t), True)
-                if low_halves != NULL:
-                    prefetch_row(low_halves + ahead * dim, dim * sizeof(uint16_t), True)
-                if state_a_width:
-                    prefetch_row(state_a + ahead * state_a_width,
-                                 state_a_width * sizeof(floating), True)
-                if method == STEP_ADAM:
-                    prefetch_row(state_b + ahead * dim, dim * sizeof(floating), True)
-        prefetch_group_gradient(grad, dim, view, u, num_groups)
-        row = rows[u]
-        if row < 0 or row >= num_rows:
-            continue
-        buffer = buffers + threadid() * 2 * buffer_stride
-        if half:
-            w = buffer + buffer_stride
-            if low_halves != NULL:
-                join_halves(<const uint16_t *>(weight + row * dim), low_halves + row * dim,
-                            <float *>w, dim)
-            else:
-                widen_row(weight + row * dim, <float *>w, dim)
-        else:
-            w = <floating *>(weight + row * dim)
-        # a row looked up once (most rows of a uniform batch) reads its grad row in place
-        g = single_gradient_row(grad, dim, view, u) if direct else NULL
-        if g == NULL:
-            accumulate_one_row(grad, dim, row, view, u, buffer)
-            if maximize:
-                for j in range(dim):
-                    buffer[j] = -buffer[j]
-            if decay != 0:
-                for j in range(dim):
-                    buffer[j] = buffer[j] + decay * w[j]
-            g = buffer
-        update_row(method, w, state_a + row * state_a_width if state_a_width else NULL,
-                   state_b + row * dim if method == STEP_ADAM else NULL, g, dim, lr,
-                   one_minus_beta1, one_minus_beta2, eps)
-        if half and low_halves != NULL:
-            split_halves(<float *>w, <uint16_t *>(weight + row * dim), low_halves + row * dim, dim)
-        elif half:
-            round_row(<float *>w, weight + row * dim, dim, stochastic,
-                      mix64(rounding_key ^ <uint64_t>row) * <uint64_t>dim)
+        step_row(step, u, table_type, buffers + threadid() * 2 * buffer_stride, buffer_stride)
 
 
 cdef Py_ssize_t check_step(str kernel, StepMethod method, Py_ssize_t num_rows, Py_ssize_t dim,
                            floating[:, ::1] state_a, floating[:, ::1] state_b,
-                           const floating[:, ::1] grad, Py_ssize_t num_groups, plan,
+                           const floating[:, :] grad, Py_ssize_t num_groups, plan,
                            PlanView *view) except -1:
     """Raise ValueError unless the state, the gradient and the plan fit a (num_rows, dim)
     table and the method; then fill ``view``. Returns the state_a row width (0: none)."""
@@ -519,35 +591,65 @@ cdef floating *state_data(floating[:, ::1] state) noexcept:
     return &state[0, 0] if state is not None and state.shape[0] and state.shape[1] else NULL
 
 
+cdef int describe_step(TableStep *step, str kernel, StepMethod method, table_t *weight,
+                       Py_ssize_t num_rows, Py_ssize_t dim, floating[:, ::1] state_a,
+                       floating[:, ::1] state_b, const int64_t[::1] rows, plan,
+                       const floating[:, :] grad, double lr, double one_minus_beta1,
+                       double one_minus_beta2, double eps, bint maximize, double weight_decay,
+                       bint stochastic_rounding, uint64_t rounding_key,
+                       uint16_t *low_halves) except -1:
+    """Check a step's arguments (check_step) and fill ``step``. ``weight`` is the table's
+    first element (NULL when it has none); ``low_halves`` those of a split table (NULL for any
+    other). A step with nothing to do gets no rows."""
+    step.state_a_width = check_step(kernel, method, num_rows, dim, state_a, state_b, grad,
+                                    rows.shape[0], plan, &step.view)
+    step.method = method
+    step.weight = weight
+    step.num_rows = num_rows
+    step.dim = dim
+    step.state_a = state_data(state_a)
+    step.state_b = state_data(state_b)
+    step.rows = &rows[0] if rows.shape[0] else NULL
+    step.num_groups = rows.shape[0]
+    if dim == 0 or grad.shape[0] == 0 or weight == NULL:
+        step.num_groups = 0
+    step.grad = &grad[0, 0] if step.num_groups else NULL
+    step.lr = lr
+    step.one_minus_beta1 = one_minus_beta1
+    step.one_minus_beta2 = one_minus_beta2
+    step.eps = eps
+    step.decay = weight_decay
+    step.maximize = maximize
+    step.stochastic = stochastic_rounding
+    step.rounding_key = rounding_key
+    step.low_halves = low_halves
+    return 0
+
+
+cdef object step_buffers(Py_ssize_t dim, int num_threads, object dtype):
+    """Per thread, two rows of ``dim`` (see step_row), each followed by a cache line that
+    nobody writes, so no two threads ever write the same line (the false sharing made the
+    2-thread SGD step as slow as the 1-thread one)."""
+    return np.empty((2 * team_size(num_threads), dim + CACHE_LINE_BYTES // np.dtype(dtype).itemsize),
+                    dtype=dtype)
+
+
 cdef int run_step(str kernel, StepMethod method, table_t *weight, Py_ssize_t num_rows,
                   Py_ssize_t dim, floating[:, ::1] state_a, floating[:, ::1] state_b,
-                  const int64_t[::1] rows, plan, const floating[:, ::1] grad, double lr,
+                  const int64_t[::1] rows, plan, const floating[:, :] grad, double lr,
                   double one_minus_beta1, double one_minus_beta2, double eps, bint maximize,
                   double weight_decay, int num_threads, bint stochastic_rounding,
                   uint64_t rounding_key, uint16_t *low_halves) except -1:
-    """Check a step's arguments (check_step), then run step_rows without the GIL. ``weight``
-    is the table's first element (NULL when it has none); ``low_halves`` those of a split
-    table (NULL for any other)."""
-    cdef PlanView view
-    cdef Py_ssize_t num_groups = rows.shape[0]
-    cdef Py_ssize_t state_a_width = check_step(kernel, method, num_rows, dim, state_a, state_b,
-                                               grad, num_groups, plan, &view)
-    # per thread, two rows (see step_rows), each followed by a cache line that nobody writes,
-    # so no two threads ever write the same line (the false sharing made the 2-thread SGD step
-    # as slow as the 1-thread one)
-    cdef Py_ssize_t stride = dim + CACHE_LINE_BYTES // sizeof(floating)
-    cdef floating[:, ::1] buffers = np.empty((2 * team_size(num_threads), stride),
-                                             dtype=np.asarray(grad).dtype)
-    cdef floating *state_a_data = state_data(state_a)
-    cdef floating *state_b_data = state_data(state_b)
-    if num_groups == 0 or dim == 0 or grad.shape[0] == 0 or weight == NULL:
+    """describe_step, then run step_rows without the GIL."""
+    cdef TableStep step
+    describe_step(&step, kernel, method, weight, num_rows, dim, state_a, state_b, rows, plan,
+                  grad, lr, one_minus_beta1, one_minus_beta2, eps, maximize, weight_decay,
+                  stochastic_rounding, rounding_key, low_halves)
+    cdef floating[:, ::1] buffers = step_buffers(dim, num_threads, np.asarray(grad).dtype)
+    if step.num_groups == 0:
         return 0
     with nogil:
-        step_rows(method, weight, num_rows, dim, state_a_data, state_a_width, state_b_data,
-                  &rows[0], num_groups, &grad[0, 0], &view, &buffers[0, 0], stride,
-                  <floating>lr, <floating>one_minus_beta1, <floating>one_minus_beta2,
-                  <floating>eps, maximize, <floating>weight_decay, stochastic_rounding,
-                  rounding_key, low_halves, num_threads)
+        step_rows(&step, weight, &buffers[0, 0], buffers.shape[1], num_threads)
     return 0
 
 
@@ -561,11 +663,96 @@ def sparse_step(StepMethod method, floating[:, ::1] weight not None, floating[:,
     or -step_size); state_a / state_b are the per-row state (None where the method has none;
     row-wise Adagrad's accumulator is (V, 1)); ``weight_decay`` is the L2 factor (0: none).
     """
-    cdef const floating[:, ::1] grad = plan.grad
+    cdef const floating[:, :] grad = plan.grad
     run_step("sparse_step", method, &weight[0, 0] if weight.shape[0] and weight.shape[1]
              else NULL, weight.shape[0], weight.shape[1], state_a, state_b, rows, plan, grad,
              lr, one_minus_beta1, one_minus_beta2, eps, maximize, weight_decay, num_threads,
              False, 0, NULL)
+
+
+cdef int run_step_tables(floating *type_tag, StepMethod method, list tables, list states_a,
+                         list states_b, list rows, list plans, const double[::1] lrs,
+                         const double[::1] one_minus_beta1s, const double[::1] one_minus_beta2s,
+                         const double[::1] epss, bint maximize, double weight_decay,
+                         int num_threads) except -1:
+    """sparse_step_tables on tables of ``floating`` (type_tag is NULL: it only selects it)."""
+    cdef Py_ssize_t num_tables = len(tables), t, chunk, first, u, max_dim = 0
+    cdef Py_ssize_t num_chunks = 0
+    cdef TableStep *steps = <TableStep *>malloc(num_tables * sizeof(TableStep))
+    cdef Py_ssize_t *chunks = NULL  # per chunk: its table, its first unique row
+    cdef floating[:, ::1] weight, state_a, state_b, buffers
+    cdef const floating[:, :] grad
+    cdef const int64_t[::1] table_rows
+    if steps == NULL:
+        raise MemoryError()
+    try:
+        for t in range(num_tables):
+            weight, state_a, state_b = tables[t], states_a[t], states_b[t]
+            table_rows, grad = rows[t], plans[t].grad
+            if weight is None or table_rows is None:
+                raise ValueError("sparse_step_tables: a table or its rows is None")
+            describe_step(&steps[t], "sparse_step_tables", method,
+                          &weight[0, 0] if weight.shape[0] and weight.shape[1] else NULL,
+                          weight.shape[0], weight.shape[1], state_a, state_b, table_rows,
+                          plans[t], grad, lrs[t], one_minus_beta1s[t], one_minus_beta2s[t],
+                          epss[t], maximize, weight_decay, False, 0, NULL)
+            max_dim = max(max_dim, weight.shape[1])
+            num_chunks += (steps[t].num_groups + STEP_ROWS_PER_CHUNK - 1) // STEP_ROWS_PER_CHUNK
+        chunks = <Py_ssize_t *>malloc(2 * max(num_chunks, 1) * sizeof(Py_ssize_t))
+        if chunks == NULL:
+            raise MemoryError()
+        chunk = 0
+        for t in range(num_tables):
+            for first in range(0, steps[t].num_groups, STEP_ROWS_PER_CHUNK):
+                chunks[2 * chunk] = t
+                chunks[2 * chunk + 1] = first
+                chunk += 1
+        buffers = step_buffers(max_dim, num_threads, np.asarray(weight).dtype)
+        with nogil:
+            for chunk in prange(num_chunks, schedule="dynamic",
+                                num_threads=team_size(num_threads)):
+                t = chunks[2 * chunk]
+                first = chunks[2 * chunk + 1]
+                for u in range(first, min(first + STEP_ROWS_PER_CHUNK, steps[t].num_groups)):
+                    step_row(&steps[t], u, <floating *>NULL,
+                             &buffers[threadid() * 2, 0], buffers.shape[1])
+    finally:
+        free(steps)
+        free(chunks)
+    return 0
+
+
+def sparse_step_tables(StepMethod method, list tables not None, list states_a not None,
+                       list states_b not None, list rows not None, list plans not None,
+                       const double[::1] lrs not None,
+                       const double[::1] one_minus_beta1s not None,
+                       const double[::1] one_minus_beta2s not None,
+                       const double[::1] epss not None, bint maximize, double weight_decay,
+                       int num_threads):
+    """sparse_step on several float32 tables, or several float64 ones, in one call: table t
+    has ``states_a[t]``, ``states_b[t]``, ``rows[t]``, ``plans[t]`` and the scalars
+    ``lrs[t]``, ... Every table is checked before any changes; then the unique rows of all the
+    tables go out in chunks of STEP_ROWS_PER_CHUNK rows of one table, to whichever thread is
+    free (each row, and so each element of the tables and states, has one owner)."""
+    cdef Py_ssize_t num_tables = len(tables)
+    if not (len(states_a) == len(states_b) == len(rows) == len(plans) == lrs.shape[0]
+            == one_minus_beta1s.shape[0] == one_minus_beta2s.shape[0] == epss.shape[0]
+            == num_tables):
+        raise ValueError("sparse_step_tables: every list needs one entry per table")
+    if num_tables == 0:
+        return
+    dtype = getattr(tables[0], "dtype", None)
+    if dtype not in (np.float32, np.float64) or any(
+            getattr(table, "dtype", None) != dtype for table in tables):
+        raise ValueError("sparse_step_tables: the tables must all be float32 or all float64")
+    if dtype == np.float64:
+        run_step_tables(<double *>NULL, method, tables, states_a, states_b, rows, plans, lrs,
+                        one_minus_beta1s, one_minus_beta2s, epss, maximize, weight_decay,
+                        num_threads)
+    else:
+        run_step_tables(<float *>NULL, method, tables, states_a, states_b, rows, plans, lrs,
+                        one_minus_beta1s, one_minus_beta2s, epss, maximize, weight_decay,
+                        num_threads)
 
 
 def sparse_step_half(StepMethod method, uint16_t[:, ::1] weight not None,
@@ -585,7 +772,7 @@ def sparse_step_half(StepMethod method, uint16_t[:, ::1] weight not None,
     ``low_halves``; the update is the float32 update of that weight, stored back exactly into
     the two halves (no rounding)."""
     check_enum(half_format, FLOAT16, "half format")
-    cdef const float[:, ::1] grad = plan.grad
+    cdef const float[:, :] grad = plan.grad
     cdef uint16_t *table = (&weight[0, 0] if weight.shape[0] and weight.shape[1] else NULL)
     cdef uint16_t *low = NULL
     if low_halves is not None:

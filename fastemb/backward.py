@@ -22,17 +22,22 @@ from .functional import (BAG_MODES, NO_PADDING, BagForward, _lookup_table, _padd
 from .sparse import GradientPlan, SparseGrad
 
 
+def check_grad_output(grad_output, shape, dtype, name="grad_output"):
+    """``grad_output`` as an array, checked to have ``shape`` and ``dtype`` (not copied)."""
+    grad_output = np.asarray(grad_output)
+    if grad_output.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {grad_output.dtype}")
+    if grad_output.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {grad_output.shape}")
+    return grad_output
+
+
 def _as_grad_output(grad_output, shape, dtype):
     """A private C-contiguous copy of grad_output, checked to have ``shape`` and ``dtype``.
 
     The copy is what the deferred gradient reads, so the caller may reuse its array.
     """
-    grad_output = np.asarray(grad_output)
-    if grad_output.dtype != dtype:
-        raise ValueError(f"grad_output must have dtype {dtype}, got {grad_output.dtype}")
-    if grad_output.shape != tuple(shape):
-        raise ValueError(f"grad_output must have shape {tuple(shape)}, got {grad_output.shape}")
-    return np.array(grad_output, order="C", copy=True)
+    return np.array(check_grad_output(grad_output, shape, dtype), order="C", copy=True)
 
 
 @with_reused_memory

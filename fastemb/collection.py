@@ -24,7 +24,7 @@ from ._dtypes import TABLE_DTYPES
 from ._kernels import kernels as _core
 from ._memory import with_reused_memory
 from ._validation import BAG_MODES, NO_PADDING, as_count, check_mode
-from .backward import _as_grad_output
+from .backward import check_grad_output
 from .jagged import JaggedArray, KeyedArray, KeyedJaggedArray
 from .modules import Embedding, EmbeddingBag
 from .sparse import GradientPlan, SparseGrad
@@ -187,6 +187,10 @@ class _Collection:
         self._feature_slots = np.array([slot for config in self.configs
                                         for slot in range(len(config.feature_names))],
                                        dtype=np.int64)
+        # table t reads features _table_features[t] to _table_features[t + 1]
+        self._table_features = np.concatenate(
+            [[0], np.cumsum([len(config.feature_names) for config in self.configs])]).astype(
+            np.int64)
         self._padding = np.array(
             [NO_PADDING if self._modules[config.name].padding_idx is None
              else self._modules[config.name].padding_idx
@@ -200,12 +204,6 @@ class _Collection:
         """The tables' modules, in config order (what optimizers and checkpoints step and
         save)."""
         return list(self._modules.values())
-
-    def _table_arrays(self):
-        modules = self.tables
-        first_rows = np.zeros(len(modules) + 1, dtype=np.int64)
-        np.cumsum([module.num_embeddings for module in modules], out=first_rows[1:])
-        return modules, first_rows
 
     def _feature_positions(self, features):
         """Check ``features`` (a KeyedJaggedArray with every feature of the collection) and
@@ -242,47 +240,33 @@ class _Collection:
 
     @with_reused_memory
     def _table_gradients(self, saved, grad_rows, per_position, coefficients):
-        """Each table's SparseGrad from one grouping of every looked-up row: ``grad_rows``
-        gives, per table, the (rows, D) gradient rows its positions read; ``per_position``
-        whether positions read them through a source array (with ``coefficients``)."""
-        modules, first_rows = self._table_arrays()
-        keys, source = self._gradient_keys(saved, first_rows)
-        threads = threads_for(keys.size)
-        rows, starts, order = _core.group_by_row(keys, first_rows[-1] + 1, first_rows[-1],
-                                                 threads, None if per_position else source)
-        # table t's unique rows are one run of rows, from first_rows[t] up
-        runs = np.searchsorted(rows, first_rows)
+        """Each table's SparseGrad, from one call that groups every table's looked-up rows
+        (``_core.collection_group_by_row``): ``grad_rows`` gives, per table, the (rows, D)
+        gradient rows its positions read and its max winners (None: no gradient);
+        ``per_position`` whether positions read them through a source array (with
+        ``coefficients``)."""
+        modules = self.tables
+        num_rows = np.array([0 if grad_rows[t] is None else module.num_embeddings
+                             for t, module in enumerate(modules)], dtype=np.int64)
+        source, order, rows, starts, counts = _core.collection_group_by_row(
+            saved.values, saved.bounds, saved.batch_size, self._table_features, num_rows,
+            self._padding, self._grad_row_bases(saved), self.module_type is Embedding,
+            per_position, threads_for(saved.values.size))
+        segment_starts = saved.bounds[self._table_features[:-1] * saved.batch_size]
         grads = {}
         for t, module in enumerate(modules):
             if grad_rows[t] is None:
                 continue
-            lo, hi = runs[t], runs[t + 1]
-            plan = GradientPlan(grad_rows[t][0], starts[lo:hi + 1], order,
+            first, count = segment_starts[t], counts[t]
+            plan = GradientPlan(grad_rows[t][0], starts[first + t:first + t + count + 1], order,
                                 source=source if per_position else None,
                                 coefficients=coefficients, winners=grad_rows[t][1])
-            grads[self.configs[t].name] = SparseGrad._planned(rows[lo:hi] - first_rows[t],
+            grads[self.configs[t].name] = SparseGrad._planned(rows[first:first + count],
                                                               module.num_embeddings, plan)
         return grads
 
-    def _gradient_keys(self, saved, first_rows):
-        """Per position of the saved forward: its key in the collection's row space
-        (``first_rows[t] + row``; ``first_rows[-1]`` for padding and for the values of frozen
-        tables) and the row of its table's gradient rows it reads (``_gradient_rows_of``)."""
-        keys = np.full(saved.values.size, first_rows[-1], dtype=np.int64)
-        source = np.zeros(saved.values.size, dtype=np.int64)
-        for f, table in enumerate(self._feature_tables):
-            start, end = saved.extent(f)
-            if self.tables[table].frozen or start == end:
-                continue
-            values = saved.values[start:end]
-            kept = values != self._padding[f]
-            keys[start:end] = np.where(kept, values + first_rows[table], first_rows[-1])
-            source[start:end] = self._gradient_rows_of(saved, f, start, end)
-        return keys, source
-
-    def _gradient_rows_of(self, saved, feature, start, end):
-        """The rows of its table's gradient rows that positions [start, end) of ``feature``
-        read."""
+    def _grad_row_bases(self, saved):
+        """Per feature: where its rows start among its table's gradient rows."""
         raise NotImplementedError
 
 
@@ -350,44 +334,70 @@ class EmbeddingBagCollection(_Collection):
                                        out.copy() if weighted_mean else None)
         return KeyedArray(self.feature_names, out, self._dims)
 
-    def backward(self, grad_output) -> dict:
+    def backward(self, grad_output, optimizer=None):
         """Add each table's weight gradient of the last forward, given ``grad_output`` (the
         ``(B, sum of dims)`` gradient of its output values), into the table's ``.grad``;
-        returns ``{table name: SparseGrad}`` of this call (frozen tables have none)."""
+        returns ``{table name: SparseGrad}`` of this call (frozen tables have none).
+
+        With ``optimizer`` (a ``fastemb.optim`` optimizer of these tables), the gradients are
+        not kept: the optimizer applies them right away (TorchRec's optimizer in backward),
+        reading ``grad_output`` in place, and ``backward`` returns None. ``.grad`` is left as
+        it is. This saves a copy of ``grad_output``, a third of a small-bag step's memory
+        traffic.
+        """
         saved = self._saved
         if saved is None:
             raise RuntimeError("backward needs a forward first: call the collection, then "
                                "backward once per call")
+        if optimizer is not None and not callable(getattr(optimizer, "apply_gradients", None)):
+            raise TypeError(f"optimizer must be a fastemb.optim optimizer, got "
+                            f"{type(optimizer).__name__}")
         batch = saved.batch_size
         dtype = TABLE_DTYPES[np.dtype(self.configs[0].dtype)].compute_dtype
-        grad = _as_grad_output(grad_output, (batch, int(self._columns[-1])), dtype)
+        grad = check_grad_output(grad_output, (batch, int(self._columns[-1])), dtype)
+        if optimizer is not None:
+            grad = np.ascontiguousarray(grad)  # (read in place: its rows' columns must be)
         per_position = saved.weights is not None or "mean" in self._pooling
         coefficients = self._coefficients(saved, dtype) if per_position else None
+        if optimizer is None:
+            # a private copy (the caller may reuse its array before an optimizer reads it),
+            # table by table: each table's gradient rows together, its features' columns one
+            # under the other (they are neighbours in the collection's order)
+            blocks = _core.empty_reused((grad.size,), dtype)
+            _core.split_columns(grad, self._columns, blocks, threads_for(grad.size))
         grad_rows = []
         for t, module in enumerate(self.tables):
             features = np.flatnonzero(self._feature_tables == t)
             if module.frozen or not features.size:
                 grad_rows.append(None)
                 continue
-            columns = [slice(self._columns[f], self._columns[f + 1]) for f in features]
-            rows = np.concatenate([grad[:, c] for c in columns]) if columns else grad[:, :0]
+            first, last = self._columns[features[0]], self._columns[features[-1] + 1]
             winners = None
             if saved.winners is not None and self.configs[t].pooling == "max":
-                winners = np.concatenate([saved.winners[:, c] for c in columns])
-            grad_rows.append((np.ascontiguousarray(rows), winners))
+                winners = np.concatenate([saved.winners[:, self._columns[f]:self._columns[f + 1]]
+                                          for f in features])
+            if optimizer is None:
+                rows = blocks[batch * first:batch * last].reshape(-1, self._dims[features[0]])
+            elif features.size == 1:
+                rows = grad[:, first:last]  # (a view)
+            else:
+                rows = np.concatenate([grad[:, self._columns[f]:self._columns[f + 1]]
+                                       for f in features])
+            grad_rows.append((rows, winners))
         grads = self._table_gradients(saved, grad_rows, per_position, coefficients)
         self._saved = None
+        if optimizer is not None:
+            optimizer.apply_gradients({self._modules[name]: table_grad
+                                       for name, table_grad in grads.items()})
+            return None
         for name, table_grad in grads.items():
             self._modules[name]._accumulate(table_grad)
         return grads
 
-    def _gradient_rows_of(self, saved, feature, start, end):
-        """Each position's bag, offset by the feature's slot among its table's features times
-        B (a table's gradient rows are its features' columns of grad_output, one under the
-        other)."""
-        bag_of = np.repeat(np.arange(saved.batch_size, dtype=np.int64),
-                           np.diff(saved.feature_bounds(feature)))
-        return self._feature_slots[feature] * saved.batch_size + bag_of
+    def _grad_row_bases(self, saved):
+        """A table's gradient rows are its features' columns of grad_output, one under the
+        other: feature f's bag b reads row ``slot_f * B + b``."""
+        return self._feature_slots * saved.batch_size
 
     def _coefficients(self, saved, dtype):
         """Each position's gradient factor (1, its weight, 1 / count or weight / total, as a
@@ -496,21 +506,22 @@ class EmbeddingCollection(_Collection):
                 grad = grad_output[self.feature_names[f]]
                 if getattr(grad, "dtype", None) == module._table.dtype != dtype:
                     grad = grad.astype(dtype)  # (a 16-bit table's: widened exactly)
-                parts.append(_as_grad_output(grad, (end - start, self._dims[f]), dtype))
-            grad_rows.append((np.concatenate(parts), None))
+                parts.append(check_grad_output(grad, (end - start, self._dims[f]), dtype,
+                                               f"grad_output[{self.feature_names[f]!r}]"))
+            grad_rows.append((np.concatenate(parts), None))  # (a copy)
         grads = self._table_gradients(saved, grad_rows, True, None)
         self._saved = None
         for name, table_grad in grads.items():
             self._modules[name]._accumulate(table_grad)
         return grads
 
-    def _gradient_rows_of(self, saved, feature, start, end):
-        """Each position's row among its table's gradient rows: the features of a table, one
-        under the other, each with one row per value."""
-        table = self._feature_tables[feature]
-        # (a table's features are neighbours in the collection's order)
-        first_feature = int(np.flatnonzero(self._feature_tables == table)[0])
-        return start - saved.extent(first_feature)[0] + np.arange(end - start, dtype=np.int64)
+    def _grad_row_bases(self, saved):
+        """A table's gradient rows are its features' rows, one under the other (a table's
+        features are neighbours in the collection's order, and so are their values)."""
+        starts = saved.bounds[::saved.batch_size][:-1] if saved.batch_size else np.zeros(
+            len(self.feature_names), dtype=np.int64)
+        first_feature = np.searchsorted(self._feature_tables, self._feature_tables)
+        return starts - starts[first_feature]
 
     def __repr__(self):
         tables = ", ".join(f"{c.name}: {c.num_embeddings}x{c.embedding_dim}"

@@ -5,8 +5,10 @@ Every optimizer takes ``weight_decay`` (default 0): L2 weight decay, the gradien
 w``) before the update, as torch's ``weight_decay`` in SGD, Adagrad and Adam and FBGEMM's
 ``WeightDecayMode.L2`` do. It is lazy: rows absent from the gradient do not decay.
 
-The update runs fused with the gradient's accumulation (``_core.sparse_step``): one pass reads
-and writes each touched row's weight and state once, and nothing of table size is written.
+The update runs fused with the gradient's accumulation (``_core.sparse_step_tables``, one call
+for all the float32 or float64 tables of a step, e.g. every table of a collection;
+``_core.sparse_step_half`` for each 16-bit table): one pass reads and writes each touched row's
+weight and state once, and nothing of table size is written.
 Rows absent from the gradient keep their weights and state bit for bit.
 
 bfloat16 and float16 tables train too: their state is float32, each updated row is computed in
@@ -121,9 +123,25 @@ class _SparseOptimizer:
         >>> np.flatnonzero((table.weight != before).any(axis=1)).tolist()
         [3, 7]
         """
-        updates = [module for module in self.modules if module.grad is not None]
-        for module in updates:  # check everything before any table or state changes
-            grad, weight = module.grad, table_of(module)[0]
+        self.apply_gradients({module: module.grad for module in self.modules
+                              if module.grad is not None})
+
+    def apply_gradients(self, grads: dict) -> None:
+        """Update each module of ``grads`` (``{module: SparseGrad}``, modules of this
+        optimizer) with its gradient, as ``step()`` does with ``.grad``: what a fused backward
+        calls (e.g. ``EmbeddingBagCollection.backward(grad_output, optimizer)``).
+
+        >>> import numpy as np, fastemb
+        >>> table = fastemb.Embedding(10, 4, seed=0)
+        >>> opt = fastemb.optim.SGD(table, lr=0.1)
+        >>> opt.apply_gradients({table: fastemb.SparseGrad([2], np.ones((1, 4), np.float32), 10)})
+        >>> table.grad is None, opt.state[table]["step"]
+        (True, 1)
+        """
+        for module, grad in grads.items():  # check everything before any table or state changes
+            if module not in self.state:
+                raise ValueError(f"{module!r} is not one of this optimizer's modules")
+            weight = table_of(module)[0]
             if not isinstance(grad, SparseGrad):
                 raise TypeError(f"module.grad must be a SparseGrad or None, got "
                                 f"{type(grad).__name__}")
@@ -145,32 +163,40 @@ class _SparseOptimizer:
                     raise ValueError(f"the optimizer's {name!r} state is {array.dtype} "
                                      f"{array.shape}; it does not fit the table {weight.dtype} "
                                      f"{weight.shape} (was module.weight replaced?)")
+        plain = {}  # float32 and float64 tables, by dtype: stepped in one call each
         for position, module in enumerate(self.modules):
-            grad = module.grad
+            grad = grads.get(module)
             if grad is None:
                 continue
             state = self.state[module]
             state["step"] += 1
             if grad.nnz == 0:
                 continue
-            lr, one_minus_beta1, one_minus_beta2, eps = self._scalars(state["step"])
             arrays = [state[name] for name in self.state_arrays]
             arrays += [None] * (2 - len(arrays))
-            plan = grad.plan()
             table, low_halves = table_of(module)
-            arguments = (self.method, table, *arrays, grad.rows, plan, lr,
-                         one_minus_beta1, one_minus_beta2, eps,
-                         self.hyperparameters.get("maximize", False),
-                         self.hyperparameters["weight_decay"],
-                         threads_for(plan.order.size * table.shape[1]))
             table_dtype = TABLE_DTYPES[table.dtype]
             if table_dtype.half_format is None:
-                _core.sparse_step(*arguments)
-            else:
-                _core.sparse_step_half(
-                    *arguments[:1], table_dtype.kernel_view(table), *arguments[2:],
-                    table_dtype.half_format, self.hyperparameters["stochastic_rounding"],
-                    self._rounding_key(position, state["step"]), low_halves)
+                plain.setdefault(table.dtype, []).append(
+                    (table, *arrays, grad.rows, grad.plan(), self._scalars(state["step"])))
+                continue
+            plan = grad.plan()
+            _core.sparse_step_half(
+                self.method, table_dtype.kernel_view(table), *arrays, grad.rows, plan,
+                *self._scalars(state["step"]), self.hyperparameters.get("maximize", False),
+                self.hyperparameters["weight_decay"],
+                threads_for(plan.order.size * table.shape[1]), table_dtype.half_format,
+                self.hyperparameters["stochastic_rounding"],
+                self._rounding_key(position, state["step"]), low_halves)
+        for steps in plain.values():
+            tables, states_a, states_b, rows, plans, scalars = map(list, zip(*steps))
+            lrs, one_minus_beta1s, one_minus_beta2s, epss = np.ascontiguousarray(
+                np.array(scalars, dtype=np.float64).T)
+            work = sum(plan.order.size * table.shape[1] for plan, table in zip(plans, tables))
+            _core.sparse_step_tables(
+                self.method, tables, states_a, states_b, rows, plans, lrs, one_minus_beta1s,
+                one_minus_beta2s, epss, self.hyperparameters.get("maximize", False),
+                self.hyperparameters["weight_decay"], threads_for(work))
 
     def _rounding_key(self, position, step):
         """The 64-bit key of a step's stochastic rounding draws for the table at ``position``

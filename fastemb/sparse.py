@@ -19,7 +19,7 @@ class GradientPlan:
     fused with its update, so the (nnz, D) values are never written out.
     """
 
-    grad: np.ndarray                 # (R, D) C-contiguous: the grad_output rows
+    grad: np.ndarray                 # (R, D) rows, each contiguous: the grad_output rows
     starts: np.ndarray               # (U + 1,) int64
     order: np.ndarray                # positions grouped by row
     source: np.ndarray = None        # position -> grad row (None: the position itself)
