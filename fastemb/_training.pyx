@@ -377,6 +377,9 @@ def sample_weights_grad(const floating[:, ::1] weight, const index_t[::1] indice
 #   SGD:              w = w + (-lr) * g
 #   Adagrad:          s = s + g*g;  w = w + (-clr) * (g / (sqrt(s) + eps))
 #   row-wise Adagrad: a = a + dtype(mean(g*g));  w = w - lr * (g / (sqrt(a) + eps))   (a: 1 per row)
+#                     mean(g*g) in double: column j adds into partial sum j % 8, and the 8
+#                     sums add pairwise, ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)):
+#                     8 chains of additions instead of one D long (the same order on any build)
 #   lazy Adam:        m = m + (g - m) * (1 - b1);  v = v + (g*g - v) * (1 - b2)
 #                     w = w + (-step_size) * (m / (sqrt(v) + eps))
 #                     step_size = lr * sqrt(1 - b2^t) / (1 - b1^t), folded in Python
@@ -393,9 +396,10 @@ cdef inline floating square_root(floating x) noexcept nogil:
 cdef void update_row(StepMethod method, floating *w, floating *state_a, floating *state_b,
                      const floating *g, Py_ssize_t dim, floating lr, floating one_minus_beta1,
                      floating one_minus_beta2, floating eps) noexcept nogil:
-    cdef Py_ssize_t j
+    cdef Py_ssize_t j, lane
     cdef floating m, v, denominator
-    cdef double mean_square = 0
+    cdef double mean_square
+    cdef double partial[8]
     if method == STEP_SGD:
         for j in range(dim):
             w[j] = w[j] + lr * g[j]
@@ -404,8 +408,15 @@ cdef void update_row(StepMethod method, floating *w, floating *state_a, floating
             state_a[j] = state_a[j] + g[j] * g[j]
             w[j] = w[j] + lr * (g[j] / (square_root(state_a[j]) + eps))
     elif method == STEP_ROWWISE_ADAGRAD:
-        for j in range(dim):
-            mean_square = mean_square + <double>g[j] * g[j]
+        for lane in range(8):
+            partial[lane] = 0
+        for j in range(0, dim - dim % 8, 8):
+            for lane in range(8):
+                partial[lane] = partial[lane] + <double>g[j + lane] * g[j + lane]
+        for j in range(dim - dim % 8, dim):
+            partial[j % 8] = partial[j % 8] + <double>g[j] * g[j]
+        mean_square = (((partial[0] + partial[1]) + (partial[2] + partial[3]))
+                       + ((partial[4] + partial[5]) + (partial[6] + partial[7])))
         state_a[0] = state_a[0] + <floating>(mean_square / dim)
         denominator = square_root(state_a[0]) + eps
         for j in range(dim):

@@ -136,6 +136,11 @@ class _SavedForward:
         """The features that ``first_bags`` (per feature of the collection: where its bags
         start among the input's) name, copied in the collection's order."""
         batch = features.batch_size
+        if len(features.keys) == first_bags.size and np.array_equal(
+                first_bags, np.arange(first_bags.size) * batch):  # (already in that order)
+            weights = None if features.weights is None else features.weights.copy()
+            return cls(features.values.copy(), features.offsets.copy(), batch, weights, winners,
+                       output)
         starts, ends = features.offsets[first_bags], features.offsets[first_bags + batch]
         at = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
         bounds = np.empty(first_bags.size * batch + 1, dtype=np.int64)

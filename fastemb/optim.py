@@ -322,7 +322,8 @@ class Adagrad(_SparseOptimizer):
 
 class RowWiseAdagrad(_SparseOptimizer):
     """Adagrad with one accumulator per row (FBGEMM's memory-saving variant):
-    ``acc[r] += mean(g[r]**2); w[r] -= lr * g[r] / (sqrt(acc[r]) + eps)``.
+    ``acc[r] += mean(g[r]**2); w[r] -= lr * g[r] / (sqrt(acc[r]) + eps)``, the mean of squares in
+    float64 (column j summed into partial sum j % 8, the eight sums added pairwise).
 
     >>> import fastemb
     >>> opt = fastemb.optim.RowWiseAdagrad(fastemb.Embedding(5, 2))

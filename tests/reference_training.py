@@ -304,14 +304,17 @@ def adagrad_step_ref(weight, state_sum, rows, g, step, lr=1e-2, lr_decay=0.0, ep
 
 
 def rowwise_adagrad_step_ref(weight, acc, rows, g, lr=1e-2, eps=1e-10, weight_decay=0.0):
-    """acc[r] += dtype(mean(g[r]**2) in double, summed left to right); w -= lr * g/(sqrt+eps)."""
+    """acc[r] += dtype(mean(g[r]**2) in double: column j into partial sum j % 8, the 8 sums added
+    pairwise); w -= lr * g/(sqrt+eps)."""
     dtype = weight.dtype
     g = decayed(weight, rows, g, weight_decay)
     dim = weight.shape[1]
     for k, r in enumerate(rows):
-        mean_square = 0.0
-        for x in g[k]:
-            mean_square = mean_square + float(x) * float(x)
+        partial = [0.0] * 8
+        for j, x in enumerate(g[k]):
+            partial[j % 8] = partial[j % 8] + float(x) * float(x)
+        mean_square = (((partial[0] + partial[1]) + (partial[2] + partial[3]))
+                       + ((partial[4] + partial[5]) + (partial[6] + partial[7])))
         a = acc[r, 0] + dtype.type(mean_square / dim)
         acc[r, 0] = a
         denominator = np.sqrt(a) + dtype.type(eps)
