@@ -390,11 +390,12 @@ class EmbeddingBagCollection(_Collection):
                                        for f in features])
             grad_rows.append((rows, winners))
         grads = self._table_gradients(saved, grad_rows, per_position, coefficients)
-        self._saved = None
-        if optimizer is not None:
+        if optimizer is not None:  # (it checks everything first: a refusal changes nothing)
             optimizer.apply_gradients({self._modules[name]: table_grad
                                        for name, table_grad in grads.items()})
+            self._saved = None
             return None
+        self._saved = None
         for name, table_grad in grads.items():
             self._modules[name]._accumulate(table_grad)
         return grads

@@ -335,3 +335,37 @@ def test_collection_matches_torch_embedding_bag(rng, pooling):
         expected = (expected.coalesce().to_dense() if expected.is_sparse else expected).numpy()
         np.testing.assert_allclose(grads[config.name].to_dense(), expected, rtol=1e-5,
                                    atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(fastemb.optim.OPTIMIZERS))
+@pytest.mark.parametrize("pooling", [("sum", "sum", "sum"), ("sum", "mean", "max")])
+def test_optimizer_in_backward_equals_backward_then_step(rng, name, pooling):
+    info = fastemb.optim.OPTIMIZERS[name]
+    features = random_features(rng, KEYS, SIZES | {"unused": 7}, 50, padding={"genres": 0})
+    fused, plain = recommender(pooling=pooling), recommender(pooling=pooling)
+    fused_optimizer, plain_optimizer = info.cls(fused, lr=0.05), info.cls(plain, lr=0.05)
+    for step in range(3):
+        grad_output = np.sin(fused(features).values + step)
+        plain(features)
+        assert fused.backward(grad_output, fused_optimizer) is None
+        grad_output[:] = np.nan  # (read before backward returned: the caller may reuse it)
+        plain.backward(np.sin(plain(features).values + step))
+        plain_optimizer.step()
+        plain.zero_grad()
+    for mine, theirs in zip(fused.tables, plain.tables):
+        assert mine.grad is None
+        assert_bitwise(mine.weight, theirs.weight)
+    assert fused_optimizer.state_dict()["state"][0]["step"] == 3
+
+
+def test_optimizer_in_backward_rejects_a_foreign_optimizer(rng):
+    collection, other = recommender(), recommender()
+    features = random_features(rng, KEYS, SIZES | {"unused": 7}, 5)
+    before = [module.weight.copy() for module in collection.tables]
+    out = collection(features)
+    with pytest.raises(ValueError, match="not one of this optimizer's modules"):
+        collection.backward(np.ones_like(out.values), fastemb.optim.SGD(other, lr=1.0))
+    with pytest.raises(TypeError, match="fastemb.optim optimizer"):
+        collection.backward(np.ones_like(out.values), "sgd")
+    for module, weight in zip(collection.tables, before):
+        assert_bitwise(module.weight, weight)
