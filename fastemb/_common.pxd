@@ -94,7 +94,7 @@ cpdef enum StepMethod:
     STEP_ADAM = 3
 
 
-cdef inline int check_enum(int value, int last, str what) except -1:
+cdef inline int check_enum(int64_t value, int last, str what) except -1:
     """ValueError unless 0 <= value <= last (an enum argument may arrive as any int)."""
     if not 0 <= value <= last:
         raise ValueError(f"unknown {what} {value}; expected 0 to {last}")
@@ -168,6 +168,26 @@ cdef inline Py_ssize_t count_out_of_range(const index_t *indices, Py_ssize_t sta
     for i in range(start, end):
         count = count + (<uint64_t>indices[i] >= limit)
     return count
+
+
+cdef inline Py_ssize_t count_bags_out_of_range(const index_t *indices, Py_ssize_t n,
+                                               const int64_t *bounds, Py_ssize_t first_bag,
+                                               Py_ssize_t end_bag,
+                                               uint64_t limit) noexcept nogil:
+    """How many indices of bags [first_bag, end_bag) lie outside [0, limit): each bag's
+    clamped extent is counted (a position in two bags twice), the bags that follow one another
+    in one pass (with non-decreasing bounds: all of them)."""
+    cdef Py_ssize_t b, start, end, run_start, run_end, count = 0
+    if n == 0 or end_bag <= first_bag:
+        return 0
+    bag_extent(bounds, first_bag, n, &run_start, &run_end)
+    for b in range(first_bag + 1, end_bag):
+        bag_extent(bounds, b, n, &start, &end)
+        if start != run_end:
+            count = count + count_out_of_range(indices, run_start, run_end, limit)
+            run_start = start
+        run_end = end
+    return count + count_out_of_range(indices, run_start, run_end, limit)
 
 
 cdef inline void prefetch_row(const void *row, Py_ssize_t row_bytes, bint for_write=False,

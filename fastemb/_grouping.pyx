@@ -3,6 +3,7 @@
 backward pass starts from. The rules every kernel follows are in ``fastemb/_core.pyx``."""
 
 from cython.parallel cimport prange, threadid
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -302,11 +303,12 @@ def collection_group_by_row(const index_t[::1] values, const int64_t[::1] bounds
     holds the positions of its u-th row, ascending, or with ``positions_in_order`` False, their
     sources, in that order (as group_by_row's payload)."""
     cdef Py_ssize_t n = values.shape[0], num_tables = table_features.shape[0] - 1
-    cdef Py_ssize_t num_features = padding.shape[0], t, f, k, largest = n
+    cdef Py_ssize_t num_features = padding.shape[0], t, f, k, span, largest = n
     cdef int value_bits, histogram_bins = 1 << SEGMENT_DIGIT_BITS
     if (num_tables < 0 or num_rows.shape[0] != num_tables
             or grad_row_bases.shape[0] != num_features or batch_size < 0
-            or bounds.shape[0] != num_features * batch_size + 1):
+            or num_features and batch_size > (bounds.shape[0] - 1) // num_features  # (no
+            or bounds.shape[0] != num_features * batch_size + 1):  # product can overflow)
         raise ValueError("collection_group_by_row: table_features needs one entry per table "
                          "plus one, num_rows one per table, padding and grad_row_bases one "
                          "per feature, bounds K * B + 1")
@@ -321,10 +323,11 @@ def collection_group_by_row(const index_t[::1] values, const int64_t[::1] bounds
         if bounds[k + 1] < bounds[k]:
             raise ValueError("collection_group_by_row: bounds must be non-decreasing")
     for f in range(num_features):
-        if grad_row_bases[f] < 0:
-            raise ValueError("collection_group_by_row: grad_row_bases must be >= 0")
-        largest = max(largest, grad_row_bases[f] + max(
-            batch_size, bounds[(f + 1) * batch_size] - bounds[f * batch_size]))
+        span = max(batch_size, bounds[(f + 1) * batch_size] - bounds[f * batch_size])
+        if not 0 <= grad_row_bases[f] <= PY_SSIZE_T_MAX - span:
+            raise ValueError("collection_group_by_row: grad_row_bases must be >= 0, and their "
+                             "gradient rows below 2**63")
+        largest = max(largest, grad_row_bases[f] + span)
     value_bits = int(largest).bit_length()
     source_array, order_array = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
     rows_array, starts_array = np.empty(n, dtype=np.int64), np.empty(n + num_tables, np.int64)

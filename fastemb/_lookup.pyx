@@ -10,8 +10,9 @@ from libc.string cimport memcpy, memset
 cimport numpy as cnp
 from fastemb._common cimport (BAG_MAX, BAG_MEAN, BAG_SUM, BFLOAT16, FASTEMB_HAVE_OPENMP, FLOAT16,
                               PARALLEL_GRAIN, BagMode, HalfFormat, bag_extent, bfloat16_t,
-                              check_enum, clamp, count_out_of_range, divide_by_bag_sizes,
-                              element_value, float16_t, floating, index_t, is_kept,
+                              check_enum, clamp, count_bags_out_of_range, count_out_of_range,
+                              divide_by_bag_sizes, element_value, float16_t, floating, index_t,
+                              is_kept,
                               omp_get_max_threads, prefetch_ahead, prefetch_distance,
                               prefetch_row, prefetch_table_row, rows_on_lines, stored_t,
                               table_t, team_size)
@@ -602,10 +603,7 @@ cdef inline Py_ssize_t reduce_bag_chunk(const table_t *table, Py_ssize_t num_row
     if mode == BAG_MEAN:
         divide_by_bag_sizes(num_rows, dim, indices, n, bounds, first, last, sample_weights,
                             padding_idx, out, out_stride)
-    if num_indices == 0:
-        return 0
-    return count_out_of_range(indices, clamp(bounds[first], 0, num_indices),
-                              clamp(bounds[last], 0, num_indices), num_rows)
+    return count_bags_out_of_range(indices, num_indices, bounds, first, last, num_rows)
 
 
 cdef Py_ssize_t reduce_chunks(const table_t *table, Py_ssize_t num_rows, Py_ssize_t dim,
@@ -892,9 +890,10 @@ cdef int describe_feature(FeatureBags *feature, object table, bint float64_sums,
     feature.num_rows = cnp.PyArray_DIM(<cnp.ndarray>table, 0)
     feature.dim = cnp.PyArray_DIM(<cnp.ndarray>table, 1)
     feature.table = cnp.PyArray_DATA(<cnp.ndarray>table) if feature.num_rows else NULL
-    if first_bag < 0 or first_bag + num_bags >= num_bounds:
+    # (written so that no sum can overflow, whatever first_bag and column are)
+    if first_bag < 0 or first_bag >= num_bounds - num_bags:
         raise ValueError("collection_bag_reduce: a feature's bags lie outside bounds")
-    if column < 0 or column + feature.dim > out_columns:
+    if column < 0 or column > out_columns - feature.dim:
         raise ValueError("collection_bag_reduce: a feature's columns lie outside out")
     check_enum(mode, BAG_MAX, "bag mode")
     item_size = cnp.PyArray_ITEMSIZE(<cnp.ndarray>table)
@@ -1013,7 +1012,8 @@ cdef int describe_gathered_feature(GatheredFeature *feature, object table, int64
                          * cnp.PyArray_ITEMSIZE(<cnp.ndarray>table))
     if not 0 <= start <= end <= num_values:
         raise ValueError("collection_gather: a feature's values must lie within values")
-    if out_offset < 0 or out_offset + (end - start) * feature.row_bytes > out_bytes:
+    if out_offset < 0 or out_offset > out_bytes or (  # (a check no product can overflow)
+            feature.row_bytes and end - start > (out_bytes - out_offset) // feature.row_bytes):
         raise ValueError("collection_gather: a feature's block lies outside out")
     feature.start = start
     feature.end = end

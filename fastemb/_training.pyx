@@ -55,6 +55,16 @@ def bags_of_positions(const int64_t[::1] bounds, int64_t[::1] bag_of, int num_th
                 bag_of[k] = b
 
 
+cdef int check_grad_rows(str kernel, const floating[:, :] grad) except -1:
+    """ValueError unless each row of ``grad`` is contiguous and rows lie a whole number of
+    elements apart (a field of a structured array may be neither)."""
+    if grad.shape[1] > 1 and grad.strides[1] != sizeof(floating) or (
+            grad.shape[0] > 1 and grad.strides[0] % <Py_ssize_t>sizeof(floating)):
+        raise ValueError(f"{kernel}: grad's rows must be contiguous, a whole number of "
+                         f"elements apart")
+    return 0
+
+
 def split_columns(const floating[:, :] grad, const int64_t[::1] columns, floating[::1] out,
                   int num_threads):
     """Copy the column blocks of ``grad`` (B, C) one after the other into ``out`` (B * C):
@@ -72,9 +82,8 @@ def split_columns(const floating[:, :] grad, const int64_t[::1] columns, floatin
             raise ValueError("split_columns: columns must be non-decreasing")
     if num_rows == 0 or grad.shape[1] == 0:
         return
-    if grad.shape[1] > 1 and grad.strides[1] != sizeof(floating):
-        raise ValueError("split_columns: grad's rows must be contiguous")
-    row_stride = grad.strides[0] // sizeof(floating)
+    check_grad_rows("split_columns", grad)
+    row_stride = grad.strides[0] // <Py_ssize_t>sizeof(floating)
     with nogil:
         for b in prange(num_rows, schedule="static", num_threads=team_size(num_threads)):
             for f in range(num_blocks):
@@ -172,8 +181,8 @@ cdef int check_plan(str kernel, const floating[:, :] grad, Py_ssize_t num_groups
     if winners is not None and (winners.shape[0] != grad.shape[0]
                                 or winners.shape[1] != grad.shape[1]):
         raise ValueError(f"{kernel}: winners must have grad's shape")
-    if grad.shape[1] > 1 and grad.strides[1] != sizeof(floating) or (
-            grad.shape[0] > 1 and grad.strides[0] % sizeof(floating)) or grad.strides[0] < 0:
+    check_grad_rows(kernel, grad)
+    if grad.strides[0] < 0:
         raise ValueError(f"{kernel}: grad's rows must be contiguous, at a positive stride")
     view.starts = &starts[0]
     view.order = &order[0] if order.shape[0] else NULL
@@ -568,6 +577,14 @@ cdef void step_rows(const TableStep *step, table_t *table_type, floating *buffer
         step_row(step, u, table_type, buffers + threadid() * 2 * buffer_stride, buffer_stride)
 
 
+cdef object plan_grad(str kernel, object plan):
+    """``plan.grad``; TypeError when ``plan`` is not a GradientPlan (or None)."""
+    try:
+        return plan.grad
+    except AttributeError:
+        raise TypeError(f"{kernel}: plan must be a GradientPlan, got {type(plan).__name__}")
+
+
 cdef Py_ssize_t check_step(str kernel, StepMethod method, Py_ssize_t num_rows, Py_ssize_t dim,
                            floating[:, ::1] state_a, floating[:, ::1] state_b,
                            const floating[:, :] grad, Py_ssize_t num_groups, plan,
@@ -674,7 +691,7 @@ def sparse_step(StepMethod method, floating[:, ::1] weight not None, floating[:,
     or -step_size); state_a / state_b are the per-row state (None where the method has none;
     row-wise Adagrad's accumulator is (V, 1)); ``weight_decay`` is the L2 factor (0: none).
     """
-    cdef const floating[:, :] grad = plan.grad
+    cdef const floating[:, :] grad = plan_grad("sparse_step", plan)
     run_step("sparse_step", method, &weight[0, 0] if weight.shape[0] and weight.shape[1]
              else NULL, weight.shape[0], weight.shape[1], state_a, state_b, rows, plan, grad,
              lr, one_minus_beta1, one_minus_beta2, eps, maximize, weight_decay, num_threads,
@@ -699,7 +716,7 @@ cdef int run_step_tables(floating *type_tag, StepMethod method, list tables, lis
     try:
         for t in range(num_tables):
             weight, state_a, state_b = tables[t], states_a[t], states_b[t]
-            table_rows, grad = rows[t], plans[t].grad
+            table_rows, grad = rows[t], plan_grad("sparse_step_tables", plans[t])
             if weight is None or table_rows is None:
                 raise ValueError("sparse_step_tables: a table or its rows is None")
             describe_step(&steps[t], "sparse_step_tables", method,
@@ -783,7 +800,7 @@ def sparse_step_half(StepMethod method, uint16_t[:, ::1] weight not None,
     ``low_halves``; the update is the float32 update of that weight, stored back exactly into
     the two halves (no rounding)."""
     check_enum(half_format, FLOAT16, "half format")
-    cdef const float[:, :] grad = plan.grad
+    cdef const float[:, :] grad = plan_grad("sparse_step_half", plan)
     cdef uint16_t *table = (&weight[0, 0] if weight.shape[0] and weight.shape[1] else NULL)
     cdef uint16_t *low = NULL
     if low_halves is not None:

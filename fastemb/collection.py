@@ -238,6 +238,13 @@ class _Collection:
                     f"{values[bad[0]]} is out of range for table "
                     f"{self.configs[table].name!r} (num_embeddings={module.num_embeddings})")
 
+    def _last_forward(self):
+        """What the last forward saved for its backward (RuntimeError when there is none)."""
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward first: call the collection, then "
+                               "backward once per call")
+        return self._saved
+
     def zero_grad(self):
         """Drop every table's gradient."""
         for module in self.tables:
@@ -350,18 +357,27 @@ class EmbeddingBagCollection(_Collection):
         it is. This saves a copy of ``grad_output``, a third of a small-bag step's memory
         traffic.
         """
-        saved = self._saved
-        if saved is None:
-            raise RuntimeError("backward needs a forward first: call the collection, then "
-                               "backward once per call")
+        grads = self._gradients(self._last_forward(), grad_output, optimizer)
+        self._saved = None
+        if optimizer is not None:
+            return None
+        for name, table_grad in grads.items():
+            self._modules[name]._accumulate(table_grad)
+        return grads
+
+    def _gradients(self, saved, grad_output, optimizer=None):
+        """``{table name: SparseGrad}`` of the forward that ``saved`` describes, given
+        ``grad_output``; with ``optimizer``, applied by it (see ``backward``)."""
         if optimizer is not None and not callable(getattr(optimizer, "apply_gradients", None)):
             raise TypeError(f"optimizer must be a fastemb.optim optimizer, got "
                             f"{type(optimizer).__name__}")
         batch = saved.batch_size
         dtype = TABLE_DTYPES[np.dtype(self.configs[0].dtype)].compute_dtype
         grad = check_grad_output(grad_output, (batch, int(self._columns[-1])), dtype)
-        if optimizer is not None:
-            grad = np.ascontiguousarray(grad)  # (read in place: its rows' columns must be)
+        if optimizer is not None or grad.strides[1] != grad.itemsize or (
+                grad.strides[0] % grad.itemsize):
+            # (read in place, or split, the columns of each row must be contiguous)
+            grad = np.ascontiguousarray(grad)
         per_position = saved.weights is not None or "mean" in self._pooling
         coefficients = self._coefficients(saved, dtype) if per_position else None
         if optimizer is None:
@@ -393,11 +409,6 @@ class EmbeddingBagCollection(_Collection):
         if optimizer is not None:  # (it checks everything first: a refusal changes nothing)
             optimizer.apply_gradients({self._modules[name]: table_grad
                                        for name, table_grad in grads.items()})
-            self._saved = None
-            return None
-        self._saved = None
-        for name, table_grad in grads.items():
-            self._modules[name]._accumulate(table_grad)
         return grads
 
     def _grad_row_bases(self, saved):
@@ -493,10 +504,15 @@ class EmbeddingCollection(_Collection):
         """Add each table's weight gradient of the last forward, given ``{feature: (n, D)
         gradient of its rows}``, into the table's ``.grad``; returns ``{table name:
         SparseGrad}`` of this call (frozen tables have none)."""
-        saved = self._saved
-        if saved is None:
-            raise RuntimeError("backward needs a forward first: call the collection, then "
-                               "backward once per call")
+        grads = self._gradients(self._last_forward(), grad_output)
+        self._saved = None
+        for name, table_grad in grads.items():
+            self._modules[name]._accumulate(table_grad)
+        return grads
+
+    def _gradients(self, saved, grad_output):
+        """``{table name: SparseGrad}`` of the forward that ``saved`` describes, given
+        ``grad_output``."""
         if not isinstance(grad_output, dict) or set(grad_output) != set(self.feature_names):
             raise ValueError(f"grad_output must be a dict with the keys {self.feature_names}")
         grad_rows = []
@@ -515,11 +531,7 @@ class EmbeddingCollection(_Collection):
                 parts.append(check_grad_output(grad, (end - start, self._dims[f]), dtype,
                                                f"grad_output[{self.feature_names[f]!r}]"))
             grad_rows.append((np.concatenate(parts), None))  # (a copy)
-        grads = self._table_gradients(saved, grad_rows, True, None)
-        self._saved = None
-        for name, table_grad in grads.items():
-            self._modules[name]._accumulate(table_grad)
-        return grads
+        return self._table_gradients(saved, grad_rows, True, None)
 
     def _grad_row_bases(self, saved):
         """A table's gradient rows are its features' rows, one under the other (a table's
