@@ -16,7 +16,7 @@ import fastemb
 
 torch = pytest.importorskip("torch")
 import fastemb.torch as ft  # noqa: E402  (after the skip)
-from fastemb.torch import _arrays, autograd, dlrm, modules  # noqa: E402
+from fastemb.torch import _arrays, autograd, collection, dlrm, modules  # noqa: E402
 
 V, D = 20, 5
 TORCH_INDEX_DTYPES = {np.int32: torch.int32, np.int64: torch.int64}
@@ -417,7 +417,7 @@ def test_torch_inside_the_subpackage_is_the_real_torch():
     assert fastemb.torch is ft
 
 
-@pytest.mark.parametrize("module", [ft, modules, autograd, _arrays, dlrm],
+@pytest.mark.parametrize("module", [ft, modules, autograd, _arrays, collection, dlrm],
                          ids=lambda m: m.__name__)
 def test_doctests(module):
     results = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
@@ -432,22 +432,27 @@ SMALL_DLRM = {"num_tables": 4, "dim": 8, "max_rows": 300, "bottom": (16,), "top"
 
 
 @pytest.mark.parametrize("optimizer, lr", [("adagrad", 0.1), ("lazyadam", 0.01)])
-def test_dlrm_loss_goes_down_alike_with_either_sparse_part(optimizer, lr):
+def test_dlrm_loss_goes_down_alike_with_every_sparse_part(optimizer, lr):
     curves = {}
-    for embeddings in ("fastemb", "torch"):
+    for embeddings in dlrm.SPARSE_PARTS:
         model, optimizers, data = dlrm.build(embeddings, optimizer=optimizer, lr=lr,
                                              **SMALL_DLRM)
         curves[embeddings] = np.array(dlrm.train(model, optimizers, data, 60, 256)[0])
     ours = curves["fastemb"]
+    # the collection and the per-table modules run the same kernels and the same update
+    np.testing.assert_array_equal(ours, curves["fastemb-per-table"])
     np.testing.assert_allclose(ours[:10], curves["torch"][:10], rtol=1e-5)
     assert ours[-10:].mean() < ours[:10].mean() - 0.05, ours
 
 
-def test_dlrm_sparse_part_gives_one_embedding_per_table():
-    sparse, _ = dlrm.fastemb_sparse_part(dlrm.initial_tables([4, 9, 2], 3), "sgd", 0.1)
+@pytest.mark.parametrize("part", ["fastemb", "fastemb-per-table", "torch"])
+def test_dlrm_sparse_part_gives_each_tables_row(part):
+    tables = dlrm.initial_tables([4, 9, 2], 3)
+    sparse, _ = dlrm.SPARSE_PARTS[part](tables, "sgd", 0.1)
     embeddings = sparse(torch.tensor([[0, 8, 1], [3, 0, 0]]))
-    assert [tuple(e.shape) for e in embeddings] == [(2, 3)] * 3
-    assert torch.equal(embeddings[1][0], sparse.bags[1].weight[8])
+    assert embeddings.shape == (2, 3, 3)
+    assert np.array_equal(embeddings[0, 1].detach().numpy(), tables[1][8])
+    assert np.array_equal(embeddings[1, 0].detach().numpy(), tables[0][3])
 
 
 def test_dlrm_torch_sparse_part_needs_a_torch_twin():

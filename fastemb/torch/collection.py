@@ -43,6 +43,43 @@ def as_keyed_jagged(features):
                     f"KeyedJaggedTensor, got {type(features).__name__}")
 
 
+class TableModules(torch.nn.Module):
+    """The tables' modules by name: a ``torch.nn.ModuleDict`` that takes any table name, even
+    one that is an attribute of a Module ("items", "type"); the state-dict keys are
+    ``<name>.weight``.
+
+    >>> tables = TableModules({"items": torch.nn.Linear(1, 1)})
+    >>> list(tables.keys()), sorted(tables.state_dict())
+    (['items'], ['items.bias', 'items.weight'])
+    """
+
+    def __init__(self, modules):
+        super().__init__()
+        for name, module in modules.items():
+            if "." in name:
+                raise ValueError(f"a table's name must not contain '.' (torch's state dicts "
+                                 f"join names with it), got {name!r}")
+            self._modules[name] = module  # (not add_module: it refuses attribute names)
+
+    def __getitem__(self, name):
+        return self._modules[name]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def keys(self):
+        return self._modules.keys()
+
+    def values(self):
+        return self._modules.values()
+
+    def items(self):
+        return self._modules.items()
+
+
 class EmbeddingBagCollectionFunction(torch.autograd.Function):
     """``EmbeddingBagCollectionFunction.apply(collection, fused_optimizer, features,
     *weights)``: the ``(B, sum of dims)`` pooled output of a fastemb NumPy
@@ -108,7 +145,7 @@ class EmbeddingBagCollection(torch.nn.Module):
 
     def _set_collection(self, collection):
         self._collection = collection
-        self.embedding_bags = torch.nn.ModuleDict({
+        self.embedding_bags = TableModules({
             name: EmbeddingBag.from_numpy(table)
             for name, table in collection.embedding_bags.items()})
         self.fused_optimizer = None

@@ -6,11 +6,12 @@ table (a sum bag of one index); the dot products of every pair of the 27 vectors
 bottom MLP's output, go through a top MLP to one logit, trained with the binary cross-entropy.
 The dense layers train with ``torch.optim.Adagrad``.
 
-The sparse part is one pluggable module (``EmbeddingBags``) mapping a ``(B, T)`` index tensor to
-T embeddings of shape ``(B, dim)``. ``--embeddings fastemb`` fills it with
-``fastemb.torch.EmbeddingBag`` modules whose fastemb optimizer is fused into the backward;
-``--embeddings torch`` with ``nn.EmbeddingBag(sparse=True)`` modules and the torch optimizer
-with the same update, stepped after the backward. Both start from the same weights.
+The sparse part is one pluggable module mapping a ``(B, T)`` index tensor to the ``(B, T, dim)``
+embeddings. ``--embeddings fastemb`` is a ``fastemb.torch.EmbeddingBagCollection`` (every table
+in one kernel call) whose fastemb optimizer steps every table inside the backward, in one call;
+``fastemb-per-table`` is one ``fastemb.torch.EmbeddingBag`` per table, each with the optimizer
+fused; ``torch`` is one ``nn.EmbeddingBag(sparse=True)`` per table and the torch optimizer with
+the same update, stepped after the backward. All start from the same weights.
 
 The data: Criteo's table sizes, capped (``--max-rows``) so that 26 float32 tables of dim 64
 take about 2 GB; each index drawn from a Zipf law (a few rows are hot, most are rare) and
@@ -36,6 +37,7 @@ import torch
 import fastemb
 
 from .. import optim
+from .collection import EmbeddingBagCollection
 from .modules import EmbeddingBag
 
 # The 26 categorical features' cardinalities in Criteo's Kaggle display-advertising data.
@@ -120,13 +122,13 @@ def initial_tables(sizes, dim, seed=0):
 
 
 class EmbeddingBags(torch.nn.Module):
-    """The sparse part: one bag module per categorical feature (``nn.EmbeddingBag`` or
-    ``fastemb.torch.EmbeddingBag``, mode "sum"); maps a ``(B, T)`` index tensor to the list of
-    T embeddings ``(B, dim)``.
+    """A sparse part of one bag module per categorical feature (``nn.EmbeddingBag`` or
+    ``fastemb.torch.EmbeddingBag``, mode "sum"): maps a ``(B, T)`` index tensor to the
+    ``(B, T, dim)`` embeddings.
 
     >>> sparse = EmbeddingBags([torch.nn.EmbeddingBag(10, 4, mode="sum") for _ in range(3)])
-    >>> [e.shape for e in sparse(torch.zeros(2, 3, dtype=torch.int64))]
-    [torch.Size([2, 4]), torch.Size([2, 4]), torch.Size([2, 4])]
+    >>> sparse(torch.zeros(2, 3, dtype=torch.int64)).shape
+    torch.Size([2, 3, 4])
     """
 
     def __init__(self, bags):
@@ -134,17 +136,62 @@ class EmbeddingBags(torch.nn.Module):
         self.bags = torch.nn.ModuleList(bags)
 
     def forward(self, categorical):
-        """The list of T ``(B, dim)`` embeddings of a ``(B, T)`` index tensor."""
+        """The ``(B, T, dim)`` embeddings of a ``(B, T)`` index tensor."""
         columns = categorical.t().contiguous()  # (each table's indices contiguous: no copies)
-        return [bag(column.view(-1, 1)) for bag, column in zip(self.bags, columns)]
+        return torch.stack([bag(column.view(-1, 1)) for bag, column in zip(self.bags, columns)],
+                           dim=1)
 
 
-def fastemb_sparse_part(tables, optimizer, lr):
+class CollectionBags(torch.nn.Module):
+    """A sparse part of one ``fastemb.torch.EmbeddingBagCollection`` whose table t (mode
+    "sum") is read by feature t: maps a ``(B, T)`` index tensor to the ``(B, T, dim)``
+    embeddings, every table in one call.
+
+    >>> sparse, _ = collection_sparse_part(initial_tables([5, 7], 3), "sgd", 0.1)
+    >>> sparse(torch.tensor([[4, 6], [0, 0]])).shape
+    torch.Size([2, 2, 3])
+    """
+
+    def __init__(self, collection):
+        super().__init__()
+        self.collection = collection
+
+    def forward(self, categorical):
+        """The ``(B, T, dim)`` embeddings of a ``(B, T)`` index tensor."""
+        batch, num_tables = categorical.shape
+        # feature-major values (TorchRec's KeyedJaggedTensor layout), one value per bag
+        features = fastemb.KeyedJaggedArray(
+            self.collection.feature_names, categorical.t().contiguous().view(-1).numpy(),
+            offsets=np.arange(batch * num_tables + 1))
+        return self.collection(features).values.view(batch, num_tables, -1)
+
+
+def collection_sparse_part(tables, optimizer, lr):
+    """``CollectionBags`` on ``tables`` (shared, not copied: table t is named "t<t>"), with the
+    fastemb ``optimizer`` (an ``optim.OPTIMIZERS`` name) fused into the backward: one call
+    steps every table. Returns (sparse part, []): no optimizer is left to step after the
+    backward.
+
+    >>> sparse, to_step = collection_sparse_part(initial_tables([5], 2), "rowwise-adagrad", 0.1)
+    >>> sparse.collection.fused_optimizer, to_step  # doctest: +ELLIPSIS
+    (RowWiseAdagrad(1 modules, lr=0.1, ...), [])
+    """
+    collection = fastemb.EmbeddingBagCollection(
+        [fastemb.EmbeddingBagConfig(f"t{t}", *table.shape, pooling="sum")
+         for t, table in enumerate(tables)])
+    for module, table in zip(collection.tables, tables):
+        module.weight = table  # (the starting weights, shared)
+    module = EmbeddingBagCollection.from_numpy(collection)
+    module.fuse_optimizer(optim.OPTIMIZERS[optimizer].cls, lr=lr)
+    return CollectionBags(module), []
+
+
+def per_table_sparse_part(tables, optimizer, lr):
     """``EmbeddingBags`` of ``fastemb.torch.EmbeddingBag`` modules on ``tables`` (shared, not
-    copied), each with the fastemb ``optimizer`` (an ``optim.OPTIMIZERS`` name) fused into its
-    backward; returns (sparse part, []): no optimizer is left to step after the backward.
+    copied), each with the fastemb ``optimizer`` fused into its backward; returns (sparse
+    part, []).
 
-    >>> sparse, to_step = fastemb_sparse_part(initial_tables([5], 2), "rowwise-adagrad", 0.1)
+    >>> sparse, to_step = per_table_sparse_part(initial_tables([5], 2), "rowwise-adagrad", 0.1)
     >>> sparse.bags[0].fused_optimizer, to_step  # doctest: +ELLIPSIS
     (RowWiseAdagrad(1 modules, lr=0.1, ...), [])
     """
@@ -173,7 +220,8 @@ def torch_sparse_part(tables, optimizer, lr):
     return sparse, [getattr(torch.optim, torch_name)(sparse.parameters(), lr=lr)]
 
 
-SPARSE_PARTS = {"fastemb": fastemb_sparse_part, "torch": torch_sparse_part}
+SPARSE_PARTS = {"fastemb": collection_sparse_part, "fastemb-per-table": per_table_sparse_part,
+                "torch": torch_sparse_part}
 
 
 def mlp(sizes, last_relu):
@@ -195,7 +243,7 @@ def mlp(sizes, last_relu):
 class DLRM(torch.nn.Module):
     """DLRM: bottom MLP, a sparse part, pairwise dot interaction, top MLP to one logit.
 
-    ``sparse`` maps a ``(B, T)`` index tensor to T embeddings ``(B, dim)``; the dense layers
+    ``sparse`` maps a ``(B, T)`` index tensor to the ``(B, T, dim)`` embeddings; the dense layers
     are drawn from torch's generator seeded with ``seed``.
 
     >>> sparse, _ = torch_sparse_part(initial_tables([10, 20], 4), "sgd", 0.1)
@@ -220,7 +268,7 @@ class DLRM(torch.nn.Module):
     def forward(self, dense, categorical):
         """The ``(B,)`` logits of ``(B, 13)`` dense features and ``(B, T)`` indices."""
         bottom = self.bottom(dense)
-        vectors = torch.stack([bottom, *self.sparse(categorical)], dim=1)  # (B, T + 1, dim)
+        vectors = torch.cat([bottom[:, None], self.sparse(categorical)], dim=1)  # (B, T + 1, dim)
         dots = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1)
         return self.top(torch.cat([bottom, dots.index_select(1, self.pairs)], dim=1))[:, 0]
 
@@ -262,7 +310,7 @@ def train(model, optimizers, data, steps, batch_size, report=None):
 def build(embeddings, num_tables, dim, max_rows, optimizer, lr, bottom=BOTTOM_MLP,
           top=TOP_MLP, seed=0):
     """(model, optimizers to step after each backward, data): the DLRM with the sparse part
-    ``embeddings`` ("fastemb" or "torch"), the same starting weights and data for both.
+    ``embeddings`` (a ``SPARSE_PARTS`` name), the same starting weights and data for all.
 
     >>> model, to_step, data = build("fastemb", 2, 4, 100, "adagrad", 0.1, (8,), (8,))
     >>> [type(o).__name__ for o in to_step]
@@ -320,9 +368,11 @@ def parse_arguments(argv=None):
                         help="cap on each table's rows (default %(default)s: 26 tables of dim "
                              "64 take 2.07 GB)")
     parser.add_argument("--embeddings", choices=sorted(SPARSE_PARTS), default="fastemb",
-                        help="the sparse part: fastemb.torch.EmbeddingBag with the optimizer "
-                             "fused into the backward, or torch's nn.EmbeddingBag(sparse=True) "
-                             "with the torch optimizer of the same update")
+                        help="the sparse part: fastemb (a fastemb.torch.EmbeddingBagCollection "
+                             "stepping every table in the backward), fastemb-per-table (a "
+                             "fastemb.torch.EmbeddingBag per table, each stepped in the "
+                             "backward) or torch (nn.EmbeddingBag(sparse=True) per table, the "
+                             "torch optimizer of the same update stepped after the backward)")
     parser.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), default="adagrad",
                         help="the tables' optimizer (default adagrad; rowwise-adagrad has no "
                              "torch twin)")
