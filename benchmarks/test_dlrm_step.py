@@ -1,6 +1,7 @@
 """The DLRM-shaped step of 26 tables (``fastemb.bench.dlrm``): fastemb's collection (optimizer
 in backward, and backward then step), fastemb's per-table modules, torch's
-``nn.EmbeddingBag(sparse=True)`` and plain NumPy, side by side in one pytest-benchmark group
+``nn.EmbeddingBag(sparse=True)``, plain NumPy and, where it is installed, FBGEMM's
+table-batched kernels, side by side in one pytest-benchmark group
 per optimizer and thread count (``dlrm_step-lazyadam-2t``). Every implementation's tables after
 its first step are checked against the per-table modules' before it is timed.
 
@@ -48,6 +49,8 @@ def test_dlrm_step(benchmark, dlrm_data, expected_tables, optimizer_name, implem
     """One implementation's step, checked, then timed in its group."""
     if implementation == "torch" and not bench.torch_is_available():
         pytest.skip("torch is not installed")
+    if implementation == "fbgemm" and not dlrm.fbgemm_is_available():
+        pytest.skip("FBGEMM is not installed (pip install torch==2.14.1 fbgemm-gpu-cpu==1.9.0)")
     with bench.thread_count(threads):
         step = dlrm.step_callable(implementation, optimizer_name, dlrm_data)
         if step is None:

@@ -2,9 +2,10 @@
 """fastemb._core: the entry to fastemb's compute kernels, in typed Cython with OpenMP.
 
 The kernels live in modules by concern, sharing declarations and inline helpers through
-``_common.pxd`` and C through ``_core.h``: ``_lookup`` (gather, bag reductions, max_norm, the
-lookups' index checks), ``_grouping`` (the radix sort by row), ``_training`` (sparse gradients
-and the fused optimizer steps), ``_quantized`` (quantized tables: quantization and their
+``_common.pxd`` and C through ``_core.h``: ``_lookup`` (gather, bag reductions, a collection's
+bags and rows in one call, max_norm, the lookups' index checks), ``_grouping`` (the radix sort
+by row, of one table or of a collection's tables), ``_training`` (sparse gradients, the fused
+optimizer steps of one table or of many in one call), ``_quantized`` (quantized tables: quantization and their
 lookups) and ``_allocator`` (the block cache). This module gives their
 functions in one place, with the build information; ``_core_avx2`` and ``_core_avx512`` are the
 same entry over the kernels compiled with -mavx2 (``_lookup_avx2``, ...) and with AVX-512
@@ -20,8 +21,9 @@ Rules every kernel follows:
   (return None) anything they do not fully check, for the Python layer to convert or explain.
 - It is parallel over *output rows* with ``prange``: each output row is written by exactly one
   iteration (owner computes), in a fixed order, so the result is bitwise identical for any
-  thread count and schedule. The schedule is static, except for the gradient sums over unique
-  rows, whose work per row varies by thousands of times (dynamic).
+  thread count and schedule. The schedule is dynamic where the work per iteration varies (the
+  gradient sums and updates over unique rows, by thousands of times; chunks of bags, and the
+  tables of a collection) or a core of a shared machine may lag, static elsewhere.
 - It is memory safe whatever it is handed: a row index outside ``[0, V)`` is skipped (treated like
   padding) and bag bounds are clamped into ``[0, n]``. The Python layer rejects such input before
   any kernel writes memory the caller holds (a lookup, whose output is fresh, counts the bad

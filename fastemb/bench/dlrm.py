@@ -11,7 +11,11 @@ implementations, each on its own copy of the tables and optimizer state:
 - ``fastemb-per-table``: one ``fastemb.EmbeddingBag`` per table, 26 calls per phase;
 - ``torch``: one ``torch.nn.EmbeddingBag(sparse=True)`` per table and torch's sparse optimizer
   (``SparseAdam`` for LazyAdam; torch has no row-wise Adagrad);
-- ``numpy``: ``np.take`` and ``np.add.at``.
+- ``numpy``: ``np.take`` and ``np.add.at``;
+- ``fbgemm``: FBGEMM's table-batched CPU kernels (``SplitTableBatchedEmbeddingBagsCodegen``,
+  what TorchRec runs on the CPU), row-wise Adagrad fused into the backward; only where
+  ``fbgemm_gpu`` imports (``pip install torch==2.14.1 fbgemm-gpu-cpu==1.9.0``: it does not
+  pair with torch 2.13).
 
 Each callable takes one more step and returns the 26 tables; the first call's result is one
 step from the shared initial tables, which :func:`assert_tables_agree` compares.
@@ -40,7 +44,7 @@ OPTIMIZERS = {
     "rowwise-adagrad": (optim.RowWiseAdagrad, {"lr": 0.01, "eps": 1e-10}),
 }
 IMPLEMENTATIONS = ("fastemb-collection-fused", "fastemb-collection", "fastemb-per-table",
-                   "torch", "numpy")
+                   "torch", "numpy", "fbgemm")
 
 
 @dataclass
@@ -57,11 +61,17 @@ class DlrmData:
         return self.indices.shape[1]
 
 
+def max_rows_from_environment():
+    """The benchmarks' cap on a table's rows: ``FASTEMB_DLRM_MAX_ROWS``, or
+    :data:`DEFAULT_MAX_ROWS`."""
+    return int(os.environ.get("FASTEMB_DLRM_MAX_ROWS", DEFAULT_MAX_ROWS))
+
+
 def make_data(max_rows=None, batch_size=2048, dim=64, seed=0):
     """The step's data: Criteo's table sizes capped at ``max_rows`` (default
-    ``FASTEMB_DLRM_MAX_ROWS`` or :data:`DEFAULT_MAX_ROWS`), Zipf(1.2) indices."""
+    :func:`max_rows_from_environment`), Zipf(1.2) indices."""
     if max_rows is None:
-        max_rows = int(os.environ.get("FASTEMB_DLRM_MAX_ROWS", DEFAULT_MAX_ROWS))
+        max_rows = max_rows_from_environment()
     rng = np.random.default_rng(seed)
     sizes = [min(size, max_rows) for size in CRITEO_TABLE_SIZES]
     weights = [rng.standard_normal((size, dim), dtype=np.float32) * 0.01 for size in sizes]
@@ -139,6 +149,47 @@ def torch_step(optimizer_name, data):
     return step
 
 
+def fbgemm_is_available():
+    """Whether FBGEMM's table-batched embedding ops import (with their torch)."""
+    try:
+        import fbgemm_gpu.split_table_batched_embeddings_ops_training  # noqa: F401
+    except Exception:  # (absent, or built for another torch: its ops fail to load)
+        return False
+    return True
+
+
+def fbgemm_step(optimizer_name, data):
+    """FBGEMM's step: one ``SplitTableBatchedEmbeddingBagsCodegen`` over every table, on the
+    CPU, its row-wise Adagrad applied in the backward (FBGEMM's CPU training has no Adam)."""
+    if optimizer_name != "rowwise-adagrad":
+        return None
+    import torch
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import (EmbeddingLocation,
+                                                                      PoolingMode)
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+    hyperparameters = OPTIMIZERS[optimizer_name][1]
+    tables = SplitTableBatchedEmbeddingBagsCodegen(
+        [(weight.shape[0], weight.shape[1], EmbeddingLocation.HOST, ComputeDevice.CPU)
+         for weight in data.weights],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, pooling_mode=PoolingMode.SUM,
+        learning_rate=hyperparameters["lr"], eps=hyperparameters["eps"])
+    for table, weight in zip(tables.split_embedding_weights(), data.weights):
+        table.copy_(torch.from_numpy(weight))
+    for state in tables.split_optimizer_states():
+        state[0].zero_()
+    indices = torch.from_numpy(data.indices.reshape(-1).copy())
+    offsets = torch.arange(data.indices.size + 1)  # (one index per bag, table by table)
+    grad_output = torch.from_numpy(data.grad_output)
+
+    def step():
+        tables(indices, offsets).backward(grad_output)
+        return [table.numpy() for table in tables.split_embedding_weights()]
+
+    return step
+
+
 def numpy_step(optimizer_name, data):
     """The step in plain NumPy: ``np.take`` for the bags of one index, ``np.unique`` and
     ``np.add.at`` for each table's coalesced gradient, then the lazy update of its rows."""
@@ -188,11 +239,13 @@ def rowwise_adagrad_rows(weight, states, rows, values, lr, eps):
 
 def step_callable(implementation, optimizer_name, data):
     """A zero-argument callable taking one step of ``implementation``; None where it has no
-    such optimizer (torch and row-wise Adagrad)."""
+    such optimizer (torch and row-wise Adagrad, FBGEMM and LazyAdam)."""
     if implementation == "torch":
         return torch_step(optimizer_name, data)
     if implementation == "numpy":
         return numpy_step(optimizer_name, data)
+    if implementation == "fbgemm":
+        return fbgemm_step(optimizer_name, data)
     return fastemb_step(implementation, optimizer_name, data)
 
 

@@ -37,13 +37,10 @@ import torch
 import fastemb
 
 from .. import optim
+from ..bench.dlrm import CRITEO_TABLE_SIZES
 from .collection import EmbeddingBagCollection
 from .modules import EmbeddingBag
 
-# The 26 categorical features' cardinalities in Criteo's Kaggle display-advertising data.
-CRITEO_TABLE_SIZES = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683,
-                      8351593, 3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15,
-                      286181, 105, 142572)
 NUM_DENSE = 13
 DEFAULT_MAX_ROWS = 1_500_000  # 26 capped tables: 8.07M rows, 2.07 GB in float32 at dim 64
 ZIPF_EXPONENT = 1.1           # P(rank k) ~ k^-1.1: a tenth of the lookups hit the top row
@@ -278,6 +275,24 @@ class DLRM(torch.nn.Module):
         return [*self.bottom.parameters(), *self.top.parameters()]
 
 
+def training_step(model, optimizers, dense, categorical, labels):
+    """One step: forward, the binary cross-entropy, backward (where a fused fastemb optimizer
+    steps the tables), then every optimizer's step; returns the loss (a 0-d tensor).
+
+    >>> model, to_step, data = build("fastemb", 2, 4, 10, "sgd", 0.1, (8,), (8,))
+    >>> float(training_step(model, to_step, *data.batch(0, 16))) > 0
+    True
+    """
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, categorical),
+                                                                labels)
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    return loss
+
+
 def train(model, optimizers, data, steps, batch_size, report=None):
     """Run ``steps`` training steps (forward, BCE loss, backward, every optimizer's step);
     returns the losses and the seconds each step took (batches made outside the timing).
@@ -291,15 +306,9 @@ def train(model, optimizers, data, steps, batch_size, report=None):
     """
     losses, seconds = [], []
     for step in range(steps):
-        dense, categorical, labels = data.batch(step, batch_size)
+        batch = data.batch(step, batch_size)
         start = time.perf_counter()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            model(dense, categorical), labels)
-        for optimizer in optimizers:
-            optimizer.zero_grad()
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
+        loss = training_step(model, optimizers, *batch)
         seconds.append(time.perf_counter() - start)
         losses.append(loss.item())
         if report is not None:
