@@ -245,6 +245,13 @@ class _Collection:
                                "backward once per call")
         return self._saved
 
+    def _trained_features(self):
+        """Per table: the positions of the features that read it, or None when it gets no
+        gradient (it is frozen, or no feature reads it)."""
+        positions = [np.flatnonzero(self._feature_tables == t) for t in range(len(self.configs))]
+        return [None if module.frozen or not features.size else features
+                for module, features in zip(self.tables, positions)]
+
     def zero_grad(self):
         """Drop every table's gradient."""
         for module in self.tables:
@@ -387,9 +394,8 @@ class EmbeddingBagCollection(_Collection):
             blocks = _core.empty_reused((grad.size,), dtype)
             _core.split_columns(grad, self._columns, blocks, threads_for(grad.size))
         grad_rows = []
-        for t, module in enumerate(self.tables):
-            features = np.flatnonzero(self._feature_tables == t)
-            if module.frozen or not features.size:
+        for t, features in enumerate(self._trained_features()):
+            if features is None:
                 grad_rows.append(None)
                 continue
             first, last = self._columns[features[0]], self._columns[features[-1] + 1]
@@ -516,9 +522,8 @@ class EmbeddingCollection(_Collection):
         if not isinstance(grad_output, dict) or set(grad_output) != set(self.feature_names):
             raise ValueError(f"grad_output must be a dict with the keys {self.feature_names}")
         grad_rows = []
-        for t, module in enumerate(self.tables):
-            features = np.flatnonzero(self._feature_tables == t)
-            if module.frozen or not features.size:
+        for module, features in zip(self.tables, self._trained_features()):
+            if features is None:
                 grad_rows.append(None)
                 continue
             dtype = TABLE_DTYPES[module._table.dtype].compute_dtype

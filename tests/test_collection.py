@@ -32,6 +32,19 @@ def tables_of(collection):
     return {config.name: collection.embedding_bags[config.name] for config in collection.configs}
 
 
+def assert_equals_per_table_calls(collection, features, out, grad_output):
+    """The collection's output ``out`` and its backward of ``grad_output`` (returned) equal
+    per-table calls bit for bit."""
+    expected, expected_grads = per_table_reference(collection, features, grad_output)
+    for feature in collection.feature_names:
+        assert_bitwise(out[feature], expected[feature], feature)
+    grads = collection.backward(grad_output)
+    for name, grad in expected_grads.items():
+        np.testing.assert_array_equal(grads[name].rows, grad.rows)
+        assert_bitwise(grads[name].values, grad.values, name)
+    return grads
+
+
 def per_table_reference(collection, features, grad_output=None):
     """What per-table calls give: for each table, one EmbeddingBag call over the concatenated
     bags of its features (a copy of the table, same options), its forward split back per
@@ -90,14 +103,9 @@ def test_forward_and_backward_equal_per_table_calls_bit_for_bit(rng, dtype, inde
     assert out.keys == collection.feature_names
     assert out.values.shape == (batch, 8 + 16 + 16 + 3 + 5) and out.values.dtype == dtype
     grad_output = rng.standard_normal(out.values.shape).astype(dtype)
-    expected, expected_grads = per_table_reference(collection, features, grad_output)
-    for feature in collection.feature_names:
-        assert_bitwise(out[feature], expected[feature], feature)
-    grads = collection.backward(grad_output)
-    for name, grad in expected_grads.items():
-        np.testing.assert_array_equal(grads[name].rows, grad.rows)
-        assert_bitwise(grads[name].values, grad.values, name)
-        assert collection.embedding_bags[name].grad is grads[name]
+    grads = assert_equals_per_table_calls(collection, features, out, grad_output)
+    for name, grad in grads.items():
+        assert collection.embedding_bags[name].grad is grad
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
@@ -107,13 +115,7 @@ def test_weighted_features_equal_per_table_calls(rng, pooling):
                                padding={"genres": 0})
     out = collection(features)
     grad_output = rng.standard_normal(out.values.shape).astype(np.float32)
-    expected, expected_grads = per_table_reference(collection, features, grad_output)
-    for feature in collection.feature_names:
-        assert_bitwise(out[feature], expected[feature], feature)
-    grads = collection.backward(grad_output)
-    for name, grad in expected_grads.items():
-        np.testing.assert_array_equal(grads[name].rows, grad.rows)
-        assert_bitwise(grads[name].values, grad.values, name)
+    assert_equals_per_table_calls(collection, features, out, grad_output)
 
 
 def test_forward_matches_the_numpy_reference(rng):
@@ -140,12 +142,7 @@ def test_16_bit_tables_equal_per_table_calls(rng, dtype_name):
     out = collection(features)
     assert out.values.dtype == np.float32
     grad_output = rng.standard_normal(out.values.shape).astype(np.float32)
-    expected, expected_grads = per_table_reference(collection, features, grad_output)
-    for feature in collection.feature_names:
-        assert_bitwise(out[feature], expected[feature], feature)
-    grads = collection.backward(grad_output)
-    for name, grad in expected_grads.items():
-        assert_bitwise(grads[name].values, grad.values, name)
+    assert_equals_per_table_calls(collection, features, out, grad_output)
 
 
 def test_one_and_two_threads_give_the_same_bits(rng, threads):

@@ -17,7 +17,7 @@ from ..collection import EmbeddingBagCollection as NumpyEmbeddingBagCollection
 from ..jagged import KeyedArray, KeyedJaggedArray
 from ._arrays import to_numpy, to_tensor
 from .autograd import weight_gradient
-from .modules import EmbeddingBag
+from .modules import EmbeddingBag, fastemb_optimizer
 
 
 def as_keyed_jagged(features):
@@ -197,12 +197,8 @@ class EmbeddingBagCollection(torch.nn.Module):
         >>> tables.embedding_bags["a"].weight.grad is None
         True
         """
-        if isinstance(optimizer_class, type) and issubclass(optimizer_class,
-                                                            torch.optim.Optimizer):
-            raise TypeError(f"fuse a fastemb.optim optimizer (e.g. "
-                            f"fastemb.optim.RowWiseAdagrad), not {optimizer_class.__name__}; a "
-                            f"torch optimizer steps the weights after the backward")
-        self.fused_optimizer = optimizer_class(self.collection, **hyperparameters)
+        self.fused_optimizer = fastemb_optimizer(optimizer_class, self.collection,
+                                                 hyperparameters)
         return self.fused_optimizer
 
     def forward(self, features) -> KeyedArray:

@@ -18,6 +18,22 @@ from .autograd import (EmbeddingBagFunction, EmbeddingFunction, bag_options, loo
                        optional_numpy)
 
 
+def fastemb_optimizer(optimizer_class, tables, hyperparameters):
+    """``optimizer_class(tables, **hyperparameters)``, a ``fastemb.optim`` optimizer to fuse
+    into a backward; TypeError for a torch optimizer class, which steps after the backward.
+
+    >>> import fastemb
+    >>> fastemb_optimizer(fastemb.optim.SGD, fastemb.Embedding(3, 2), {"lr": 0.1})
+    ... # doctest: +ELLIPSIS
+    SGD(1 modules, lr=0.1, ...)
+    """
+    if isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer):
+        raise TypeError(f"fuse a fastemb.optim optimizer (e.g. fastemb.optim.RowWiseAdagrad), "
+                        f"not {optimizer_class.__name__}; a torch optimizer steps the weights "
+                        f"after the backward")
+    return optimizer_class(tables, **hyperparameters)
+
+
 class _TableModule(torch.nn.Module):
     """What Embedding and EmbeddingBag share: the NumPy module, the shared weight and the
     fused optimizer."""
@@ -73,12 +89,7 @@ class _TableModule(torch.nn.Module):
         >>> bags.weight.grad is None, (bags.weight != before).any(dim=1).nonzero().tolist()
         (True, [[3], [5]])
         """
-        if isinstance(optimizer_class, type) and issubclass(optimizer_class,
-                                                            torch.optim.Optimizer):
-            raise TypeError(f"fuse a fastemb.optim optimizer (e.g. "
-                            f"fastemb.optim.RowWiseAdagrad), not {optimizer_class.__name__}; a "
-                            f"torch optimizer steps module.weight after the backward")
-        self.fused_optimizer = optimizer_class(self.table, **hyperparameters)
+        self.fused_optimizer = fastemb_optimizer(optimizer_class, self.table, hyperparameters)
         return self.fused_optimizer
 
     def _gradient_needed(self, *inputs):
