@@ -238,6 +238,31 @@ class _Collection:
                     f"{values[bad[0]]} is out of range for table "
                     f"{self.configs[table].name!r} (num_embeddings={module.num_embeddings})")
 
+    def _backward(self, grad_output, optimizer):
+        """``backward``: the last forward's gradients, kept in ``.grad`` and returned, or
+        applied by ``optimizer``."""
+        grads = self._gradients_of(self._last_forward(), grad_output, optimizer)
+        self._saved = None
+        if optimizer is not None:
+            return None
+        for name, table_grad in grads.items():
+            self._modules[name]._accumulate(table_grad)
+        return grads
+
+    def _gradients_of(self, saved, grad_output, optimizer=None):
+        """``{table name: SparseGrad}`` of the forward that ``saved`` (what a forward left in
+        ``self._saved``) describes, given ``grad_output``; with ``optimizer`` (a
+        ``fastemb.optim`` optimizer of these tables), applied by it right away. What
+        ``backward`` and ``fastemb.torch``'s autograd functions call."""
+        if optimizer is not None and not callable(getattr(optimizer, "apply_gradients", None)):
+            raise TypeError(f"optimizer must be a fastemb.optim optimizer, got "
+                            f"{type(optimizer).__name__}")
+        grads = self._gradients(saved, grad_output, in_place=optimizer is not None)
+        if optimizer is not None:  # (it checks everything first: a refusal changes nothing)
+            optimizer.apply_gradients({self._modules[name]: table_grad
+                                       for name, table_grad in grads.items()})
+        return grads
+
     def _last_forward(self):
         """What the last forward saved for its backward (RuntimeError when there is none)."""
         if self._saved is None:
@@ -364,30 +389,21 @@ class EmbeddingBagCollection(_Collection):
         it is. This saves a copy of ``grad_output``, a third of a small-bag step's memory
         traffic.
         """
-        grads = self._gradients(self._last_forward(), grad_output, optimizer)
-        self._saved = None
-        if optimizer is not None:
-            return None
-        for name, table_grad in grads.items():
-            self._modules[name]._accumulate(table_grad)
-        return grads
+        return self._backward(grad_output, optimizer)
 
-    def _gradients(self, saved, grad_output, optimizer=None):
+    def _gradients(self, saved, grad_output, in_place=False):
         """``{table name: SparseGrad}`` of the forward that ``saved`` describes, given
-        ``grad_output``; with ``optimizer``, applied by it (see ``backward``)."""
-        if optimizer is not None and not callable(getattr(optimizer, "apply_gradients", None)):
-            raise TypeError(f"optimizer must be a fastemb.optim optimizer, got "
-                            f"{type(optimizer).__name__}")
+        ``grad_output`` (read in place when ``in_place``: for an optimizer in backward)."""
         batch = saved.batch_size
         dtype = TABLE_DTYPES[np.dtype(self.configs[0].dtype)].compute_dtype
         grad = check_grad_output(grad_output, (batch, int(self._columns[-1])), dtype)
-        if optimizer is not None or grad.strides[1] != grad.itemsize or (
+        if in_place or grad.strides[1] != grad.itemsize or (
                 grad.strides[0] % grad.itemsize):
             # (read in place, or split, the columns of each row must be contiguous)
             grad = np.ascontiguousarray(grad)
         per_position = saved.weights is not None or "mean" in self._pooling
         coefficients = self._coefficients(saved, dtype) if per_position else None
-        if optimizer is None:
+        if not in_place:
             # a private copy (the caller may reuse its array before an optimizer reads it),
             # table by table: each table's gradient rows together, its features' columns one
             # under the other (they are neighbours in the collection's order)
@@ -403,7 +419,7 @@ class EmbeddingBagCollection(_Collection):
             if saved.winners is not None and self.configs[t].pooling == "max":
                 winners = np.concatenate([saved.winners[:, self._columns[f]:self._columns[f + 1]]
                                           for f in features])
-            if optimizer is None:
+            if not in_place:
                 rows = blocks[batch * first:batch * last].reshape(-1, self._dims[features[0]])
             elif features.size == 1:
                 rows = grad[:, first:last]  # (a view)
@@ -411,11 +427,7 @@ class EmbeddingBagCollection(_Collection):
                 rows = np.concatenate([grad[:, self._columns[f]:self._columns[f + 1]]
                                        for f in features])
             grad_rows.append((rows, winners))
-        grads = self._table_gradients(saved, grad_rows, per_position, coefficients)
-        if optimizer is not None:  # (it checks everything first: a refusal changes nothing)
-            optimizer.apply_gradients({self._modules[name]: table_grad
-                                       for name, table_grad in grads.items()})
-        return grads
+        return self._table_gradients(saved, grad_rows, per_position, coefficients)
 
     def _grad_row_bases(self, saved):
         """A table's gradient rows are its features' columns of grad_output, one under the
@@ -506,19 +518,17 @@ class EmbeddingCollection(_Collection):
                                        features[name][1])
         return result
 
-    def backward(self, grad_output) -> dict:
+    def backward(self, grad_output, optimizer=None):
         """Add each table's weight gradient of the last forward, given ``{feature: (n, D)
         gradient of its rows}``, into the table's ``.grad``; returns ``{table name:
-        SparseGrad}`` of this call (frozen tables have none)."""
-        grads = self._gradients(self._last_forward(), grad_output)
-        self._saved = None
-        for name, table_grad in grads.items():
-            self._modules[name]._accumulate(table_grad)
-        return grads
+        SparseGrad}`` of this call (frozen tables have none). With ``optimizer`` (a
+        ``fastemb.optim`` optimizer of these tables) the optimizer applies them instead, and
+        ``backward`` returns None (see ``EmbeddingBagCollection.backward``)."""
+        return self._backward(grad_output, optimizer)
 
-    def _gradients(self, saved, grad_output):
+    def _gradients(self, saved, grad_output, in_place=False):
         """``{table name: SparseGrad}`` of the forward that ``saved`` describes, given
-        ``grad_output``."""
+        ``grad_output`` (copied, whatever ``in_place`` says)."""
         if not isinstance(grad_output, dict) or set(grad_output) != set(self.feature_names):
             raise ValueError(f"grad_output must be a dict with the keys {self.feature_names}")
         grad_rows = []

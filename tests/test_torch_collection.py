@@ -245,3 +245,110 @@ def test_out_of_range_values_raise_and_change_nothing(rng):
 def test_bad_input_raises_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call(ft.EmbeddingBagCollection(configs(), seed=11))
+
+
+# --------------------------------------------------------------------------------------------
+# EmbeddingCollection (unpooled)
+# --------------------------------------------------------------------------------------------
+
+def lookup_configs(dtype=np.float32, padding_idx=None):
+    """Two tables; "items" is read by two features."""
+    return [fastemb.EmbeddingConfig("users", 30, 4, dtype=dtype),
+            fastemb.EmbeddingConfig("items", 40, 3, feature_names=["clicked", "bought"],
+                                    padding_idx=padding_idx, dtype=dtype)]
+
+
+LOOKUP_KEYS = ("users", "clicked", "bought")
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_lookups_equal_torchs_embeddings_per_feature(padding_idx, dtype, rng):
+    module = ft.EmbeddingCollection(lookup_configs(dtype, padding_idx), seed=12)
+    twins = {config.name: torch.nn.Embedding.from_pretrained(
+        torch.from_numpy(module.embeddings[config.name].table.weight.copy()), freeze=False,
+        padding_idx=config.padding_idx, sparse=True) for config in module.collection.configs}
+    table_of = {"users": "users", "clicked": "items", "bought": "items"}
+    features = random_features(rng, LOOKUP_KEYS)
+    rows = module(features)
+    loss, expected_loss = 0, 0
+    for name in LOOKUP_KEYS:
+        values, offsets, _ = features[name]
+        assert np.array_equal(rows[name].offsets, offsets)
+        expected = twins[table_of[name]](torch.from_numpy(values))
+        assert torch.equal(rows[name].values, expected)
+        grad = torch.from_numpy(rng.standard_normal(tuple(expected.shape)).astype(dtype))
+        loss = loss + (rows[name].values * grad).sum()
+        expected_loss = expected_loss + (expected * grad).sum()
+    loss.backward()
+    expected_loss.backward()
+    for name, twin in twins.items():
+        torch.testing.assert_close(dense(module.embeddings[name].weight.grad),
+                                   dense(twin.weight.grad))
+
+
+def test_an_output_the_loss_does_not_use_gets_no_gradient(rng):
+    module = ft.EmbeddingCollection(lookup_configs(), seed=13)
+    features = random_features(rng, LOOKUP_KEYS)
+    rows = module(features)
+    rows["users"].values.sum().backward()
+    assert module.embeddings["users"].weight.grad is not None
+    assert not dense(module.embeddings["items"].weight.grad).any()
+
+
+@pytest.mark.parametrize("name", sorted(fastemb.optim.OPTIMIZERS))
+def test_fused_lookups_equal_the_numpy_optimizer_in_backward_bit_for_bit(name, rng):
+    cls = fastemb.optim.OPTIMIZERS[name].cls
+    module = ft.EmbeddingCollection(lookup_configs(), seed=14)
+    numpy_twin = fastemb.EmbeddingCollection(lookup_configs(), seed=14)
+    fused = module.fuse_optimizer(cls, lr=0.05)
+    numpy_optimizer = cls(numpy_twin, lr=0.05)
+    for step in range(3):
+        features = random_features(rng, LOOKUP_KEYS)
+        rows = numpy_twin(features)
+        grads = {key: rng.standard_normal(rows[key].values.shape).astype(np.float32)
+                 for key in LOOKUP_KEYS}
+        assert numpy_twin.backward(grads, numpy_optimizer) is None
+        ours = module(features)
+        torch.autograd.backward([ours[key].values for key in LOOKUP_KEYS],
+                                [torch.from_numpy(grads[key]) for key in LOOKUP_KEYS])
+    for config in numpy_twin.configs:
+        table = numpy_twin.embeddings[config.name]
+        assert table.grad is None
+        assert_same_bits(module.embeddings[config.name].weight.detach().numpy(), table.weight)
+        for state_name in numpy_optimizer.state_arrays:
+            assert_same_bits(fused.state[module.embeddings[config.name].table][state_name],
+                             numpy_optimizer.state[table][state_name])
+
+
+def test_numpy_lookups_optimizer_in_backward_equals_backward_then_step(rng):
+    collections = [fastemb.EmbeddingCollection(lookup_configs(), seed=15) for _ in range(2)]
+    optimizers = [fastemb.optim.LazyAdam(collection, lr=0.05) for collection in collections]
+    for step in range(3):
+        features = random_features(rng, LOOKUP_KEYS)
+        grads = None
+        for k, (collection, optimizer) in enumerate(zip(collections, optimizers)):
+            rows = collection(features)
+            if grads is None:
+                grads = {key: rng.standard_normal(rows[key].values.shape).astype(np.float32)
+                         for key in LOOKUP_KEYS}
+            if k == 0:
+                collection.backward(grads)
+                optimizer.step()
+                collection.zero_grad()
+            else:
+                collection.backward(grads, optimizer)
+    for name in ("users", "items"):
+        assert_same_bits(collections[1].embeddings[name].weight,
+                         collections[0].embeddings[name].weight)
+
+
+def test_no_grad_lookups_equal_the_recorded_ones(rng):
+    module = ft.EmbeddingCollection(lookup_configs(), seed=16)
+    features = random_features(rng, LOOKUP_KEYS)
+    with torch.no_grad():
+        quiet = module(features)
+    recorded = module(features)
+    for name in LOOKUP_KEYS:
+        assert not quiet[name].values.requires_grad
+        assert torch.equal(quiet[name].values, recorded[name].values.detach())
+    assert sorted(module.state_dict()) == ["embeddings.items.weight", "embeddings.users.weight"]

@@ -6,7 +6,8 @@ wrap (``module.table``). Their backward gives the weight a sparse COO gradient, 
 ``nn.EmbeddingBag(sparse=True)`` does, for torch's ``SparseAdam``, ``SGD`` or ``Adagrad``; or,
 after ``module.fuse_optimizer(fastemb.optim.RowWiseAdagrad, lr=0.1)``, steps the table right
 in the backward with that fastemb optimizer (TorchRec's "optimizer in backward").
-``fastemb.torch.EmbeddingBagCollection`` does the same for many tables in one kernel call.
+``fastemb.torch.EmbeddingBagCollection`` and ``EmbeddingCollection`` do the same for many
+tables in one kernel call.
 
 ``import fastemb`` never imports torch; ``import fastemb.torch`` does.
 
@@ -28,8 +29,10 @@ except ModuleNotFoundError as error:
     raise ImportError("fastemb.torch needs torch: pip install torch==2.13.0") from error
 
 from .autograd import EmbeddingBagFunction, EmbeddingFunction
-from .collection import EmbeddingBagCollection, EmbeddingBagCollectionFunction
+from .collection import (EmbeddingBagCollection, EmbeddingBagCollectionFunction,
+                         EmbeddingCollection, EmbeddingCollectionFunction)
 from .modules import Embedding, EmbeddingBag
 
 __all__ = ["Embedding", "EmbeddingBag", "EmbeddingBagCollection",
-           "EmbeddingBagCollectionFunction", "EmbeddingBagFunction", "EmbeddingFunction"]
+           "EmbeddingBagCollectionFunction", "EmbeddingBagFunction", "EmbeddingCollection",
+           "EmbeddingCollectionFunction", "EmbeddingFunction"]
