@@ -1,0 +1,165 @@
+"""``ShardedEmbeddingBag``: an ``EmbeddingBag`` whose rows are split over shards, each shard
+updating its own rows with its own optimizer.
+
+A forward pulls the distinct rows it looks up from their shards (row r from shard r % S) into
+a small table of those rows and reduces the bags there; the backward computes the gradient of
+those rows and pushes each shard its rows' part, which the shard's lazy optimizer applies at
+once (optimizer in backward). Bags add the same rows in the same order as a single
+``fastemb.EmbeddingBag``, and the gradient sums the same positions in the same order, so
+forward, gradient and update equal the single-machine module's bit for bit, whatever the
+number of shards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._validation import (as_count, as_weight, bag_arguments, check_index_range, check_mode,
+                           normalize_padding_idx)
+from ..modules import EmbeddingBag
+from ..optim import OPTIMIZERS
+from ..sparse import SparseGrad
+from .engine import LocalEngine
+from .shard import owned_rows
+
+
+class ShardedEmbeddingBag:
+    """``fastemb.EmbeddingBag`` with its rows on ``num_shards`` shards (row r on shard r % S)
+    of ``engine`` (default: a ``LocalEngine``, every shard in this process), trained by the
+    shards' ``optimizer`` (an ``fastemb.optim.OPTIMIZERS`` name; ``hyperparameters`` as that
+    optimizer takes them) in every ``backward``.
+
+    ``module(input, offsets=None, per_sample_weights=None)`` and ``module.backward(grad_output)``
+    take what ``fastemb.EmbeddingBag``'s do; ``backward`` returns the table's ``SparseGrad``
+    after the shards applied it. float32 and float64 tables; no ``max_norm``.
+
+    >>> import numpy as np, fastemb.distributed
+    >>> table = fastemb.distributed.ShardedEmbeddingBag(10, 4, mode="sum", num_shards=3,
+    ...                                                  optimizer="sgd", lr=0.1, seed=0)
+    >>> out = table(np.array([[1, 2], [2, 9]]))
+    >>> table.backward(np.ones_like(out)).rows.tolist()
+    [1, 2, 9]
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, mode="mean", padding_idx=None,
+                 include_last_offset=False, num_shards=2, engine=None, optimizer="lazyadam",
+                 dtype=np.float32, seed=None, **hyperparameters):
+        num_embeddings = as_count(num_embeddings, "num_embeddings")
+        embedding_dim = as_count(embedding_dim, "embedding_dim")
+        num_shards = as_count(num_shards, "num_shards")
+        if num_shards < 1:
+            raise ValueError("num_shards must be at least 1")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"a sharded table is float32 or float64, got {dtype}")
+        padding = normalize_padding_idx(padding_idx, num_embeddings)
+        rng = np.random.default_rng(seed)
+        weights = [rng.standard_normal((owned_rows(shard, num_shards, num_embeddings),
+                                        embedding_dim)).astype(dtype)
+                   for shard in range(num_shards)]
+        if padding is not None:
+            weights[padding % num_shards][padding // num_shards] = 0
+        self._start(weights, num_embeddings, embedding_dim, mode, padding, include_last_offset,
+                    engine, optimizer, hyperparameters)
+
+    @classmethod
+    def from_pretrained(cls, embeddings, num_shards=2, mode="mean", padding_idx=None,
+                        include_last_offset=False, engine=None, optimizer="lazyadam",
+                        **hyperparameters):
+        """A sharded table whose rows start as ``embeddings`` (a 2-D float32/float64 array;
+        each shard gets a copy of its rows).
+
+        >>> import numpy as np, fastemb.distributed
+        >>> table = fastemb.distributed.ShardedEmbeddingBag.from_pretrained(
+        ...     np.eye(3, dtype=np.float32), num_shards=2, mode="sum")
+        >>> table(np.array([[0, 1]])).tolist()
+        [[1.0, 1.0, 0.0]]
+        """
+        weight = as_weight(embeddings, "embeddings")
+        num_shards = as_count(num_shards, "num_shards")
+        if num_shards < 1:
+            raise ValueError("num_shards must be at least 1")
+        module = cls.__new__(cls)
+        module._start([np.array(weight[shard::num_shards]) for shard in range(num_shards)],
+                      weight.shape[0], weight.shape[1], mode,
+                      normalize_padding_idx(padding_idx, weight.shape[0]), include_last_offset,
+                      engine, optimizer, hyperparameters)
+        return module
+
+    def _start(self, weights, num_embeddings, embedding_dim, mode, padding, include_last_offset,
+               engine, optimizer, hyperparameters):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        OPTIMIZERS[optimizer].cls(EmbeddingBag(1, 1), **hyperparameters)  # (checks them here)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.mode = check_mode(mode)
+        self.padding_idx = padding
+        self.include_last_offset = bool(include_last_offset)
+        self.dtype = weights[0].dtype
+        self.num_shards = len(weights)
+        self.engine = LocalEngine() if engine is None else engine
+        self.engine.start([(weight, optimizer, dict(hyperparameters)) for weight in weights])
+        self.per_sample_weights_grad = None
+        self._saved = None
+
+    def _by_shard(self, rows):
+        """Per shard: which entries of ``rows`` (global, int64) it owns, and their local rows."""
+        owners = rows % self.num_shards
+        chosen = [np.flatnonzero(owners == shard) for shard in range(self.num_shards)]
+        return chosen, [rows[picked] // self.num_shards for picked in chosen]
+
+    def _pull(self, rows):
+        """The table's ``rows`` (global, in range), fetched from their shards."""
+        chosen, local = self._by_shard(rows)
+        pulled = self.engine.call("rows", [(local_rows,) for local_rows in local])
+        distinct = np.empty((rows.size, self.embedding_dim), dtype=self.dtype)
+        for picked, values in zip(chosen, pulled):
+            distinct[picked] = values
+        return distinct
+
+    def __call__(self, input, offsets=None, per_sample_weights=None):
+        """The ``(B, D)`` bags of ``input``, as ``fastemb.EmbeddingBag`` gives them."""
+        mode, indices, _, _, padding = bag_arguments(
+            input, offsets, self.mode, per_sample_weights, self.include_last_offset,
+            self.padding_idx, self.num_embeddings, self.dtype)
+        flat = indices.reshape(-1)
+        check_index_range(flat, indices.shape, self.num_embeddings)
+        rows, inverse = np.unique(flat, return_inverse=True)
+        # the bags over a table of just these rows (one zero row when there are none)
+        distinct = self._pull(rows.astype(np.int64)) if rows.size else np.zeros(
+            (1, self.embedding_dim), self.dtype)
+        at = np.searchsorted(rows, padding) if padding is not None else rows.size
+        local_padding = int(at) if at < rows.size and rows[at] == padding else None
+        module = EmbeddingBag.from_pretrained(distinct, freeze=False, mode=mode,
+                                              padding_idx=local_padding,
+                                              include_last_offset=self.include_last_offset)
+        out = module(inverse.reshape(indices.shape).astype(np.int64), offsets,
+                     per_sample_weights)
+        self._saved = (module, rows.astype(np.int64))
+        return out
+
+    def backward(self, grad_output):
+        """The gradient of the last forward's looked-up rows given ``grad_output``, pushed to
+        their shards and applied there by their optimizers; returns it (a ``SparseGrad``)."""
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward first: call the table, then backward "
+                               "once per call")
+        module, rows = self._saved
+        local_grad = module.backward(grad_output)  # (checks grad_output first)
+        self.per_sample_weights_grad = module.per_sample_weights_grad
+        global_rows = rows[local_grad.rows]
+        chosen, local = self._by_shard(global_rows)
+        # every shard steps, with no rows at all if none of its rows was looked up
+        self.engine.call("apply_gradient", [(local_rows, local_grad.values[picked])
+                                            for picked, local_rows in zip(chosen, local)])
+        self._saved = None
+        return SparseGrad(global_rows, local_grad.values, self.num_embeddings)
+
+    @property
+    def weight(self):
+        """A copy of the whole table, gathered from the shards."""
+        return self._pull(np.arange(self.num_embeddings, dtype=np.int64))
+
+    def __repr__(self):
+        return (f"ShardedEmbeddingBag({self.num_embeddings}, {self.embedding_dim}, "
+                f"mode={self.mode!r}, num_shards={self.num_shards})")

@@ -1,0 +1,144 @@
+"""``fastemb.distributed.ShardedEmbeddingBag`` on the in-process engine: forward, gradient and
+every optimizer's update equal a single ``fastemb.EmbeddingBag``'s bit for bit, for any number
+of shards; bad input is refused before any shard changes."""
+
+import numpy as np
+import pytest
+from reference import assert_same_bits
+
+import fastemb
+from fastemb.distributed import LocalEngine, ShardedEmbeddingBag
+from fastemb.distributed.shard import owned_rows
+
+V, D = 23, 5
+
+
+def twins(rng, dtype, num_shards, optimizer, **options):
+    """(sharded table, single-machine module, its optimizer), on equal starting weights."""
+    weight = rng.standard_normal((V, D)).astype(dtype)
+    sharded = ShardedEmbeddingBag.from_pretrained(weight, num_shards, optimizer=optimizer,
+                                                  lr=0.05, **options)
+    single = fastemb.EmbeddingBag.from_pretrained(weight.copy(), freeze=False, **options)
+    return sharded, single, fastemb.optim.OPTIMIZERS[optimizer].cls(single, lr=0.05)
+
+
+def random_bags(rng, index_dtype, padding=None):
+    """(input, offsets): 1-D indices in bags of 0 to 5 (empty bags included)."""
+    lengths = rng.integers(0, 6, size=9)
+    lengths[2] = 0
+    indices = rng.integers(0, V, size=int(lengths.sum())).astype(index_dtype)
+    if padding is not None and indices.size > 3:
+        indices[::4] = padding
+    return indices, np.concatenate([[0], np.cumsum(lengths)[:-1]])
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 5, 30])
+@pytest.mark.parametrize("mode, padding_idx, weighted", [
+    ("sum", None, False), ("mean", None, False), ("max", None, False),
+    ("sum", 4, True), ("mean", 4, True), ("max", 7, False)])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64], ids=["int32", "int64"])
+def test_steps_equal_the_single_machine_module_bit_for_bit(num_shards, mode, padding_idx,
+                                                            weighted, index_dtype, dtype, rng):
+    sharded, single, optimizer = twins(rng, dtype, num_shards, "lazyadam", mode=mode,
+                                       padding_idx=padding_idx)
+    for step in range(4):
+        indices, offsets = random_bags(rng, index_dtype, padding_idx)
+        weights = rng.random(indices.size).astype(dtype) if weighted else None
+        out = sharded(indices, offsets, weights)
+        assert_same_bits(out, single(indices, offsets, weights))
+        grad_output = rng.standard_normal(out.shape).astype(dtype)
+        grad = sharded.backward(grad_output)
+        expected = single.backward(grad_output)
+        assert_same_bits(grad.rows, expected.rows)
+        assert_same_bits(grad.values, expected.values)
+        if weighted:
+            assert_same_bits(sharded.per_sample_weights_grad, single.per_sample_weights_grad)
+        optimizer.step()
+        single.zero_grad()
+    assert_same_bits(sharded.weight, single.weight)
+
+
+@pytest.mark.parametrize("name", sorted(fastemb.optim.OPTIMIZERS))
+def test_every_optimizer_updates_as_on_one_machine(name, rng):
+    sharded, single, optimizer = twins(rng, np.float32, 3, name, mode="mean")
+    for step in range(3):
+        indices = rng.integers(0, V // 2, size=(6, 3))  # (rows V/2.. are never looked up)
+        grad_output = rng.standard_normal((6, D)).astype(np.float32)
+        sharded(indices)
+        sharded.backward(grad_output)
+        single(indices)
+        single.backward(grad_output)
+        optimizer.step()
+        single.zero_grad()
+    assert_same_bits(sharded.weight, single.weight)
+    shard_states = [shard.optimizer.state[shard.module] for shard in sharded.engine.shards]
+    assert {state["step"] for state in shard_states} == {3}  # (every shard stepped each time)
+
+
+def test_rows_live_on_their_shards():
+    weight = np.arange(V * D, dtype=np.float32).reshape(V, D)
+    table = ShardedEmbeddingBag.from_pretrained(weight, num_shards=4, mode="sum")
+    for shard, state in enumerate(table.engine.shards):
+        assert state.weight.shape == (owned_rows(shard, 4, V), D)
+        assert_same_bits(state.weight, weight[shard::4])
+    assert [owned_rows(s, 4, 3) for s in range(4)] == [1, 1, 1, 0]
+
+
+def test_a_fresh_table_zeroes_its_padding_row_and_is_reproducible():
+    first = ShardedEmbeddingBag(V, D, padding_idx=6, num_shards=4, seed=1)
+    second = ShardedEmbeddingBag(V, D, padding_idx=6, num_shards=4, seed=1)
+    assert not first.weight[6].any() and first.weight[5].any()
+    assert_same_bits(first.weight, second.weight)
+
+
+def test_empty_input_and_zero_bags(rng):
+    sharded, single, _ = twins(rng, np.float32, 2, "sgd", mode="mean")
+    out = sharded(np.array([], np.int64), np.array([0, 0]))
+    assert_same_bits(out, single(np.array([], np.int64), np.array([0, 0])))
+    assert sharded.backward(np.ones_like(out)).nnz == 0
+    assert sharded(np.zeros((0, 3), np.int64)).shape == (0, D)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda t: t(np.array([[1, V]])), IndexError, f"input\\[0, 1\\] = {V} is out of range"),
+    (lambda t: t(np.array([1, 2]), np.array([1])), ValueError, "offsets"),
+    (lambda t: t(np.array([[1.5]])), TypeError, "float"),
+    (lambda t: t(np.array([[1]]), per_sample_weights=np.ones((1, 1))), ValueError, "max"),
+])
+def test_bad_input_is_refused_before_any_shard_changes(call, error, message, rng):
+    table, _, _ = twins(rng, np.float32, 3, "sgd", mode="max")
+    before = table.weight
+    with pytest.raises(error, match=message):
+        call(table)
+    assert_same_bits(table.weight, before)
+
+
+def test_a_bad_gradient_is_refused_before_any_shard_changes(rng):
+    table, _, _ = twins(rng, np.float32, 3, "lazyadam", mode="sum")
+    before = table.weight
+    table(np.array([[1, 2]]))
+    with pytest.raises(ValueError, match="grad_output"):
+        table.backward(np.ones((2, D), np.float32))
+    with pytest.raises(RuntimeError, match="forward first"):
+        ShardedEmbeddingBag(V, D).backward(np.ones((1, D), np.float32))
+    assert_same_bits(table.weight, before)
+    assert all(shard.optimizer.state[shard.module]["step"] == 0
+               for shard in table.engine.shards)
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    ({"num_shards": 0}, ValueError, "num_shards"),
+    ({"optimizer": "adam"}, ValueError, "optimizer must be one of"),
+    ({"lr": -1.0}, ValueError, "learning rate"),
+    ({"dtype": np.int32}, TypeError, "float32 or float64"),
+])
+def test_bad_tables_are_refused(arguments, error, message):
+    with pytest.raises(error, match=message):
+        ShardedEmbeddingBag(V, D, **arguments)
+
+
+def test_an_engine_holds_one_table():
+    engine = LocalEngine()
+    ShardedEmbeddingBag(V, D, engine=engine)
+    with pytest.raises(RuntimeError, match="already holds"):
+        ShardedEmbeddingBag(V, D, engine=engine)
