@@ -59,24 +59,43 @@ def save(path: str | os.PathLike, modules, optimizer=None,
     >>> fastemb.load(path, fastemb.Embedding(4, 2, seed=1)).weight.tolist() == table.weight.tolist()
     True
     """
-    modules = _module_list(modules)
-    arrays = {f"table_{i}": _stored(module.weight) for i, module in enumerate(modules)}
-    header = {"format": FORMAT, "version": VERSION, "num_tables": len(modules),
-              "table_dtypes": [module.weight.dtype.name for module in modules],
-              "optimizer": None, "user": metadata or {}}
-    if optimizer is not None:
-        state_dict = optimizer.state_dict()
+    weights = [module.weight for module in _module_list(modules)]
+    if optimizer is None:
+        write_atomically(path, checkpoint_arrays(weights, None, None, (), metadata))
+    else:
+        write_atomically(path, checkpoint_arrays(weights, type(optimizer).__name__,
+                                                 optimizer.state_dict(),
+                                                 optimizer.state_arrays, metadata))
+
+
+def checkpoint_arrays(weights, optimizer_class, state_dict, state_arrays, metadata=None,
+                      extra_header=None):
+    """What a checkpoint file holds, as ``{name: array}``: the tables ``weights``, the state
+    (``state_dict``, one entry per table; arrays named ``state_arrays``) of an optimizer of
+    class ``optimizer_class`` (a name, or None for no optimizer), the user's ``metadata`` and,
+    in the header, ``extra_header``'s entries."""
+    arrays = {f"table_{i}": _stored(weight) for i, weight in enumerate(weights)}
+    header = {"format": FORMAT, "version": VERSION, "num_tables": len(weights),
+              "table_dtypes": [weight.dtype.name for weight in weights],
+              "optimizer": None, "user": metadata or {}} | (extra_header or {})
+    if optimizer_class is not None:
         header["optimizer"] = {
-            "class": type(optimizer).__name__,
+            "class": optimizer_class,
             "hyperparameters": state_dict["hyperparameters"],
             "steps": [state["step"] for state in state_dict["state"]],
-            "arrays": list(optimizer.state_arrays),
+            "arrays": list(state_arrays),
         }
         for i, state in enumerate(state_dict["state"]):
-            for name in optimizer.state_arrays:
+            for name in state_arrays:
                 arrays[f"optimizer_{i}_{name}"] = state[name]
     arrays["metadata"] = np.array(json.dumps(header))
+    return arrays
 
+
+def write_atomically(path, arrays):
+    """Write ``arrays`` (``{name: array}``) to the ``.npz`` file ``path``: to a temporary file
+    in the same folder, flushed to disk, then renamed over ``path``, so that a crash mid-write
+    leaves the previous file in place."""
     directory = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=".fastemb-", suffix=".tmp", dir=directory)
     try:
@@ -96,7 +115,7 @@ def save(path: str | os.PathLike, modules, optimizer=None,
         os.close(directory_handle)
 
 
-def _read(path, with_arrays=True):
+def read_checkpoint(path, with_arrays=True):
     """A checkpoint's arrays (unless with_arrays is False) and its header; ValueError if the
     file is not a readable checkpoint."""
     try:
@@ -120,9 +139,51 @@ def _read(path, with_arrays=True):
     return arrays, metadata
 
 
+def checked_tables(path, arrays, metadata, weights):
+    """The tables of a checkpoint read from ``path`` (``arrays`` and ``metadata`` as
+    ``read_checkpoint`` returns them); ValueError unless they are as many as ``weights`` and
+    each has its weight's shape and dtype."""
+    if metadata["num_tables"] != len(weights):
+        raise ValueError(f"{path} holds {metadata['num_tables']} tables, but "
+                         f"{len(weights)} modules were given")
+    dtype_names = metadata.get("table_dtypes")  # (absent from checkpoints of float tables)
+    if dtype_names is not None and (not isinstance(dtype_names, list)
+                                    or len(dtype_names) != len(weights)):
+        raise ValueError(f"{path} has a damaged list of table dtypes: {dtype_names!r}")
+    tables = []
+    for i, weight in enumerate(weights):
+        table = arrays.get(f"table_{i}")
+        if table is not None and dtype_names is not None:
+            table = _restored(table, dtype_names[i])
+        if table is None or table.shape != weight.shape or table.dtype != weight.dtype:
+            found = "nothing" if table is None else f"{table.dtype} {table.shape}"
+            raise ValueError(f"table {i} in {path} is {found}, but the module's weight is "
+                             f"{weight.dtype} {weight.shape}")
+        tables.append(table)
+    return tables
+
+
+def optimizer_state_dict(path, arrays, metadata, optimizer_class):
+    """The ``state_dict`` of the optimizer of class ``optimizer_class`` (a name) that a
+    checkpoint read from ``path`` holds; ValueError when it holds another's or none, or its
+    state is damaged."""
+    saved = metadata["optimizer"]
+    if not isinstance(saved, dict) or saved.get("class") != optimizer_class:
+        found = saved.get("class") if isinstance(saved, dict) else "no optimizer"
+        raise ValueError(f"{path} holds {found} state, not {optimizer_class}")
+    try:
+        state = [
+            {"step": step} | {name: arrays[f"optimizer_{i}_{name}"] for name in saved["arrays"]}
+            for i, step in enumerate(saved["steps"])
+        ]
+        return {"hyperparameters": saved["hyperparameters"], "state": state}
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path} has damaged optimizer state ({error!r})") from None
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """The ``metadata`` dict a checkpoint was saved with (empty if none)."""
-    return _read(path, with_arrays=False)[1]["user"]
+    return read_checkpoint(path, with_arrays=False)[1]["user"]
 
 
 def load(path: str | os.PathLike, modules, optimizer=None) -> None:
@@ -131,41 +192,15 @@ def load(path: str | os.PathLike, modules, optimizer=None) -> None:
     not match them. Returns ``modules`` as given.
     """
     module_list = _module_list(modules)
-    arrays, metadata = _read(path)
-    if metadata["num_tables"] != len(module_list):
-        raise ValueError(f"{path} holds {metadata['num_tables']} tables, but "
-                         f"{len(module_list)} modules were given")
-    dtype_names = metadata.get("table_dtypes")  # (absent from checkpoints of float tables)
-    if dtype_names is not None and (not isinstance(dtype_names, list)
-                                    or len(dtype_names) != len(module_list)):
-        raise ValueError(f"{path} has a damaged list of table dtypes: {dtype_names!r}")
-    tables = []
-    for i, module in enumerate(module_list):
-        table = arrays.get(f"table_{i}")
-        if table is not None and dtype_names is not None:
-            table = _restored(table, dtype_names[i])
-        weight = module.weight  # (once: a split table's is put together on every read)
-        if table is None or table.shape != weight.shape or table.dtype != weight.dtype:
-            found = "nothing" if table is None else f"{table.dtype} {table.shape}"
-            raise ValueError(f"table {i} in {path} is {found}, but the module's weight is "
-                             f"{weight.dtype} {weight.shape}")
+    arrays, metadata = read_checkpoint(path)
+    weights = [module.weight for module in module_list]  # (once: a split table's is new)
+    tables = checked_tables(path, arrays, metadata, weights)
+    for i, weight in enumerate(weights):
         if not weight.flags.writeable:
             raise ValueError(f"module {i}'s weight is read-only; cannot load into it")
-        tables.append(table)
     if optimizer is not None:
-        saved = metadata["optimizer"]
-        if not isinstance(saved, dict) or saved.get("class") != type(optimizer).__name__:
-            found = saved.get("class") if isinstance(saved, dict) else "no optimizer"
-            raise ValueError(f"{path} holds {found} state, not {type(optimizer).__name__}")
-        try:
-            state = [
-                {"step": step} | {name: arrays[f"optimizer_{i}_{name}"] for name in saved["arrays"]}
-                for i, step in enumerate(saved["steps"])
-            ]
-            state_dict = {"hyperparameters": saved["hyperparameters"], "state": state}
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"{path} has damaged optimizer state ({error!r})") from None
-        optimizer.load_state_dict(state_dict)
+        optimizer.load_state_dict(optimizer_state_dict(path, arrays, metadata,
+                                                       type(optimizer).__name__))
     for module, table in zip(module_list, tables):
         if getattr(module, "split", False):  # (its weight is a new array: set both halves)
             module.weight = table

@@ -142,3 +142,72 @@ def test_an_engine_holds_one_table():
     ShardedEmbeddingBag(V, D, engine=engine)
     with pytest.raises(RuntimeError, match="already holds"):
         ShardedEmbeddingBag(V, D, engine=engine)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def train_steps(table, rng, steps):
+    for step in range(steps):
+        out = table(rng.integers(0, V, size=(6, 2)))
+        table.backward(rng.standard_normal(out.shape).astype(np.float32))
+
+
+def shard_states(table):
+    return table.engine.call("state", [()] * table.num_shards)
+
+
+def assert_same_states(first, second):
+    for ours, theirs in zip(first, second, strict=True):
+        assert_same_bits(ours["weight"], theirs["weight"])
+        for mine, other in zip(ours["optimizer"]["state"], theirs["optimizer"]["state"]):
+            assert mine.keys() == other.keys()
+            for key in mine:
+                assert_same_bits(np.asarray(mine[key]), np.asarray(other[key]))
+
+
+def test_a_checkpoint_restores_every_shard_and_training_goes_on_alike(tmp_path, rng):
+    table = ShardedEmbeddingBag(V, D, mode="sum", num_shards=3, seed=0)
+    twin = ShardedEmbeddingBag(V, D, mode="sum", num_shards=3, seed=0)
+    train_steps(table, np.random.default_rng(1), 3)
+    train_steps(twin, np.random.default_rng(1), 3)
+    path = tmp_path / "sharded.npz"
+    table.save(path, metadata={"epoch": 2})
+    assert fastemb.checkpoint.read_metadata(path) == {"epoch": 2}
+    saved = shard_states(table)
+    train_steps(table, rng, 2)  # (steps the checkpoint does not hold)
+    table.load(path)
+    assert_same_states(shard_states(table), saved)
+    train_steps(table, np.random.default_rng(2), 2)
+    train_steps(twin, np.random.default_rng(2), 2)
+    assert_same_states(shard_states(table), shard_states(twin))
+
+
+@pytest.mark.parametrize("other", [
+    {"num_shards": 2}, {"num_embeddings": V + 1}, {"optimizer": "sgd", "lr": 0.1}])
+def test_a_checkpoint_of_another_table_is_refused_and_changes_nothing(other, tmp_path):
+    options = {"num_embeddings": V, "num_shards": 3} | other
+    ShardedEmbeddingBag(options.pop("num_embeddings"), D, seed=3, **options).save(
+        tmp_path / "other.npz")
+    table = ShardedEmbeddingBag(V, D, num_shards=3, seed=4)
+    before = shard_states(table)
+    with pytest.raises(ValueError):
+        table.load(tmp_path / "other.npz")
+    assert_same_states(shard_states(table), before)
+
+
+def test_a_damaged_shard_state_is_found_before_any_shard_changes(tmp_path, rng):
+    table = ShardedEmbeddingBag(V, D, num_shards=3, seed=5)
+    train_steps(table, rng, 1)
+    path = tmp_path / "table.npz"
+    table.save(path)
+    with np.load(path) as archive:
+        arrays = dict(archive)
+    arrays["optimizer_2_exp_avg"] = arrays["optimizer_2_exp_avg"][:-1]  # (the last shard's)
+    np.savez(path, **arrays)
+    fresh = ShardedEmbeddingBag(V, D, num_shards=3, seed=6)
+    before = shard_states(fresh)
+    with pytest.raises(ValueError):
+        fresh.load(path)
+    assert_same_states(shard_states(fresh), before)

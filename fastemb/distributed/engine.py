@@ -1,10 +1,12 @@
 """Where a sharded table's shards live: ``LocalEngine`` keeps them in this process (for tests,
-and for one machine without Ray). An engine starts one ``TableShard`` per shard and calls the
-same method on every shard, each with its own arguments, returning their results in shard
-order."""
+and for one machine without Ray); ``RayEngine`` makes each shard a Ray actor. An engine starts
+one ``TableShard`` per shard and calls the same method on every shard, each with its own
+arguments, returning their results in shard order."""
 
 from __future__ import annotations
 
+from .._config import set_num_threads
+from .._validation import as_count
 from .shard import TableShard
 
 
@@ -39,3 +41,73 @@ class LocalEngine:
             raise RuntimeError("the engine has no shards yet: start it first")
         return [getattr(shard, method)(*arguments)
                 for shard, arguments in zip(self.shards, per_shard_arguments, strict=True)]
+
+
+def import_ray():
+    """The ``ray`` module; ImportError saying how to get it when it is not installed."""
+    try:
+        import ray
+    except ModuleNotFoundError as error:
+        if error.name != "ray":
+            raise
+        raise ImportError("RayEngine needs Ray: pip install 'fastemb[ray]'") from error
+    return ray
+
+
+class ShardActor:
+    """A ``TableShard`` in a Ray worker, on ``threads`` OpenMP threads (Ray sets a worker's
+    OpenMP threads to 1 unless its actor reserved CPUs: the engine passes what it reserved)."""
+
+    def __init__(self, threads, *shard_arguments):
+        set_num_threads(threads)
+        self.shard = TableShard(*shard_arguments)
+
+    def call(self, method, *arguments):
+        """``shard.method(*arguments)``."""
+        return getattr(self.shard, method)(*arguments)
+
+
+class RayEngine:
+    """Each shard a Ray actor reserving ``num_cpus_per_shard`` CPUs (and running fastemb's
+    kernels on that many threads); calls go to every shard at once. Ray must be initialised
+    first (``ray.init(...)``: fastemb never calls it for you). A call is never retried, so no
+    update is applied twice.
+
+    >>> import ray, numpy as np                                     # doctest: +SKIP
+    >>> ray.init(num_cpus=2)                                        # doctest: +SKIP
+    >>> table = fastemb.distributed.ShardedEmbeddingBag(1000, 16, num_shards=2,
+    ...                                                  engine=RayEngine())  # doctest: +SKIP
+    """
+
+    def __init__(self, num_cpus_per_shard=1):
+        self._ray = import_ray()
+        if not self._ray.is_initialized():
+            raise RuntimeError("Ray is not initialised: call ray.init(...) first (fastemb never "
+                               "starts Ray for you)")
+        self.num_cpus_per_shard = as_count(num_cpus_per_shard, "num_cpus_per_shard")
+        if self.num_cpus_per_shard < 1:
+            raise ValueError("num_cpus_per_shard must be at least 1")
+        self.actors = None
+
+    @property
+    def num_shards(self):
+        return 0 if self.actors is None else len(self.actors)
+
+    def start(self, shard_arguments):
+        """Start one actor per entry of ``shard_arguments`` (``TableShard``'s arguments)."""
+        if self.actors is not None:
+            raise RuntimeError("this engine already holds a table's shards; use one engine "
+                               "per table")
+        actor_class = self._ray.remote(num_cpus=self.num_cpus_per_shard, max_restarts=0,
+                                       max_task_retries=0)(ShardActor)
+        self.actors = [actor_class.remote(self.num_cpus_per_shard, *arguments)
+                       for arguments in shard_arguments]
+
+    def call(self, method, per_shard_arguments):
+        """``shard.method(*arguments)`` on every shard at once, with its own arguments; the
+        results in shard order."""
+        if self.actors is None:
+            raise RuntimeError("the engine has no shards yet: start it first")
+        return self._ray.get([actor.call.remote(method, *arguments)
+                              for actor, arguments in zip(self.actors, per_shard_arguments,
+                                                          strict=True)])

@@ -36,8 +36,10 @@ class TableShard:
     """
 
     def __init__(self, weight, optimizer, hyperparameters):
-        self.module = EmbeddingBag.from_pretrained(np.ascontiguousarray(weight), freeze=False,
-                                                   mode="sum")
+        # (the shard updates its rows in place: a read-only array, as Ray's object store hands
+        # them to an actor, is copied)
+        self.module = EmbeddingBag.from_pretrained(np.require(weight, requirements="CW"),
+                                                   freeze=False, mode="sum")
         self.optimizer = optim.OPTIMIZERS[optimizer].cls(self.module, **hyperparameters)
 
     @property
@@ -55,3 +57,25 @@ class TableShard:
         rows does)."""
         grad = SparseGrad(local_rows, values, self.module.num_embeddings)
         self.optimizer.apply_gradients({self.module: grad})
+
+    def state(self):
+        """A copy of the owned rows and the optimizer's state (for a checkpoint)."""
+        return {"weight": self.module.weight.copy(), "optimizer": self.optimizer.state_dict()}
+
+    def check_state(self, state):
+        """ValueError unless ``state`` (as ``state()`` gives it) fits this shard; changes
+        nothing (the optimizer state is tried on a scratch optimizer)."""
+        weight = state["weight"]
+        if weight.shape != self.module.weight.shape or weight.dtype != self.module.weight.dtype:
+            raise ValueError(f"a shard's checkpoint holds {weight.dtype} {weight.shape} rows; "
+                             f"this shard owns {self.module.weight.dtype} "
+                             f"{self.module.weight.shape}")
+        scratch = EmbeddingBag.from_pretrained(np.zeros_like(self.module.weight), freeze=False)
+        type(self.optimizer)(scratch, **self.optimizer.hyperparameters).load_state_dict(
+            state["optimizer"])
+
+    def load_state(self, state):
+        """Restore a ``state()`` after ``check_state``."""
+        self.check_state(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.module.weight[...] = state["weight"]
