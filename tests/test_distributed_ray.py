@@ -54,3 +54,57 @@ def test_each_shard_runs_on_the_cpus_it_reserved(local_ray):
     threads = ray.get(table.engine.actors[0].__ray_call__.remote(
         lambda actor: fastemb.get_num_threads()))
     assert threads == 2
+
+
+def kill_shard(table, shard):
+    """Kill a shard's actor and wait until Ray knows it is dead."""
+    actor = table.engine.actors[shard]
+    ray.kill(actor, no_restart=True)
+    for attempt in range(100):
+        try:
+            ray.get(actor.__ray_call__.remote(lambda self: None), timeout=1)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+    raise AssertionError("the killed actor still answers")
+
+
+def test_a_killed_shard_is_restored_from_the_last_checkpoint_and_training_goes_on(
+        local_ray, tmp_path, rng):
+    weight = rng.standard_normal((V, D)).astype(np.float32)
+    table = ShardedEmbeddingBag.from_pretrained(weight, num_shards=2, mode="sum",
+                                                engine=RayEngine(), optimizer="lazyadam")
+    twin = ShardedEmbeddingBag.from_pretrained(weight, num_shards=2, mode="sum",
+                                               optimizer="lazyadam")  # (in-process)
+    batches = [(rng.integers(0, V, size=(5, 2)), rng.standard_normal((5, D)).astype(np.float32))
+               for _ in range(6)]
+
+    def step(module, batch):
+        module(batch[0])
+        module.backward(batch[1])
+
+    for batch in batches[:2]:
+        step(table, batch)
+        step(twin, batch)
+    path = tmp_path / "last.npz"
+    table.save(path)
+    twin.save(tmp_path / "twin.npz")
+    for batch in batches[2:4]:  # (lost with the shard)
+        step(table, batch)
+    kill_shard(table, 1)
+    with pytest.warns(RuntimeWarning, match=r"shard\(s\) \[1\] .* restored from .*saved after "
+                                            r"step 2\): the 2 step\(s\) since are lost"):
+        step(table, batches[4])
+    step(twin, batches[4])
+    step(table, batches[5])
+    step(twin, batches[5])
+    assert_same_bits(table.weight, twin.weight)
+
+
+def test_a_killed_shard_without_a_checkpoint_is_a_clear_error(local_ray):
+    table = ShardedEmbeddingBag(V, D, num_shards=2, engine=RayEngine())
+    table(np.array([[1, 2]]))
+    kill_shard(table, 0)
+    with pytest.raises(RuntimeError, match=r"shard\(s\) \[0\] .* died.* no checkpoint"):
+        table(np.array([[1, 2]]))

@@ -5,9 +5,20 @@ arguments, returning their results in shard order."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from .._config import set_num_threads
 from .._validation import as_count
 from .shard import TableShard
+
+
+class ShardLost(RuntimeError):
+    """A shard's process died (its rows and optimizer state with it); ``shards`` are their
+    numbers. A ``ShardedEmbeddingBag`` with a checkpoint recovers from it by itself."""
+
+    def __init__(self, shards):
+        self.shards = shards
+        super().__init__(f"shard(s) {shards} of the table died")
 
 
 class LocalEngine:
@@ -42,6 +53,9 @@ class LocalEngine:
         return [getattr(shard, method)(*arguments)
                 for shard, arguments in zip(self.shards, per_shard_arguments, strict=True)]
 
+    def restart(self, shards, layouts):
+        """Nothing to do: shards in this process cannot die apart from it."""
+
 
 def import_ray():
     """The ``ray`` module; ImportError saying how to get it when it is not installed."""
@@ -58,9 +72,11 @@ class ShardActor:
     """A ``TableShard`` in a Ray worker, on ``threads`` OpenMP threads (Ray sets a worker's
     OpenMP threads to 1 unless its actor reserved CPUs: the engine passes what it reserved)."""
 
-    def __init__(self, threads, *shard_arguments):
+    def __init__(self, threads, weight, optimizer, hyperparameters):
         set_num_threads(threads)
-        self.shard = TableShard(*shard_arguments)
+        if isinstance(weight, tuple):  # (shape, dtype): a restarted shard, loaded next
+            weight = np.zeros(*weight)
+        self.shard = TableShard(weight, optimizer, hyperparameters)
 
     def call(self, method, *arguments):
         """``shard.method(*arguments)``."""
@@ -98,16 +114,32 @@ class RayEngine:
         if self.actors is not None:
             raise RuntimeError("this engine already holds a table's shards; use one engine "
                                "per table")
-        actor_class = self._ray.remote(num_cpus=self.num_cpus_per_shard, max_restarts=0,
-                                       max_task_retries=0)(ShardActor)
-        self.actors = [actor_class.remote(self.num_cpus_per_shard, *arguments)
+        self._actor_class = self._ray.remote(num_cpus=self.num_cpus_per_shard, max_restarts=0,
+                                             max_task_retries=0)(ShardActor)
+        self._optimizer = [arguments[1:] for arguments in shard_arguments]
+        self.actors = [self._actor_class.remote(self.num_cpus_per_shard, *arguments)
                        for arguments in shard_arguments]
+
+    def restart(self, shards, layouts):
+        """Start new actors for the lost ``shards``, with zero rows of ``layouts[shard]``
+        (``(shape, dtype)``) and a fresh optimizer, for a checkpoint to fill."""
+        for shard in shards:
+            self.actors[shard] = self._actor_class.remote(
+                self.num_cpus_per_shard, tuple(layouts[shard]), *self._optimizer[shard])
 
     def call(self, method, per_shard_arguments):
         """``shard.method(*arguments)`` on every shard at once, with its own arguments; the
         results in shard order."""
         if self.actors is None:
             raise RuntimeError("the engine has no shards yet: start it first")
-        return self._ray.get([actor.call.remote(method, *arguments)
-                              for actor, arguments in zip(self.actors, per_shard_arguments,
-                                                          strict=True)])
+        pending = [actor.call.remote(method, *arguments)
+                   for actor, arguments in zip(self.actors, per_shard_arguments, strict=True)]
+        results, lost = [], []
+        for shard, reference in enumerate(pending):  # (every call is waited for)
+            try:
+                results.append(self._ray.get(reference))
+            except self._ray.exceptions.RayActorError:
+                lost.append(shard)
+        if lost:
+            raise ShardLost(lost)
+        return results

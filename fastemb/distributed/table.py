@@ -12,6 +12,7 @@ number of shards.
 
 from __future__ import annotations
 
+import warnings
 from collections import namedtuple
 
 import numpy as np
@@ -23,7 +24,7 @@ from .._validation import (as_count, as_weight, bag_arguments, check_index_range
 from ..modules import EmbeddingBag
 from ..optim import OPTIMIZERS
 from ..sparse import SparseGrad
-from .engine import LocalEngine
+from .engine import LocalEngine, ShardLost
 from .shard import owned_rows
 
 
@@ -109,6 +110,8 @@ class ShardedEmbeddingBag:
         self.optimizer = optimizer
         self.engine.start([(weight, optimizer, dict(hyperparameters)) for weight in weights])
         self.per_sample_weights_grad = None
+        self.last_checkpoint = None  # (path, the step it holds)
+        self._steps = 0
         self._saved = None
 
     def _by_shard(self, rows):
@@ -120,7 +123,12 @@ class ShardedEmbeddingBag:
     def _pull(self, rows):
         """The table's ``rows`` (global, in range), fetched from their shards."""
         chosen, local = self._by_shard(rows)
-        pulled = self.engine.call("rows", [(local_rows,) for local_rows in local])
+        arguments = [(local_rows,) for local_rows in local]
+        try:
+            pulled = self.engine.call("rows", arguments)
+        except ShardLost as lost:
+            self._recover(lost, "this lookup reads the restored rows")
+            pulled = self.engine.call("rows", arguments)
         distinct = np.empty((rows.size, self.embedding_dim), dtype=self.dtype)
         for picked, values in zip(chosen, pulled):
             distinct[picked] = values
@@ -158,10 +166,14 @@ class ShardedEmbeddingBag:
         self.per_sample_weights_grad = module.per_sample_weights_grad
         global_rows = rows[local_grad.rows]
         chosen, local = self._by_shard(global_rows)
-        # every shard steps, with no rows at all if none of its rows was looked up
-        self.engine.call("apply_gradient", [(local_rows, local_grad.values[picked])
-                                            for picked, local_rows in zip(chosen, local)])
         self._saved = None
+        # every shard steps, with no rows at all if none of its rows was looked up
+        try:
+            self.engine.call("apply_gradient", [(local_rows, local_grad.values[picked])
+                                                for picked, local_rows in zip(chosen, local)])
+            self._steps += 1
+        except ShardLost as lost:
+            self._recover(lost, "this step's update is dropped with them")
         return SparseGrad(global_rows, local_grad.values, self.num_embeddings)
 
     def save(self, path, metadata=None):
@@ -186,6 +198,7 @@ class ShardedEmbeddingBag:
         write_atomically(path, checkpoint_arrays(
             [state["weight"] for state in states], optimizer_class.__name__, state_dict,
             optimizer_class.state_arrays, metadata, {"sharded": self._layout()}))
+        self.last_checkpoint = (path, steps[0])
 
     def load(self, path):
         """Restore every shard from a checkpoint ``save`` wrote for a table like this one (same
@@ -195,9 +208,7 @@ class ShardedEmbeddingBag:
         if metadata.get("sharded") != self._layout():
             raise ValueError(f"{path} holds {metadata.get('sharded') or 'no sharded table'}; "
                              f"this table is {self._layout()}")
-        tables = checked_tables(path, arrays, metadata, [
-            _Layout((owned_rows(shard, self.num_shards, self.num_embeddings),
-                     self.embedding_dim), self.dtype) for shard in range(self.num_shards)])
+        tables = checked_tables(path, arrays, metadata, self._shard_layouts())
         state_dict = optimizer_state_dict(path, arrays, metadata,
                                           OPTIMIZERS[self.optimizer].cls.__name__)
         if len(state_dict["state"]) != self.num_shards or len(
@@ -209,6 +220,28 @@ class ShardedEmbeddingBag:
             for table, state in zip(tables, state_dict["state"])]
         self.engine.call("check_state", states)
         self.engine.call("load_state", states)
+        self._steps = state_dict["state"][0]["step"]
+
+    def _recover(self, lost, consequence):
+        """After ``lost``: restart the lost shards and restore every shard from the last
+        checkpoint, warning what was lost; RuntimeError without a checkpoint."""
+        if self.last_checkpoint is None:
+            raise RuntimeError(f"shard(s) {lost.shards} of the table died, with their rows and "
+                               f"optimizer state, and no checkpoint was saved to restore them "
+                               f"from (save one with table.save(path))") from lost
+        path, step = self.last_checkpoint
+        steps_lost = self._steps - step
+        self.engine.restart(lost.shards, self._shard_layouts())
+        self.load(path)
+        warnings.warn(f"shard(s) {lost.shards} of the table died; every shard was restored from "
+                      f"{path} (saved after step {step}): the {steps_lost} step(s) since are "
+                      f"lost and {consequence}; training goes on from there", RuntimeWarning,
+                      stacklevel=3)
+
+    def _shard_layouts(self):
+        """Each shard's rows as (shape, dtype)."""
+        return [_Layout((owned_rows(shard, self.num_shards, self.num_embeddings),
+                         self.embedding_dim), self.dtype) for shard in range(self.num_shards)]
 
     def _layout(self):
         """What a checkpoint of this table must match."""
