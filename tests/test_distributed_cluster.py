@@ -30,7 +30,8 @@ def two_nodes():
 def test_shards_on_two_nodes_equal_the_single_machine_module(two_nodes, rng):
     weight = rng.standard_normal((50, 8)).astype(np.float32)
     table = ShardedEmbeddingBag.from_pretrained(weight, num_shards=2, mode="max",
-                                                engine=RayEngine(), optimizer="adagrad")
+                                                engine=RayEngine(), optimizer="adagrad",
+                                                strategy="pull")
     nodes = {ray.get(actor.__ray_call__.remote(
         lambda self: ray.get_runtime_context().get_node_id())) for actor in table.engine.actors}
     assert len(nodes) == 2  # (one CPU a node: the shards cannot share one)

@@ -58,6 +58,21 @@ class TableShard:
         grad = SparseGrad(local_rows, values, self.module.num_embeddings)
         self.optimizer.apply_gradients({self.module: grad})
 
+    def partial_bags(self, local_indices, bounds, weights):
+        """The sums of this shard's part of every bag: bag b is ``local_indices[bounds[b]:
+        bounds[b + 1]]`` (owned rows, in range, no padding), weighted by ``weights`` (or None);
+        ``(B, D)``. The forward is kept for ``apply_bag_gradient``."""
+        return self.module(local_indices, bounds[:-1], weights)
+
+    def apply_bag_gradient(self, grad_output):
+        """One optimizer step with the gradient of the last ``partial_bags`` given
+        ``grad_output`` (that of its sums, ``(B, D)``); returns the gradient of its per-sample
+        weights (or None without)."""
+        grad = self.module.backward(grad_output)
+        self.module.zero_grad()
+        self.optimizer.apply_gradients({self.module: grad})
+        return self.module.per_sample_weights_grad
+
     def state(self):
         """A copy of the owned rows and the optimizer's state (for a checkpoint)."""
         return {"weight": self.module.weight.copy(), "optimizer": self.optimizer.state_dict()}

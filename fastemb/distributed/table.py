@@ -1,13 +1,20 @@
 """``ShardedEmbeddingBag``: an ``EmbeddingBag`` whose rows are split over shards, each shard
 updating its own rows with its own optimizer.
 
-A forward pulls the distinct rows it looks up from their shards (row r from shard r % S) into
-a small table of those rows and reduces the bags there; the backward computes the gradient of
-those rows and pushes each shard its rows' part, which the shard's lazy optimizer applies at
-once (optimizer in backward). Bags add the same rows in the same order as a single
-``fastemb.EmbeddingBag``, and the gradient sums the same positions in the same order, so
-forward, gradient and update equal the single-machine module's bit for bit, whatever the
-number of shards.
+A forward takes one of two ways, whichever moves fewer bytes (``strategy="auto"``):
+
+- pull: the distinct rows it looks up come from their shards (row r from shard r % S) into a
+  small table of those rows, where the bags are reduced; the backward computes those rows'
+  gradient and pushes each shard its rows' part (U rows each way, U the distinct rows). Bags
+  add the same rows in the same order as a single ``fastemb.EmbeddingBag``, and the gradient
+  sums the same positions in the same order, so forward, gradient and update equal the
+  single-machine module's bit for bit, whatever the number of shards. Max bags always pull.
+- partial sums: each shard sums its part of every bag and the partial sums are added in shard
+  order (then divided, for "mean"); the backward sends every shard the bags' gradient (S x B
+  rows each way). Bit for bit with one shard; with more, a bag's sum is added in another order
+  (float rounding, as any change of summation order).
+
+Each shard's lazy optimizer applies its rows' gradient at once (optimizer in backward).
 """
 
 from __future__ import annotations
@@ -17,19 +24,27 @@ from collections import namedtuple
 
 import numpy as np
 
+from ..backward import check_grad_output
 from ..checkpoint import (checked_tables, checkpoint_arrays, optimizer_state_dict,
                           read_checkpoint, write_atomically)
 from .._validation import (as_count, as_weight, bag_arguments, check_index_range, check_mode,
                            normalize_padding_idx)
 from ..modules import EmbeddingBag
 from ..optim import OPTIMIZERS
-from ..sparse import SparseGrad
 from .engine import LocalEngine, ShardLost
 from .shard import owned_rows
 
 
 # What a shard's rows look like, for checking a checkpoint against them.
 _Layout = namedtuple("_Layout", "shape dtype")
+# What a forward of partial sums keeps for its backward: the input's shape, each shard's
+# positions, each position's bag, the bag count, the "mean" divisors (or None), the output (for
+# a weighted mean's per-sample weights' gradient, else None), whether it had weights.
+_PartialForward = namedtuple("_PartialForward", "input_shape positions bag_of num_bags "
+                                                "divisor out weighted")
+
+
+STRATEGIES = ("auto", "pull", "partial")
 
 
 class ShardedEmbeddingBag:
@@ -39,20 +54,23 @@ class ShardedEmbeddingBag:
     optimizer takes them) in every ``backward``.
 
     ``module(input, offsets=None, per_sample_weights=None)`` and ``module.backward(grad_output)``
-    take what ``fastemb.EmbeddingBag``'s do; ``backward`` returns the table's ``SparseGrad``
-    after the shards applied it. float32 and float64 tables; no ``max_norm``.
+    take what ``fastemb.EmbeddingBag``'s do; ``backward`` hands the gradient to the shards,
+    whose optimizers apply it. ``strategy`` is "auto", "pull" or "partial" (see the module's
+    docstring). float32 and float64 tables; no ``max_norm``.
 
     >>> import numpy as np, fastemb.distributed
     >>> table = fastemb.distributed.ShardedEmbeddingBag(10, 4, mode="sum", num_shards=3,
     ...                                                  optimizer="sgd", lr=0.1, seed=0)
+    >>> before = table.weight
     >>> out = table(np.array([[1, 2], [2, 9]]))
-    >>> table.backward(np.ones_like(out)).rows.tolist()
+    >>> table.backward(np.ones_like(out))
+    >>> np.flatnonzero((table.weight != before).any(axis=1)).tolist()
     [1, 2, 9]
     """
 
     def __init__(self, num_embeddings, embedding_dim, mode="mean", padding_idx=None,
                  include_last_offset=False, num_shards=2, engine=None, optimizer="lazyadam",
-                 dtype=np.float32, seed=None, **hyperparameters):
+                 strategy="auto", dtype=np.float32, seed=None, **hyperparameters):
         num_embeddings = as_count(num_embeddings, "num_embeddings")
         embedding_dim = as_count(embedding_dim, "embedding_dim")
         num_shards = as_count(num_shards, "num_shards")
@@ -69,12 +87,12 @@ class ShardedEmbeddingBag:
         if padding is not None:
             weights[padding % num_shards][padding // num_shards] = 0
         self._start(weights, num_embeddings, embedding_dim, mode, padding, include_last_offset,
-                    engine, optimizer, hyperparameters)
+                    engine, optimizer, strategy, hyperparameters)
 
     @classmethod
     def from_pretrained(cls, embeddings, num_shards=2, mode="mean", padding_idx=None,
                         include_last_offset=False, engine=None, optimizer="lazyadam",
-                        **hyperparameters):
+                        strategy="auto", **hyperparameters):
         """A sharded table whose rows start as ``embeddings`` (a 2-D float32/float64 array;
         each shard gets a copy of its rows).
 
@@ -92,11 +110,14 @@ class ShardedEmbeddingBag:
         module._start([np.array(weight[shard::num_shards]) for shard in range(num_shards)],
                       weight.shape[0], weight.shape[1], mode,
                       normalize_padding_idx(padding_idx, weight.shape[0]), include_last_offset,
-                      engine, optimizer, hyperparameters)
+                      engine, optimizer, strategy, hyperparameters)
         return module
 
     def _start(self, weights, num_embeddings, embedding_dim, mode, padding, include_last_offset,
-               engine, optimizer, hyperparameters):
+               engine, optimizer, strategy, hyperparameters):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        self.strategy = strategy
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
         OPTIMIZERS[optimizer].cls(EmbeddingBag(1, 1), **hyperparameters)  # (checks them here)
@@ -123,25 +144,33 @@ class ShardedEmbeddingBag:
     def _pull(self, rows):
         """The table's ``rows`` (global, in range), fetched from their shards."""
         chosen, local = self._by_shard(rows)
-        arguments = [(local_rows,) for local_rows in local]
-        try:
-            pulled = self.engine.call("rows", arguments)
-        except ShardLost as lost:
-            self._recover(lost, "this lookup reads the restored rows")
-            pulled = self.engine.call("rows", arguments)
+        pulled = self._call_shards("rows", [(local_rows,) for local_rows in local],
+                                   "this lookup reads the restored rows")
         distinct = np.empty((rows.size, self.embedding_dim), dtype=self.dtype)
         for picked, values in zip(chosen, pulled):
             distinct[picked] = values
         return distinct
 
+    def _call_shards(self, method, arguments, lost_consequence):
+        """``engine.call``; when a shard died, recover (see ``_recover``) and call again."""
+        try:
+            return self.engine.call(method, arguments)
+        except ShardLost as lost:
+            self._recover(lost, lost_consequence)
+            return self.engine.call(method, arguments)
+
     def __call__(self, input, offsets=None, per_sample_weights=None):
         """The ``(B, D)`` bags of ``input``, as ``fastemb.EmbeddingBag`` gives them."""
-        mode, indices, _, _, padding = bag_arguments(
+        mode, indices, bounds, weights, padding = bag_arguments(
             input, offsets, self.mode, per_sample_weights, self.include_last_offset,
             self.padding_idx, self.num_embeddings, self.dtype)
         flat = indices.reshape(-1)
         check_index_range(flat, indices.shape, self.num_embeddings)
+        self._saved = None
         rows, inverse = np.unique(flat, return_inverse=True)
+        num_bags = bounds.size - 1
+        if self._partial_sums(mode, rows.size, num_bags):
+            return self._reduce_partial_sums(mode, indices, bounds, weights, padding)
         # the bags over a table of just these rows (one zero row when there are none)
         distinct = self._pull(rows.astype(np.int64)) if rows.size else np.zeros(
             (1, self.embedding_dim), self.dtype)
@@ -155,26 +184,98 @@ class ShardedEmbeddingBag:
         self._saved = (module, rows.astype(np.int64))
         return out
 
+    def _partial_sums(self, mode, num_distinct, num_bags):
+        """Whether a forward has each shard reduce its part of every bag (moving S x B rows
+        each way) rather than pulling the distinct rows (U rows each way); ``strategy`` says,
+        or, with "auto", the bytes moved. Max bags always pull (their winners stay exact)."""
+        if mode == "max" or self.strategy == "pull":
+            return False
+        return self.strategy == "partial" or self.num_shards * num_bags < num_distinct
+
+    def _reduce_partial_sums(self, mode, indices, bounds, weights, padding):
+        """The bags from every shard's sums of its part of each bag: their sum (in shard
+        order), divided for "mean" by the bag's count or weight total."""
+        flat, num_bags = indices.reshape(-1), bounds.size - 1
+        bag_of = np.repeat(np.arange(num_bags), np.diff(bounds))
+        kept = np.ones(flat.size, bool) if padding is None else flat != padding
+        owners = flat % self.num_shards
+        positions = [np.flatnonzero(kept & (owners == shard)) for shard in range(self.num_shards)]
+        arguments = [(flat[picked] // self.num_shards,
+                      np.concatenate([[0], np.cumsum(np.bincount(bag_of[picked],
+                                                                 minlength=num_bags))]),
+                      None if weights is None else weights[picked]) for picked in positions]
+        partials = self._call_shards("partial_bags", arguments,
+                                     "this lookup reads the restored rows")
+        out = partials[0].copy()
+        for partial in partials[1:]:
+            out += partial
+        divisor = None
+        if mode == "mean":
+            divisor = np.bincount(bag_of[kept], minlength=num_bags,
+                                  weights=None if weights is None else weights[kept])
+            divisor = divisor.astype(self.dtype)
+            np.divide(out, divisor[:, None], out=out, where=divisor[:, None] != 0)
+            out[divisor == 0] = 0
+        self._saved = _PartialForward(indices.shape, positions, bag_of, num_bags, divisor,
+                                      out.copy() if weights is not None and divisor is not None
+                                      else None, weights is not None)
+        return out
+
     def backward(self, grad_output):
-        """The gradient of the last forward's looked-up rows given ``grad_output``, pushed to
-        their shards and applied there by their optimizers; returns it (a ``SparseGrad``)."""
+        """Push the gradient of the last forward's looked-up rows, given ``grad_output``, to
+        their shards, whose optimizers apply it there (nothing comes back but
+        ``per_sample_weights_grad``, when the forward had per-sample weights)."""
         if self._saved is None:
             raise RuntimeError("backward needs a forward first: call the table, then backward "
                                "once per call")
-        module, rows = self._saved
-        local_grad = module.backward(grad_output)  # (checks grad_output first)
-        self.per_sample_weights_grad = module.per_sample_weights_grad
-        global_rows = rows[local_grad.rows]
-        chosen, local = self._by_shard(global_rows)
-        self._saved = None
-        # every shard steps, with no rows at all if none of its rows was looked up
+        saved, self._saved = self._saved, None
+        self.per_sample_weights_grad = None
         try:
-            self.engine.call("apply_gradient", [(local_rows, local_grad.values[picked])
-                                                for picked, local_rows in zip(chosen, local)])
+            if isinstance(saved, _PartialForward):
+                self._push_bag_gradients(grad_output, saved)
+            else:
+                self._push_row_gradients(grad_output, *saved)
             self._steps += 1
         except ShardLost as lost:
             self._recover(lost, "this step's update is dropped with them")
-        return SparseGrad(global_rows, local_grad.values, self.num_embeddings)
+
+    def _push_row_gradients(self, grad_output, module, rows):
+        """After a forward that pulled ``rows``: their gradient, split by shard."""
+        try:
+            local_grad = module.backward(grad_output)  # (checks grad_output first)
+        except ValueError:
+            self._saved = (module, rows)  # (a refused gradient changes nothing)
+            raise
+        self.per_sample_weights_grad = module.per_sample_weights_grad
+        chosen, local = self._by_shard(rows[local_grad.rows])
+        # every shard steps, with no rows at all if none of its rows was looked up
+        self.engine.call("apply_gradient", [(local_rows, local_grad.values[picked])
+                                            for picked, local_rows in zip(chosen, local)])
+
+    def _push_bag_gradients(self, grad_output, forward):
+        """After a forward of partial sums (``forward``, a ``_PartialForward``): every shard
+        gets the gradient of its sums (for "mean", divided by the bags' divisors) and returns
+        its positions' part of the per-sample weights' gradient."""
+        try:
+            grad = check_grad_output(grad_output, (forward.num_bags, self.embedding_dim),
+                                     self.dtype)
+        except ValueError:
+            self._saved = forward  # (a refused gradient changes nothing)
+            raise
+        if forward.divisor is not None:
+            grad = np.divide(grad, forward.divisor[:, None], where=forward.divisor[:, None] != 0,
+                             out=np.zeros_like(grad))
+        parts = self.engine.call("apply_bag_gradient", [(grad,)] * self.num_shards)
+        if not forward.weighted:
+            return
+        sample_grad = np.zeros(forward.bag_of.size, self.dtype)
+        for picked, part in zip(forward.positions, parts):
+            sample_grad[picked] = part
+        if forward.out is not None:  # weighted mean: d out_b / d w_i = (x_i - out_b) / W_b
+            kept = np.concatenate(forward.positions)
+            bag_term = np.einsum("bd,bd->b", forward.out, grad)
+            sample_grad[kept] -= bag_term[forward.bag_of[kept]]
+        self.per_sample_weights_grad = sample_grad.reshape(forward.input_shape)
 
     def save(self, path, metadata=None):
         """Write every shard's rows and optimizer state, all after the same step, to one
