@@ -2,8 +2,10 @@
 update) of the reference workload (``large-uniform``: a 1,000,000 x 64 float32 table, 4,096
 bags of 32 indices) with one ``fastemb.EmbeddingBag`` in this process, and with a
 ``fastemb.distributed.ShardedEmbeddingBag`` of 1 and 2 in-process shards and of 2 Ray actors
-(one CPU each; skipped without Ray), side by side in one pytest-benchmark group. Every
-implementation's table after one step is checked against the single module's first."""
+(one CPU each; skipped without Ray), side by side in one pytest-benchmark group; the sharded
+tables choose their way by themselves (here: partial sums, 2 x 4,096 bags against about 123,000
+distinct rows). Every implementation's table after one step is checked against the single
+module's first."""
 
 import numpy as np
 import pytest
@@ -79,7 +81,10 @@ def expected_table(data):
 def test_sharded_step(benchmark, data, ray_cluster, expected_table, implementation):
     step, weight = make_step(implementation, data, ray_cluster)
     step()
-    np.testing.assert_array_equal(weight(), expected_table)  # (bit for bit)
+    if implementation in ("one-process", "local-1-shard"):
+        np.testing.assert_array_equal(weight(), expected_table)  # (bit for bit)
+    else:  # (two shards' partial sums add a bag in another order)
+        np.testing.assert_allclose(weight(), expected_table, rtol=1e-6, atol=1e-7)
     benchmark.group = "sharded_step-large-uniform"
     benchmark.extra_info.update(implementation=implementation)
     benchmark(step)

@@ -7,6 +7,7 @@ import pytest
 from reference import assert_same_bits
 
 import fastemb
+import fastemb.distributed
 from fastemb.distributed import LocalEngine, ShardedEmbeddingBag
 from fastemb.distributed.shard import owned_rows
 
@@ -252,3 +253,56 @@ def test_a_damaged_shard_state_is_found_before_any_shard_changes(tmp_path, rng):
     with pytest.raises(ValueError):
         fresh.load(path)
     assert_same_states(shard_states(fresh), before)
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded collections
+# --------------------------------------------------------------------------------------------
+
+def collection_configs():
+    return [fastemb.EmbeddingBagConfig("users", 30, 4),
+            fastemb.EmbeddingBagConfig("items", 40, 3, feature_names=["clicked", "bought"],
+                                       pooling="mean", padding_idx=0),
+            fastemb.EmbeddingBagConfig("genres", 12, 2, pooling="max")]
+
+
+def random_features(rng):
+    keys = ["users", "clicked", "bought", "genres", "unused"]
+    lengths = rng.integers(0, 4, size=len(keys) * 6)
+    values = rng.integers(0, 12, size=int(lengths.sum()))
+    return fastemb.KeyedJaggedArray(keys, values, lengths=lengths)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_a_sharded_collection_equals_the_collection_bit_for_bit(num_shards, rng):
+    sharded = fastemb.distributed.ShardedEmbeddingBagCollection(
+        collection_configs(), num_shards=num_shards, strategy="pull", lr=0.05, seed=0)
+    collection = fastemb.EmbeddingBagCollection(collection_configs())
+    for config in collection.configs:  # (the same starting rows)
+        collection.embedding_bags[config.name].weight[...] = sharded.tables[config.name].weight
+    optimizer = fastemb.optim.LazyAdam(collection, lr=0.05)
+    for step in range(3):
+        features = random_features(rng)
+        out, expected = sharded(features), collection(features)
+        assert out.keys == expected.keys and out.offset_per_key == expected.offset_per_key
+        assert_same_bits(out.values, expected.values)
+        grad_output = rng.standard_normal(out.values.shape).astype(np.float32)
+        sharded.backward(grad_output)
+        collection.backward(grad_output, optimizer)
+    for config in collection.configs:
+        assert_same_bits(sharded.tables[config.name].weight,
+                         collection.embedding_bags[config.name].weight)
+
+
+def test_a_sharded_collection_refuses_bad_input(rng):
+    sharded = fastemb.distributed.ShardedEmbeddingBagCollection(collection_configs(), seed=0)
+    with pytest.raises(TypeError, match="KeyedJaggedArray"):
+        sharded(np.array([1, 2]))
+    with pytest.raises(ValueError, match="no key 'genres'"):
+        sharded(fastemb.KeyedJaggedArray(["users", "clicked", "bought"], [1, 2, 3],
+                                         lengths=[1, 1, 1]))
+    with pytest.raises(RuntimeError, match="forward first"):
+        sharded.backward(np.zeros((1, 12), np.float32))
+    sharded(random_features(rng))
+    with pytest.raises(ValueError, match="grad_output"):
+        sharded.backward(np.zeros((2, 12), np.float32))

@@ -1,13 +1,16 @@
 """``fastemb.distributed``: tables whose rows are split over shards (row r on shard r % S),
 each shard owning its rows and their optimizer state, and updating them itself.
 
-``ShardedEmbeddingBag`` runs on an engine: ``LocalEngine`` keeps every shard in this process,
+``ShardedEmbeddingBag`` (and ``ShardedEmbeddingBagCollection``, one per table) runs on an
+engine: ``LocalEngine`` keeps every shard in this process,
 ``RayEngine`` makes each shard a Ray actor (``pip install 'fastemb[ray]'``; Ray is imported
 only by ``RayEngine``, and never initialised for you).
 """
 
-from .engine import LocalEngine, RayEngine
+from .collection import ShardedEmbeddingBagCollection
+from .engine import LocalEngine, RayEngine, ShardLost
 from .shard import TableShard
 from .table import ShardedEmbeddingBag
 
-__all__ = ["LocalEngine", "RayEngine", "ShardedEmbeddingBag", "TableShard"]
+__all__ = ["LocalEngine", "RayEngine", "ShardLost", "ShardedEmbeddingBag",
+           "ShardedEmbeddingBagCollection", "TableShard"]
