@@ -306,3 +306,59 @@ def test_a_sharded_collection_refuses_bad_input(rng):
     sharded(random_features(rng))
     with pytest.raises(ValueError, match="grad_output"):
         sharded.backward(np.zeros((2, 12), np.float32))
+
+
+def test_a_collection_checkpoint_holds_every_table_and_restores_them(tmp_path, rng):
+    sharded = fastemb.distributed.ShardedEmbeddingBagCollection(
+        collection_configs(), num_shards=2, strategy="pull", seed=1)
+    features = random_features(rng)
+    sharded.backward(rng.standard_normal(sharded(features).values.shape).astype(np.float32))
+    path = tmp_path / "collection.npz"
+    fastemb.distributed.save(path, sharded, metadata={"step": 1})
+    saved = {name: shard_states(table) for name, table in sharded.tables.items()}
+    sharded.backward(rng.standard_normal(sharded(features).values.shape).astype(np.float32))
+    fastemb.distributed.load(path, sharded)
+    for name, table in sharded.tables.items():
+        assert_same_states(shard_states(table), saved[name])
+    other = fastemb.distributed.ShardedEmbeddingBagCollection(
+        collection_configs()[:2], num_shards=2, seed=1)
+    with pytest.raises(ValueError, match="these tables are"):
+        fastemb.distributed.load(path, other)
+    mixed = [ShardedEmbeddingBag(V, D, optimizer="sgd", lr=0.1), ShardedEmbeddingBag(V, D)]
+    with pytest.raises(ValueError, match="one optimizer"):
+        fastemb.distributed.save(tmp_path / "mixed.npz", mixed)
+
+
+class FlakyEngine(LocalEngine):
+    """A LocalEngine whose next call of ``failing`` reports shard 1 lost (without running)."""
+
+    failing = None
+
+    def call(self, method, per_shard_arguments):
+        if method == self.failing:
+            self.failing = None
+            raise fastemb.distributed.ShardLost([1])
+        return super().call(method, per_shard_arguments)
+
+
+def test_a_lost_shard_restores_every_table_saved_with_it(tmp_path, rng):
+    engines = []
+
+    def make_engine():
+        engines.append(FlakyEngine())
+        return engines[-1]
+
+    sharded = fastemb.distributed.ShardedEmbeddingBagCollection(
+        collection_configs(), num_shards=2, make_engine=make_engine, strategy="pull", seed=2)
+    features = random_features(rng)
+    sharded.backward(rng.standard_normal(sharded(features).values.shape).astype(np.float32))
+    fastemb.distributed.save(tmp_path / "model.npz", sharded)
+    saved = {name: shard_states(table) for name, table in sharded.tables.items()}
+    sharded.backward(rng.standard_normal(sharded(features).values.shape).astype(np.float32))
+    engines[2].failing = "apply_gradient"  # (the "genres" table's update)
+    sharded(features)
+    with pytest.warns(RuntimeWarning, match=r"with the 2 other table\(s\) saved with it .*the 1 "
+                                            r"step\(s\) since are lost and this step's update"):
+        sharded.backward(np.ones((6, 12), np.float32))
+    for name, table in sharded.tables.items():  # (every table back at the checkpoint)
+        assert_same_states(shard_states(table), saved[name])

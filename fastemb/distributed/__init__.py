@@ -7,10 +7,11 @@ engine: ``LocalEngine`` keeps every shard in this process,
 only by ``RayEngine``, and never initialised for you).
 """
 
+from .checkpoint import load, save
 from .collection import ShardedEmbeddingBagCollection
 from .engine import LocalEngine, RayEngine, ShardLost
 from .shard import TableShard
 from .table import ShardedEmbeddingBag
 
 __all__ = ["LocalEngine", "RayEngine", "ShardLost", "ShardedEmbeddingBag",
-           "ShardedEmbeddingBagCollection", "TableShard"]
+           "ShardedEmbeddingBagCollection", "TableShard", "load", "save"]

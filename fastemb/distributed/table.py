@@ -25,12 +25,12 @@ from collections import namedtuple
 import numpy as np
 
 from ..backward import check_grad_output
-from ..checkpoint import (checked_tables, checkpoint_arrays, optimizer_state_dict,
-                          read_checkpoint, write_atomically)
 from .._validation import (as_count, as_weight, bag_arguments, check_index_range, check_mode,
                            normalize_padding_idx)
 from ..modules import EmbeddingBag
 from ..optim import OPTIMIZERS
+from .checkpoint import load as load_tables
+from .checkpoint import save as save_tables
 from .engine import LocalEngine, ShardLost
 from .shard import owned_rows
 
@@ -131,7 +131,7 @@ class ShardedEmbeddingBag:
         self.optimizer = optimizer
         self.engine.start([(weight, optimizer, dict(hyperparameters)) for weight in weights])
         self.per_sample_weights_grad = None
-        self.last_checkpoint = None  # (path, the step it holds)
+        self.last_checkpoint = None  # (path, the step it holds, the tables saved there)
         self._steps = 0
         self._saved = None
 
@@ -279,7 +279,7 @@ class ShardedEmbeddingBag:
 
     def save(self, path, metadata=None):
         """Write every shard's rows and optimizer state, all after the same step, to one
-        checkpoint file ``path`` (atomically: a crash mid-write leaves the previous file).
+        checkpoint file ``path``, atomically (see ``fastemb.distributed.save``).
 
         >>> import os, tempfile, numpy as np, fastemb.distributed
         >>> table = fastemb.distributed.ShardedEmbeddingBag(10, 4, num_shards=3, seed=0)
@@ -289,55 +289,31 @@ class ShardedEmbeddingBag:
         >>> other.load(path); bool((other.weight == table.weight).all())
         True
         """
-        states = self.engine.call("state", [()] * self.num_shards)
-        steps = [state["optimizer"]["state"][0]["step"] for state in states]
-        if len(set(steps)) > 1:  # (cannot happen: every backward steps every shard)
-            raise RuntimeError(f"the shards are at different steps {steps}; not saved")
-        optimizer_class = OPTIMIZERS[self.optimizer].cls
-        state_dict = {"hyperparameters": states[0]["optimizer"]["hyperparameters"],
-                      "state": [state["optimizer"]["state"][0] for state in states]}
-        write_atomically(path, checkpoint_arrays(
-            [state["weight"] for state in states], optimizer_class.__name__, state_dict,
-            optimizer_class.state_arrays, metadata, {"sharded": self._layout()}))
-        self.last_checkpoint = (path, steps[0])
+        save_tables(path, [self], metadata)
 
     def load(self, path):
-        """Restore every shard from a checkpoint ``save`` wrote for a table like this one (same
-        size, shard count and optimizer). Everything is checked, on every shard, before any
-        shard changes; ValueError otherwise."""
-        arrays, metadata = read_checkpoint(path)
-        if metadata.get("sharded") != self._layout():
-            raise ValueError(f"{path} holds {metadata.get('sharded') or 'no sharded table'}; "
-                             f"this table is {self._layout()}")
-        tables = checked_tables(path, arrays, metadata, self._shard_layouts())
-        state_dict = optimizer_state_dict(path, arrays, metadata,
-                                          OPTIMIZERS[self.optimizer].cls.__name__)
-        if len(state_dict["state"]) != self.num_shards or len(
-                {state["step"] for state in state_dict["state"]}) > 1:
-            raise ValueError(f"{path} does not hold one optimizer state per shard, all after "
-                             f"the same step")
-        states = [(({"weight": table, "optimizer": {
-            "hyperparameters": state_dict["hyperparameters"], "state": [state]}}),)
-            for table, state in zip(tables, state_dict["state"])]
-        self.engine.call("check_state", states)
-        self.engine.call("load_state", states)
-        self._steps = state_dict["state"][0]["step"]
+        """Restore every shard from a checkpoint ``save`` wrote for a table like this one
+        (see ``fastemb.distributed.load``)."""
+        load_tables(path, [self])
 
     def _recover(self, lost, consequence):
-        """After ``lost``: restart the lost shards and restore every shard from the last
-        checkpoint, warning what was lost; RuntimeError without a checkpoint."""
+        """After ``lost``: restart the lost shards and restore every table of the last
+        checkpoint (this one and those saved with it) from it, warning what was lost;
+        RuntimeError without a checkpoint."""
         if self.last_checkpoint is None:
             raise RuntimeError(f"shard(s) {lost.shards} of the table died, with their rows and "
                                f"optimizer state, and no checkpoint was saved to restore them "
                                f"from (save one with table.save(path))") from lost
-        path, step = self.last_checkpoint
+        path, step, tables = self.last_checkpoint
         steps_lost = self._steps - step
         self.engine.restart(lost.shards, self._shard_layouts())
-        self.load(path)
+        load_tables(path, tables)
+        restored = ("" if len(tables) == 1
+                    else f" with the {len(tables) - 1} other table(s) saved with it")
         warnings.warn(f"shard(s) {lost.shards} of the table died; every shard was restored from "
-                      f"{path} (saved after step {step}): the {steps_lost} step(s) since are "
-                      f"lost and {consequence}; training goes on from there", RuntimeWarning,
-                      stacklevel=3)
+                      f"{path}{restored} (saved after step {step}): the {steps_lost} step(s) "
+                      f"since are lost and {consequence}; training goes on from there",
+                      RuntimeWarning, stacklevel=3)
 
     def _shard_layouts(self):
         """Each shard's rows as (shape, dtype)."""
