@@ -71,6 +71,8 @@ def run_train(args):
                          f"({twins})")
     if args.compare_torch and args.resume:
         raise ValueError("--compare-torch compares whole runs; it cannot be combined with --resume")
+    if args.shards and (args.compare_torch or args.dtype != "float32"):
+        raise ValueError("--shards trains float32 tables, without --compare-torch")
     if args.stochastic_rounding and TABLE_CHOICES[args.dtype][0].itemsize != 2:
         raise ValueError("--stochastic-rounding rounds the updates of 16-bit tables; use it "
                          "with --dtype bfloat16 or float16")
@@ -104,16 +106,23 @@ def run_train(args):
                                  global_mean, kind=args.model, bags=bags, y_range=args.y_range,
                                  dtype=TABLE_CHOICES[args.dtype][0],
                                  split=TABLE_CHOICES[args.dtype][1])
-    optimizer = training.make_optimizer(args.optimizer, model.modules, args.lr,
-                                        args.weight_decay, args.stochastic_rounding, args.seed)
     initial_weights = [module.weight.astype(np.float32) for module in model.modules]
+    if args.shards:
+        model.shard(args.shards, engine_factory(args), args.optimizer, lr=args.lr,
+                    weight_decay=args.weight_decay, seed=args.seed)
+        optimizer = None
+    else:
+        optimizer = training.make_optimizer(args.optimizer, model.modules, args.lr,
+                                            args.weight_decay, args.stochastic_rounding,
+                                            args.seed)
     mean_rmse = float(np.sqrt(np.mean((test.ratings.astype(np.float64) - global_mean) ** 2)))
     print(f"model: {args.model}, dim {args.dim}, {args.dtype} tables"
           + (" (stochastic rounding)" if args.stochastic_rounding else "")
           + f", output range {args.y_range[0]:g}..",
           f"{args.y_range[1]:g}, {args.optimizer} lr {args.lr} weight decay {args.weight_decay}, "
-          f"batch {args.batch_size}, {get_num_threads()} thread(s); held-out RMSE of predicting "
-          f"the mean: {mean_rmse:.4f}", sep="")
+          f"batch {args.batch_size}, {get_num_threads()} thread(s)"
+          + (f", every table on {args.shards} {args.engine} shards" if args.shards else "")
+          + f"; held-out RMSE of predicting the mean: {mean_rmse:.4f}", sep="")
     first_epoch, best = 0, (math.inf, 0)
     if args.resume:
         first_epoch = training.resume_checkpoint(args.resume, model, optimizer, args)
@@ -151,6 +160,23 @@ def run_train(args):
     if args.compare_torch:
         compare_with_torch(args, initial_weights, model, train, test, global_mean, epoch_seconds)
     return 0
+
+
+def engine_factory(args):
+    """What makes each sharded table's engine for ``--engine``: in this process, or Ray actors
+    (Ray started here, as ``ray.init()`` starts it, unless it already runs), each reserving an
+    equal part of the CPUs Ray has."""
+    from .distributed import LocalEngine, RayEngine
+    from .distributed.engine import import_ray
+
+    if args.engine == "local":
+        return LocalEngine
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)  # (asked for by --engine ray)
+    # (the model has 4 tables: their shards share the CPUs Ray has)
+    cpus_per_shard = ray.available_resources().get("CPU", 1) / (4 * args.shards)
+    return lambda: RayEngine(num_cpus_per_shard=cpus_per_shard)
 
 
 def check_model_fits(args, num_users, num_items, extra=0):
@@ -250,6 +276,13 @@ def add_train_command(commands):
     train.add_argument("--compare-torch", action="store_true",
                        help="also train the same model with torch from the same initial weights "
                             "and batches, and print both times and RMSEs (needs torch)")
+    train.add_argument("--shards", type=positive_int, default=None, metavar="N",
+                       help="split every table's rows over N shards that update their own rows "
+                            "(fastemb.distributed); float32 tables")
+    train.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="where the shards run with --shards: in this process (default), or "
+                            "as Ray actors (pip install 'fastemb[ray]'; starts Ray unless it "
+                            "runs already)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=run_train)
 

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from . import optim
+from . import distributed, optim
 from .checkpoint import load, read_metadata, save
 from .modules import Embedding, EmbeddingBag
 
@@ -86,6 +86,9 @@ class RatingModel:
 
     def __init__(self, num_users, num_items, dim, seed, global_mean, kind="dot", bags=None,
                  y_range=None, dtype=np.float32, split=False):
+        """The model's four tables (or, for ``kind="bag"``, the users' table an EmbeddingBag
+        over items), drawn from ``seed`` and scaled by INIT_SCALE. ``shard`` turns them into
+        sharded tables."""
         if kind not in ("dot", "bag"):
             raise ValueError(f"kind must be 'dot' or 'bag', got {kind!r}")
         rng_seeds = np.random.SeedSequence(seed).spawn(4)
@@ -101,6 +104,29 @@ class RatingModel:
             module.weight *= INIT_SCALE  # (a split table's: read, scaled, both halves set)
         self.kind, self.bags, self.global_mean = kind, bags, np.float32(global_mean)
         self.y_range, self.offset = y_range, score_offset(global_mean, y_range)
+        self.sharded = False
+
+    def shard(self, num_shards, make_engine, optimizer, **hyperparameters):
+        """Move every table onto ``num_shards`` shards (``fastemb.distributed``; an engine from
+        ``make_engine()`` each), from its current rows, with the shards' ``optimizer`` (an
+        ``optim.OPTIMIZERS`` name) applying each backward's gradient: ``train_step`` then takes
+        no optimizer. Lookups of single rows are bags of one row, pulled from their shards, so
+        training equals the unsharded model's."""
+        from .distributed import ShardedEmbeddingBag
+
+        def sharded(module, mode):
+            return ShardedEmbeddingBag.from_pretrained(
+                module.weight, num_shards, mode=mode, engine=make_engine(),
+                optimizer=optimizer, strategy="pull", **hyperparameters)
+
+        self.users = sharded(self.users, "mean" if self.kind == "bag" else "sum")
+        self.items, self.user_bias, self.item_bias = (
+            sharded(module, "sum") for module in (self.items, self.user_bias, self.item_bias))
+        self.sharded = True
+
+    def _rows(self, table, ids):
+        """Table rows at ``ids`` (a sharded table's: bags of one row)."""
+        return table(ids[:, None]) if self.sharded else table(ids)
 
     @property
     def modules(self):
@@ -108,7 +134,7 @@ class RatingModel:
 
     def _user_vectors(self, users):
         if self.kind == "dot":
-            return self.users(users)
+            return self._rows(self.users, users)
         indices, offsets, weights = self.bags.batch(users)
         return self.users(indices, offsets, per_sample_weights=weights)
 
@@ -117,9 +143,9 @@ class RatingModel:
         vectors), remembering in the tables what the backward needs. The model computes in
         float32 (rows of 16-bit tables are widened, exactly)."""
         user_vectors = self._user_vectors(users).astype(np.float32, copy=False)
-        item_vectors = self.items(items).astype(np.float32, copy=False)
-        biases = (self.user_bias(users)[:, 0].astype(np.float32, copy=False)
-                  + self.item_bias(items)[:, 0].astype(np.float32, copy=False))
+        item_vectors = self._rows(self.items, items).astype(np.float32, copy=False)
+        biases = (self._rows(self.user_bias, users)[:, 0].astype(np.float32, copy=False)
+                  + self._rows(self.item_bias, items)[:, 0].astype(np.float32, copy=False))
         score = self.offset + np.einsum("ij,ij->i", user_vectors, item_vectors) + biases
         if self.y_range is None:
             return score, np.float32(1), user_vectors, item_vectors
@@ -134,7 +160,8 @@ class RatingModel:
                                for s in range(0, users.size, batch_size)] or [np.empty(0)])
 
     def train_step(self, users, items, ratings, optimizer):
-        """One step of mean squared error; returns the batch's sum of squared errors."""
+        """One step of mean squared error; returns the batch's sum of squared errors.
+        ``optimizer`` is None for a sharded model (its shards apply each gradient)."""
         prediction, slope, user_vectors, item_vectors = self.forward(users, items)
         error = prediction - ratings
         grad = ((2.0 / error.size) * error * slope).astype(np.float32)
@@ -142,8 +169,9 @@ class RatingModel:
         self.items.backward(grad[:, None] * user_vectors)
         self.user_bias.backward(grad[:, None])
         self.item_bias.backward(grad[:, None])
-        optimizer.step()
-        optimizer.zero_grad()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad()
         return float(np.dot(error, error))
 
 
@@ -189,11 +217,16 @@ def checkpoint_metadata(args, epoch):
             "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size,
             "seed": args.seed, "holdout": args.holdout, "data": data,
             "y_range": list(args.y_range) if args.y_range else None, "dtype": args.dtype,
-            "stochastic_rounding": args.stochastic_rounding}
+            "stochastic_rounding": args.stochastic_rounding, "shards": args.shards}
 
 
 def save_checkpoint(path, model, optimizer, args, epoch):
-    save(path, model.modules, optimizer, metadata=checkpoint_metadata(args, epoch))
+    """The tables and optimizer state (a sharded model's: every shard's) to ``path``."""
+    metadata = checkpoint_metadata(args, epoch)
+    if model.sharded:
+        distributed.save(path, model.modules, metadata)
+    else:
+        save(path, model.modules, optimizer, metadata=metadata)
 
 
 def resume_checkpoint(path, model, optimizer, args):
@@ -207,7 +240,10 @@ def resume_checkpoint(path, model, optimizer, args):
             f"{path} was trained with different options: "
             + ", ".join(f"{key}={saved.get(key)!r} (now {expected[key]!r})" for key in mismatched)
         )
-    load(path, model.modules, optimizer)
+    if model.sharded:
+        distributed.load(path, model.modules)
+    else:
+        load(path, model.modules, optimizer)
     return saved["epoch"]
 
 

@@ -114,3 +114,17 @@ def test_a_killed_shard_without_a_checkpoint_is_a_clear_error(local_ray):
     kill_shard(table, 0)
     with pytest.raises(RuntimeError, match=r"shard\(s\) \[0\] .* died.* no checkpoint"):
         table(np.array([[1, 2]]))
+
+
+def test_train_with_ray_shards_equals_the_local_run(local_ray, capsys):
+    from fastemb.__main__ import main
+    base = ["train", "--users", "300", "--items", "200", "--ratings", "8000", "--dim", "8",
+            "--epochs", "1", "--quiet", "--shards", "2"]
+    outputs = []
+    for engine in ("ray", "local"):
+        assert main(base + ["--engine", engine]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert "every table on 2 ray shards" in outputs[0]
+    rmse_lines = [[line.split(" ratings/s")[0].rsplit(",", 1)[0] for line in out.splitlines()
+                   if line.startswith("epoch")] for out in outputs]
+    assert rmse_lines[0] == rmse_lines[1] and rmse_lines[0]

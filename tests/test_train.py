@@ -690,3 +690,28 @@ def test_bad_ratings_in_a_file_are_one_line_errors(capsys, tmp_path, text, line)
 def test_rating_mean_outside_the_output_range_is_refused(capsys):
     message = cli_error(TINY + ["--y-range", "4.5", "6"], capsys)
     assert "--y-range" in message, message
+
+
+@pytest.mark.parametrize("model", ["dot", "bag"])
+def test_sharded_tables_train_as_one_process_does_and_resume_exactly(capsys, tmp_path, model):
+    """--shards N: every table on N in-process shards; the epochs' RMSEs equal the unsharded
+    run's, and a resumed sharded run equals an uninterrupted one."""
+    def rmses(out):  # (epoch, train RMSE, held-out RMSE) of each epoch
+        return [(epoch, train, held_out) for epoch, _, train, held_out, _ in parse_run(out)[1]]
+
+    base = TINY + ["--model", model]
+    plain = rmses(run_cli(base + ["--epochs", "3"], capsys))
+    a = tmp_path / "a.npz"
+    sharded_out = run_cli(base + ["--epochs", "2", "--shards", "3", "--save", a], capsys)
+    assert "every table on 3 local shards" in sharded_out
+    assert rmses(sharded_out) == plain[:2]
+    resumed = run_cli(base + ["--epochs", "3", "--shards", "3", "--resume", a], capsys)
+    assert rmses(resumed) == plain[2:]
+    message = cli_error(base + ["--epochs", "3", "--shards", "2", "--resume", a], capsys)
+    assert "shards" in message
+
+
+@pytest.mark.parametrize("args", [["--dtype", "float16"], ["--compare-torch"]])
+def test_shards_refuse_what_they_cannot_train(capsys, args):
+    message = cli_error(TINY + ["--shards", "2", *args], capsys)
+    assert "--shards trains float32 tables" in message

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._config import set_num_threads
-from .._validation import as_count
+from .._validation import as_real
 from .shard import TableShard
 
 
@@ -84,10 +84,10 @@ class ShardActor:
 
 
 class RayEngine:
-    """Each shard a Ray actor reserving ``num_cpus_per_shard`` CPUs (and running fastemb's
-    kernels on that many threads); calls go to every shard at once. Ray must be initialised
-    first (``ray.init(...)``: fastemb never calls it for you). A call is never retried, so no
-    update is applied twice.
+    """Each shard a Ray actor reserving ``num_cpus_per_shard`` CPUs (a fraction lets several
+    shards share one) and running fastemb's kernels on as many threads (at least one); calls
+    go to every shard at once. Ray must be initialised first (``ray.init(...)``: fastemb never
+    calls it for you). A call is never retried, so no update is applied twice.
 
     >>> import ray, numpy as np                                     # doctest: +SKIP
     >>> ray.init(num_cpus=2)                                        # doctest: +SKIP
@@ -100,9 +100,9 @@ class RayEngine:
         if not self._ray.is_initialized():
             raise RuntimeError("Ray is not initialised: call ray.init(...) first (fastemb never "
                                "starts Ray for you)")
-        self.num_cpus_per_shard = as_count(num_cpus_per_shard, "num_cpus_per_shard")
-        if self.num_cpus_per_shard < 1:
-            raise ValueError("num_cpus_per_shard must be at least 1")
+        self.num_cpus_per_shard = as_real(num_cpus_per_shard, "num_cpus_per_shard")
+        if not self.num_cpus_per_shard > 0:
+            raise ValueError(f"num_cpus_per_shard must be positive, got {num_cpus_per_shard}")
         self.actors = None
 
     @property
@@ -114,10 +114,16 @@ class RayEngine:
         if self.actors is not None:
             raise RuntimeError("this engine already holds a table's shards; use one engine "
                                "per table")
+        needed = self.num_cpus_per_shard * len(shard_arguments)
+        free = self._ray.available_resources().get("CPU", 0)
+        if needed > free:  # (the actors would wait for CPUs forever)
+            raise ValueError(f"{len(shard_arguments)} shards of {self.num_cpus_per_shard:g} "
+                             f"CPU(s) need {needed:g} CPUs, but Ray has {free:g} free; give "
+                             f"each shard fewer (num_cpus_per_shard may be a fraction)")
         self._actor_class = self._ray.remote(num_cpus=self.num_cpus_per_shard, max_restarts=0,
                                              max_task_retries=0)(ShardActor)
         self._optimizer = [arguments[1:] for arguments in shard_arguments]
-        self.actors = [self._actor_class.remote(self.num_cpus_per_shard, *arguments)
+        self.actors = [self._actor_class.remote(self._threads(), *arguments)
                        for arguments in shard_arguments]
 
     def restart(self, shards, layouts):
@@ -125,7 +131,11 @@ class RayEngine:
         (``(shape, dtype)``) and a fresh optimizer, for a checkpoint to fill."""
         for shard in shards:
             self.actors[shard] = self._actor_class.remote(
-                self.num_cpus_per_shard, tuple(layouts[shard]), *self._optimizer[shard])
+                self._threads(), tuple(layouts[shard]), *self._optimizer[shard])
+
+    def _threads(self):
+        """A shard's fastemb threads: its whole reserved CPUs, at least one."""
+        return max(1, int(self.num_cpus_per_shard))
 
     def call(self, method, per_shard_arguments):
         """``shard.method(*arguments)`` on every shard at once, with its own arguments; the
