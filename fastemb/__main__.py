@@ -165,7 +165,7 @@ def run_train(args):
 def engine_factory(args):
     """What makes each sharded table's engine for ``--engine``: in this process, or Ray actors
     (Ray started here, as ``ray.init()`` starts it, unless it already runs), each reserving an
-    equal part of the CPUs Ray has."""
+    equal part of the Ray cluster's CPUs."""
     from .distributed import LocalEngine, RayEngine
     from .distributed.engine import import_ray
 
@@ -174,8 +174,8 @@ def engine_factory(args):
     ray = import_ray()
     if not ray.is_initialized():
         ray.init(log_to_driver=False)  # (asked for by --engine ray)
-    # (the model has 4 tables: their shards share the CPUs Ray has)
-    cpus_per_shard = ray.available_resources().get("CPU", 1) / (4 * args.shards)
+    # (the model has 4 tables: their shards share the cluster's CPUs)
+    cpus_per_shard = ray.cluster_resources().get("CPU", 1) / (4 * args.shards)
     return lambda: RayEngine(num_cpus_per_shard=cpus_per_shard)
 
 

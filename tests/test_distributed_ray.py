@@ -2,6 +2,9 @@
 the arrays Ray hands them read-only, equal the single-machine module bit for bit; Ray is never
 started for the user. Skipped when Ray is not installed."""
 
+import gc
+import time
+
 import numpy as np
 import pytest
 from reference import assert_same_bits
@@ -28,6 +31,14 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def fresh_cpus(request):
+    """Before each test on Ray: the earlier tests' tables dropped and their actors' CPUs free
+    again (an actor ends when its last handle goes)."""
+    if "local_ray" in request.fixturenames:
+        wait_for_free_cpus(2)
 
 
 @pytest.mark.parametrize("optimizer, strategy", [("lazyadam", "pull"),
@@ -116,6 +127,16 @@ def test_a_killed_shard_without_a_checkpoint_is_a_clear_error(local_ray):
         table(np.array([[1, 2]]))
 
 
+def wait_for_free_cpus(count, seconds=30):
+    """Drop the earlier tests' tables (their actors end with them) and wait until Ray has
+    ``count`` CPUs free again."""
+    gc.collect()
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < count:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.1)
+
+
 def test_train_with_ray_shards_equals_the_local_run(local_ray, capsys):
     from fastemb.__main__ import main
     base = ["train", "--users", "300", "--items", "200", "--ratings", "8000", "--dim", "8",
@@ -125,6 +146,14 @@ def test_train_with_ray_shards_equals_the_local_run(local_ray, capsys):
         assert main(base + ["--engine", engine]) == 0
         outputs.append(capsys.readouterr().out)
     assert "every table on 2 ray shards" in outputs[0]
-    rmse_lines = [[line.split(" ratings/s")[0].rsplit(",", 1)[0] for line in out.splitlines()
+    rmse_lines = [[line.split("),")[0] for line in out.splitlines()
                    if line.startswith("epoch")] for out in outputs]
     assert rmse_lines[0] == rmse_lines[1] and rmse_lines[0]
+
+
+def test_shards_that_cannot_all_be_placed_are_refused_not_left_waiting(local_ray):
+    with pytest.raises(ValueError, match=r"2 shards of 1.5 CPU\(s\) need 3 CPUs, but the Ray "
+                                         r"cluster has 2"):
+        ShardedEmbeddingBag(V, D, num_shards=2, engine=RayEngine(num_cpus_per_shard=1.5))
+    table = ShardedEmbeddingBag(V, D, num_shards=4, engine=RayEngine(num_cpus_per_shard=0.5))
+    assert table(np.array([[1, 2]])).shape == (1, D)

@@ -115,11 +115,11 @@ class RayEngine:
             raise RuntimeError("this engine already holds a table's shards; use one engine "
                                "per table")
         needed = self.num_cpus_per_shard * len(shard_arguments)
-        free = self._ray.available_resources().get("CPU", 0)
-        if needed > free:  # (the actors would wait for CPUs forever)
+        total = self._ray.cluster_resources().get("CPU", 0)
+        if needed > total:  # (the actors would wait for CPUs forever)
             raise ValueError(f"{len(shard_arguments)} shards of {self.num_cpus_per_shard:g} "
-                             f"CPU(s) need {needed:g} CPUs, but Ray has {free:g} free; give "
-                             f"each shard fewer (num_cpus_per_shard may be a fraction)")
+                             f"CPU(s) need {needed:g} CPUs, but the Ray cluster has {total:g}; "
+                             f"give each shard fewer (num_cpus_per_shard may be a fraction)")
         self._actor_class = self._ray.remote(num_cpus=self.num_cpus_per_shard, max_restarts=0,
                                              max_task_retries=0)(ShardActor)
         self._optimizer = [arguments[1:] for arguments in shard_arguments]
