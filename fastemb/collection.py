@@ -82,6 +82,18 @@ class EmbeddingConfig(_TableConfig):
     """
 
 
+def check_features(features, feature_names):
+    """TypeError unless ``features`` is a KeyedJaggedArray, ValueError unless it holds every
+    one of ``feature_names`` (a collection's features)."""
+    if not isinstance(features, KeyedJaggedArray):
+        raise TypeError(f"features must be a fastemb.KeyedJaggedArray, got "
+                        f"{type(features).__name__}")
+    missing = [name for name in feature_names if name not in features.keys]
+    if missing:
+        raise ValueError(f"features has no key {missing[0]!r}; the collection reads "
+                         f"{feature_names}")
+
+
 def table_modules(modules):
     """``modules`` (a module, a collection, or a list of them) as a flat list of table modules:
     each collection stands for its tables, in config order.
@@ -213,13 +225,7 @@ class _Collection:
     def _feature_positions(self, features):
         """Check ``features`` (a KeyedJaggedArray with every feature of the collection) and
         return, per feature of the collection, where its B bags start among its bounds."""
-        if not isinstance(features, KeyedJaggedArray):
-            raise TypeError(f"features must be a fastemb.KeyedJaggedArray, got "
-                            f"{type(features).__name__}")
-        missing = [name for name in self.feature_names if name not in features.keys]
-        if missing:
-            raise ValueError(f"features has no key {missing[0]!r}; the collection reads "
-                             f"{self.feature_names}")
+        check_features(features, self.feature_names)
         return np.array([features.keys.index(name) * features.batch_size
                          for name in self.feature_names], dtype=np.int64)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backward import check_grad_output
-from ..collection import EmbeddingBagConfig, _check_tables
-from ..jagged import KeyedArray, KeyedJaggedArray
+from ..collection import EmbeddingBagConfig, _check_tables, check_features
+from ..jagged import KeyedArray
 from .engine import LocalEngine
 from .table import ShardedEmbeddingBag
 
@@ -54,13 +54,7 @@ class ShardedEmbeddingBagCollection:
     def __call__(self, features) -> KeyedArray:
         """Pool every feature of ``features`` (holding every feature of the collection; other
         keys are ignored); returns a KeyedArray ``(B, sum of dims)``."""
-        if not isinstance(features, KeyedJaggedArray):
-            raise TypeError(f"features must be a fastemb.KeyedJaggedArray, got "
-                            f"{type(features).__name__}")
-        missing = [name for name in self.feature_names if name not in features.keys]
-        if missing:
-            raise ValueError(f"features has no key {missing[0]!r}; the collection reads "
-                             f"{self.feature_names}")
+        check_features(features, self.feature_names)
         batch = features.batch_size
         self._batch_size = None
         blocks = []
