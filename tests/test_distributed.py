@@ -2,6 +2,8 @@
 every optimizer's update equal a single ``fastemb.EmbeddingBag``'s bit for bit, for any number
 of shards; bad input is refused before any shard changes."""
 
+import doctest
+
 import numpy as np
 import pytest
 from reference import assert_same_bits
@@ -9,6 +11,11 @@ from reference import assert_same_bits
 import fastemb
 import fastemb.distributed
 from fastemb.distributed import LocalEngine, ShardedEmbeddingBag
+import fastemb.distributed.checkpoint
+import fastemb.distributed.collection
+import fastemb.distributed.engine
+import fastemb.distributed.shard
+import fastemb.distributed.table
 from fastemb.distributed.shard import owned_rows
 
 V, D = 23, 5
@@ -362,3 +369,11 @@ def test_a_lost_shard_restores_every_table_saved_with_it(tmp_path, rng):
         sharded.backward(np.ones((6, 12), np.float32))
     for name, table in sharded.tables.items():  # (every table back at the checkpoint)
         assert_same_states(shard_states(table), saved[name])
+
+
+@pytest.mark.parametrize("module", [
+    fastemb.distributed.table, fastemb.distributed.collection, fastemb.distributed.checkpoint,
+    fastemb.distributed.engine, fastemb.distributed.shard], ids=lambda module: module.__name__)
+def test_doctests(module):
+    results = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert results.attempted > 0 and results.failed == 0

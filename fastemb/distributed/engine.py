@@ -34,10 +34,6 @@ class LocalEngine:
     def __init__(self):
         self.shards = None
 
-    @property
-    def num_shards(self):
-        return 0 if self.shards is None else len(self.shards)
-
     def start(self, shard_arguments):
         """Start one shard per entry of ``shard_arguments`` (``TableShard``'s arguments)."""
         if self.shards is not None:
@@ -104,10 +100,6 @@ class RayEngine:
         if not self.num_cpus_per_shard > 0:
             raise ValueError(f"num_cpus_per_shard must be positive, got {num_cpus_per_shard}")
         self.actors = None
-
-    @property
-    def num_shards(self):
-        return 0 if self.actors is None else len(self.actors)
 
     def start(self, shard_arguments):
         """Start one actor per entry of ``shard_arguments`` (``TableShard``'s arguments)."""
