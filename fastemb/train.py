@@ -110,23 +110,18 @@ class RatingModel:
         """Move every table onto ``num_shards`` shards (``fastemb.distributed``; an engine from
         ``make_engine()`` each), from its current rows, with the shards' ``optimizer`` (an
         ``optim.OPTIMIZERS`` name) applying each backward's gradient: ``train_step`` then takes
-        no optimizer. Lookups of single rows are bags of one row, pulled from their shards, so
-        training equals the unsharded model's."""
-        from .distributed import ShardedEmbeddingBag
+        no optimizer. Each table becomes its sharded kind (``ShardedEmbedding`` or, for the bag
+        model's users, ``ShardedEmbeddingBag``, which pulls its rows), so training equals the
+        unsharded model's."""
+        def sharded(module):
+            options = {"engine": make_engine(), "optimizer": optimizer, **hyperparameters}
+            if isinstance(module, EmbeddingBag):
+                return distributed.ShardedEmbeddingBag.from_pretrained(
+                    module.weight, num_shards, mode=module.mode, strategy="pull", **options)
+            return distributed.ShardedEmbedding.from_pretrained(module.weight, num_shards, **options)
 
-        def sharded(module, mode):
-            return ShardedEmbeddingBag.from_pretrained(
-                module.weight, num_shards, mode=mode, engine=make_engine(),
-                optimizer=optimizer, strategy="pull", **hyperparameters)
-
-        self.users = sharded(self.users, "mean" if self.kind == "bag" else "sum")
-        self.items, self.user_bias, self.item_bias = (
-            sharded(module, "sum") for module in (self.items, self.user_bias, self.item_bias))
+        self.users, self.items, self.user_bias, self.item_bias = map(sharded, self.modules)
         self.sharded = True
-
-    def _rows(self, table, ids):
-        """Table rows at ``ids`` (a sharded table's: bags of one row)."""
-        return table(ids[:, None]) if self.sharded else table(ids)
 
     @property
     def modules(self):
@@ -134,7 +129,7 @@ class RatingModel:
 
     def _user_vectors(self, users):
         if self.kind == "dot":
-            return self._rows(self.users, users)
+            return self.users(users)
         indices, offsets, weights = self.bags.batch(users)
         return self.users(indices, offsets, per_sample_weights=weights)
 
@@ -143,9 +138,9 @@ class RatingModel:
         vectors), remembering in the tables what the backward needs. The model computes in
         float32 (rows of 16-bit tables are widened, exactly)."""
         user_vectors = self._user_vectors(users).astype(np.float32, copy=False)
-        item_vectors = self._rows(self.items, items).astype(np.float32, copy=False)
-        biases = (self._rows(self.user_bias, users)[:, 0].astype(np.float32, copy=False)
-                  + self._rows(self.item_bias, items)[:, 0].astype(np.float32, copy=False))
+        item_vectors = self.items(items).astype(np.float32, copy=False)
+        biases = (self.user_bias(users)[:, 0].astype(np.float32, copy=False)
+                  + self.item_bias(items)[:, 0].astype(np.float32, copy=False))
         score = self.offset + np.einsum("ij,ij->i", user_vectors, item_vectors) + biases
         if self.y_range is None:
             return score, np.float32(1), user_vectors, item_vectors

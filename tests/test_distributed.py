@@ -1,6 +1,7 @@
-"""``fastemb.distributed.ShardedEmbeddingBag`` on the in-process engine: forward, gradient and
-every optimizer's update equal a single ``fastemb.EmbeddingBag``'s bit for bit, for any number
-of shards; bad input is refused before any shard changes."""
+"""``fastemb.distributed``'s sharded tables and collections on the in-process engine: forward,
+gradient and every optimizer's update equal a single ``fastemb.EmbeddingBag``'s (or
+``Embedding``'s, or collection's) bit for bit, for any number of shards; bad input is refused
+before any shard changes."""
 
 import doctest
 
@@ -10,7 +11,7 @@ from reference import assert_same_bits
 
 import fastemb
 import fastemb.distributed
-from fastemb.distributed import LocalEngine, ShardedEmbeddingBag
+from fastemb.distributed import LocalEngine, ShardedEmbedding, ShardedEmbeddingBag
 import fastemb.distributed.checkpoint
 import fastemb.distributed.collection
 import fastemb.distributed.engine
@@ -193,6 +194,138 @@ def test_an_engine_holds_one_table():
         ShardedEmbeddingBag(V, D, engine=engine)
 
 
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64], ids=["int32", "int64"])
+def test_the_distinct_rows_are_those_of_np_unique(index_dtype, rng):
+    table = ShardedEmbeddingBag(100_000, 2, num_shards=3, seed=0)
+    for indices in [rng.integers(0, 100_000, size=5000), rng.integers(0, 7, size=300),
+                    np.array([99_999, 0, 99_999]), np.array([], np.int64)]:
+        rows, inverse, _, _ = table._pulled(indices.astype(index_dtype))
+        expected_rows, expected_inverse = np.unique(indices, return_inverse=True)
+        assert rows.dtype == inverse.dtype == np.int64
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_array_equal(inverse, expected_inverse)
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded unpooled tables
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 30])
+@pytest.mark.parametrize("padding_idx", [None, 4])
+@pytest.mark.parametrize("optimizer_name", ["lazyadam", "rowwise-adagrad"])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64], ids=["int32", "int64"])
+def test_a_sharded_embedding_steps_as_the_single_machine_module_bit_for_bit(
+        num_shards, padding_idx, optimizer_name, index_dtype, dtype, rng):
+    weight = rng.standard_normal((V, D)).astype(dtype)
+    sharded = ShardedEmbedding.from_pretrained(weight, num_shards, padding_idx=padding_idx,
+                                               optimizer=optimizer_name, lr=0.05)
+    single = fastemb.Embedding.from_pretrained(weight.copy(), freeze=False,
+                                               padding_idx=padding_idx)
+    optimizer = fastemb.optim.OPTIMIZERS[optimizer_name].cls(single, lr=0.05)
+    for shape in [(4, 3), (7,), (2, 0), (2, 2, 3)]:  # (repeated rows, padding, no rows at all)
+        indices = rng.integers(0, V, size=shape).astype(index_dtype)
+        if padding_idx is not None and indices.size:
+            indices.reshape(-1)[::3] = padding_idx
+        rows = sharded(indices)
+        assert_same_bits(rows, single(indices))
+        grad_output = rng.standard_normal(rows.shape).astype(dtype)
+        assert sharded.backward(grad_output) is None
+        single.backward(grad_output)
+        optimizer.step()
+        single.zero_grad()
+        assert_same_bits(sharded.weight, single.weight)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda t: t(np.array([[1, V]])), IndexError, f"input\\[0, 1\\] = {V} is out of range"),
+    (lambda t: t(np.array([-1])), IndexError, "out of range"),
+    (lambda t: t(np.array([[1.5]])), TypeError, "float"),
+])
+def test_a_sharded_embedding_refuses_bad_input_before_any_shard_changes(call, error, message):
+    table = ShardedEmbedding(V, D, num_shards=3, seed=0)
+    before = table.weight
+    with pytest.raises(error, match=message):
+        call(table)
+    rows = table(np.array([1, 2, 2]))
+    with pytest.raises(ValueError, match="grad_output"):
+        table.backward(np.ones((2, D), np.float32))
+    table.backward(np.zeros_like(rows))  # (refused gradients leave the forward to backward)
+    with pytest.raises(RuntimeError, match="forward first"):
+        table.backward(np.zeros_like(rows))
+    assert_same_bits(table.weight[3:], before[3:])
+    assert all(shard.optimizer.state[shard.module]["step"] == 1
+               for shard in table.engine.shards)
+
+
+def embedding_configs():
+    return [fastemb.EmbeddingConfig("words", 30, 4, feature_names=["title", "body"]),
+            fastemb.EmbeddingConfig("tags", 12, 2, padding_idx=0)]
+
+
+def random_features(rng, keys, batch_size):
+    """A KeyedJaggedArray of ``keys`` and one more that no collection reads: 0 to 3 values in
+    [0, 12) per sample."""
+    keys = list(keys) + ["unused"]
+    lengths = rng.integers(0, 4, size=len(keys) * batch_size)
+    values = rng.integers(0, 12, size=int(lengths.sum()))
+    return fastemb.KeyedJaggedArray(keys, values, lengths=lengths)
+
+
+def embedding_features(rng):
+    return random_features(rng, ["title", "body", "tags"], 5)
+
+
+def twin_optimizer(sharded, collection, modules):
+    """Give the single-machine ``collection`` (whose tables are ``modules``) the sharded one's
+    rows; its LazyAdam optimizer, as the shards'."""
+    for config in collection.configs:
+        modules[config.name].weight[...] = sharded.tables[config.name].weight
+    return fastemb.optim.LazyAdam(collection, lr=0.05)
+
+
+def assert_same_tables(sharded, modules):
+    for name, table in sharded.tables.items():
+        assert_same_bits(table.weight, modules[name].weight)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_a_sharded_embedding_collection_equals_the_collection_bit_for_bit(num_shards, rng):
+    sharded = fastemb.distributed.ShardedEmbeddingCollection(
+        embedding_configs(), num_shards=num_shards, lr=0.05, seed=0)
+    collection = fastemb.EmbeddingCollection(embedding_configs())
+    optimizer = twin_optimizer(sharded, collection, collection.embeddings)
+    for step in range(3):
+        features = embedding_features(rng)
+        out, expected = sharded(features), collection(features)
+        assert list(out) == list(expected)
+        grad_output = {}
+        for name, rows in out.items():
+            assert_same_bits(rows.values, expected[name].values)
+            np.testing.assert_array_equal(rows.offsets, expected[name].offsets)
+            grad_output[name] = rng.standard_normal(rows.values.shape).astype(np.float32)
+        assert sharded.backward(grad_output) is None
+        collection.backward(grad_output, optimizer)
+    assert_same_tables(sharded, collection.embeddings)
+
+
+def test_a_sharded_embedding_collection_refuses_bad_input_before_any_shard_changes(rng):
+    sharded = fastemb.distributed.ShardedEmbeddingCollection(embedding_configs(), seed=1)
+    before = {name: table.weight for name, table in sharded.tables.items()}
+    with pytest.raises(ValueError, match="no key 'tags'"):
+        sharded(fastemb.KeyedJaggedArray(["title", "body"], [1, 2], lengths=[1, 1]))
+    with pytest.raises(RuntimeError, match="forward first"):
+        sharded.backward({})
+    out = sharded(embedding_features(rng))
+    grads = {name: np.ones(rows.values.shape, np.float32) for name, rows in out.items()}
+    with pytest.raises(ValueError, match="keys"):
+        sharded.backward({"title": grads["title"]})
+    with pytest.raises(ValueError, match="grad_output\\['tags'\\]"):
+        sharded.backward(grads | {"tags": np.ones((99, 2), np.float32)})
+    for name, table in sharded.tables.items():  # (nothing stepped: the body was checked first)
+        assert_same_bits(table.weight, before[name])
+    sharded.backward(grads)
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
@@ -273,11 +406,8 @@ def collection_configs():
             fastemb.EmbeddingBagConfig("genres", 12, 2, pooling="max")]
 
 
-def random_features(rng):
-    keys = ["users", "clicked", "bought", "genres", "unused"]
-    lengths = rng.integers(0, 4, size=len(keys) * 6)
-    values = rng.integers(0, 12, size=int(lengths.sum()))
-    return fastemb.KeyedJaggedArray(keys, values, lengths=lengths)
+def bag_features(rng):
+    return random_features(rng, ["users", "clicked", "bought", "genres"], 6)
 
 
 @pytest.mark.parametrize("num_shards", [1, 3])
@@ -285,20 +415,16 @@ def test_a_sharded_collection_equals_the_collection_bit_for_bit(num_shards, rng)
     sharded = fastemb.distributed.ShardedEmbeddingBagCollection(
         collection_configs(), num_shards=num_shards, strategy="pull", lr=0.05, seed=0)
     collection = fastemb.EmbeddingBagCollection(collection_configs())
-    for config in collection.configs:  # (the same starting rows)
-        collection.embedding_bags[config.name].weight[...] = sharded.tables[config.name].weight
-    optimizer = fastemb.optim.LazyAdam(collection, lr=0.05)
+    optimizer = twin_optimizer(sharded, collection, collection.embedding_bags)
     for step in range(3):
-        features = random_features(rng)
+        features = bag_features(rng)
         out, expected = sharded(features), collection(features)
         assert out.keys == expected.keys and out.offset_per_key == expected.offset_per_key
         assert_same_bits(out.values, expected.values)
         grad_output = rng.standard_normal(out.values.shape).astype(np.float32)
         sharded.backward(grad_output)
         collection.backward(grad_output, optimizer)
-    for config in collection.configs:
-        assert_same_bits(sharded.tables[config.name].weight,
-                         collection.embedding_bags[config.name].weight)
+    assert_same_tables(sharded, collection.embedding_bags)
 
 
 def test_a_sharded_collection_refuses_bad_input(rng):
@@ -310,7 +436,7 @@ def test_a_sharded_collection_refuses_bad_input(rng):
                                          lengths=[1, 1, 1]))
     with pytest.raises(RuntimeError, match="forward first"):
         sharded.backward(np.zeros((1, 12), np.float32))
-    sharded(random_features(rng))
+    sharded(bag_features(rng))
     with pytest.raises(ValueError, match="grad_output"):
         sharded.backward(np.zeros((2, 12), np.float32))
 
@@ -318,7 +444,7 @@ def test_a_sharded_collection_refuses_bad_input(rng):
 def test_a_collection_checkpoint_holds_every_table_and_restores_them(tmp_path, rng):
     sharded = fastemb.distributed.ShardedEmbeddingBagCollection(
         collection_configs(), num_shards=2, strategy="pull", seed=1)
-    features = random_features(rng)
+    features = bag_features(rng)
     sharded.backward(rng.standard_normal(sharded(features).values.shape).astype(np.float32))
     path = tmp_path / "collection.npz"
     fastemb.distributed.save(path, sharded, metadata={"step": 1})
@@ -336,6 +462,24 @@ def test_a_collection_checkpoint_holds_every_table_and_restores_them(tmp_path, r
         fastemb.distributed.save(tmp_path / "mixed.npz", mixed)
 
 
+def test_an_embedding_collection_checkpoint_restores_every_table(tmp_path, rng):
+    sharded = fastemb.distributed.ShardedEmbeddingCollection(embedding_configs(), seed=2)
+
+    def train_step():
+        out = sharded(embedding_features(rng))
+        sharded.backward({name: rng.standard_normal(rows.values.shape).astype(np.float32)
+                          for name, rows in out.items()})
+
+    train_step()
+    path = tmp_path / "unpooled.npz"
+    fastemb.distributed.save(path, sharded)
+    saved = {name: shard_states(table) for name, table in sharded.tables.items()}
+    train_step()
+    fastemb.distributed.load(path, sharded)
+    for name, table in sharded.tables.items():
+        assert_same_states(shard_states(table), saved[name])
+
+
 class FlakyEngine(LocalEngine):
     """A LocalEngine whose next call of ``failing`` reports shard 1 lost (without running)."""
 
@@ -348,27 +492,47 @@ class FlakyEngine(LocalEngine):
         return super().call(method, per_shard_arguments)
 
 
-def test_a_lost_shard_restores_every_table_saved_with_it(tmp_path, rng):
+@pytest.mark.parametrize("failing_table", [0, 1, 2])
+@pytest.mark.parametrize("failing_call", ["apply_gradient", "rows"])
+def test_a_lost_shard_restores_every_table_saved_with_it(failing_table, failing_call, tmp_path,
+                                                         rng):
+    """Whichever table loses a shard, in the lookup or in the update: every table is back at
+    the checkpoint, the lookups read the restored rows (those before the loss looked up
+    again), and no table takes the update of the step it was lost in."""
     engines = []
 
     def make_engine():
         engines.append(FlakyEngine())
         return engines[-1]
 
-    sharded = fastemb.distributed.ShardedEmbeddingBagCollection(
-        collection_configs(), num_shards=2, make_engine=make_engine, strategy="pull", seed=2)
-    features = random_features(rng)
-    sharded.backward(rng.standard_normal(sharded(features).values.shape).astype(np.float32))
+    def collection():
+        return fastemb.distributed.ShardedEmbeddingBagCollection(
+            collection_configs(), num_shards=2, make_engine=make_engine, strategy="pull",
+            seed=2)
+
+    sharded, twin = collection(), collection()
+    features = bag_features(rng)
+    first_grad = rng.standard_normal((6, 12)).astype(np.float32)
+    for model in (sharded, twin):
+        model(features)
+        model.backward(first_grad)
     fastemb.distributed.save(tmp_path / "model.npz", sharded)
     saved = {name: shard_states(table) for name, table in sharded.tables.items()}
     sharded.backward(rng.standard_normal(sharded(features).values.shape).astype(np.float32))
-    engines[2].failing = "apply_gradient"  # (the "genres" table's update)
-    sharded(features)
-    with pytest.warns(RuntimeWarning, match=r"with the 2 other table\(s\) saved with it .*the 1 "
-                                            r"step\(s\) since are lost and this step's update"):
+    engines[failing_table].failing = failing_call
+    message = (r"with the 2 other table\(s\) saved with it .*the 1 step\(s\) since are lost "
+               r"and " + ("this lookup reads" if failing_call == "rows" else "this step's update"))
+    with pytest.warns(RuntimeWarning, match=message):
+        out = sharded(features)
         sharded.backward(np.ones((6, 12), np.float32))
-    for name, table in sharded.tables.items():  # (every table back at the checkpoint)
-        assert_same_states(shard_states(table), saved[name])
+    if failing_call == "apply_gradient":  # (no table stepped)
+        for name, table in sharded.tables.items():
+            assert_same_states(shard_states(table), saved[name])
+    else:  # (the lookup read the checkpoint's rows, and the step went on from them)
+        assert_same_bits(out.values, twin(features).values)
+        twin.backward(np.ones((6, 12), np.float32))
+        for name, table in sharded.tables.items():
+            assert_same_states(shard_states(table), shard_states(twin.tables[name]))
 
 
 @pytest.mark.parametrize("module", [

@@ -124,6 +124,49 @@ def test_a_killed_shard_is_restored_from_the_last_checkpoint_and_training_goes_o
     assert_same_bits(table.weight, twin.weight)
 
 
+def test_a_killed_shard_restores_every_table_of_a_collection(local_ray, tmp_path, rng):
+    """Two tables of two actors each (half a CPU each): one actor of the second table killed;
+    the next step warns and puts both tables back at the checkpoint, and training goes on
+    exactly as an in-process twin's from that checkpoint."""
+    configs = [fastemb.EmbeddingConfig("words", V, D, feature_names=["title", "body"]),
+               fastemb.EmbeddingConfig("tags", 12, 2)]
+    collection = fastemb.distributed.ShardedEmbeddingCollection(
+        configs, num_shards=2, make_engine=lambda: RayEngine(num_cpus_per_shard=0.5), seed=0)
+    twin = fastemb.distributed.ShardedEmbeddingCollection(configs, num_shards=2, seed=0)
+    batches = []
+    for _ in range(5):
+        lengths = rng.integers(0, 3, size=3 * 4)
+        features = fastemb.KeyedJaggedArray(["title", "body", "tags"],
+                                            rng.integers(0, 12, size=int(lengths.sum())),
+                                            lengths=lengths)
+        batches.append((features, {name: rng.standard_normal((count, dim)).astype(np.float32)
+                                   for name, count, dim in zip(
+                                       ["title", "body", "tags"],
+                                       lengths.reshape(3, 4).sum(axis=1), [D, D, 2])}))
+
+    def step(module, batch):
+        rows = module(batch[0])
+        module.backward(batch[1])
+        return rows
+
+    step(collection, batches[0])
+    step(twin, batches[0])
+    fastemb.distributed.save(tmp_path / "model.npz", collection)
+    step(collection, batches[1])  # (lost with the shard)
+    kill_shard(collection.tables["tags"], 0)  # (the words table is looked up before it)
+    with pytest.warns(RuntimeWarning, match=r"with the 1 other table\(s\) saved with it .*the 1 "
+                                            r"step\(s\) since are lost"):
+        rows = step(collection, batches[2])
+    for k in range(2, len(batches)):  # (every lookup reads the restored rows, the first too)
+        if k > 2:
+            rows = step(collection, batches[k])
+        expected = step(twin, batches[k])
+        for name in expected:
+            assert_same_bits(rows[name].values, expected[name].values)
+    for name in collection.tables:
+        assert_same_bits(collection.tables[name].weight, twin.tables[name].weight)
+
+
 def test_a_killed_shard_without_a_checkpoint_is_a_clear_error(local_ray):
     table = ShardedEmbeddingBag(V, D, num_shards=2, engine=RayEngine())
     table(np.array([[1, 2]]))
