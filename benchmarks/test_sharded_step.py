@@ -5,7 +5,8 @@ bags of 32 indices) with one ``fastemb.EmbeddingBag`` in this process, and with 
 (one CPU each; skipped without Ray), side by side in one pytest-benchmark group; the sharded
 tables choose their way by themselves (here: partial sums, 2 x 4,096 bags against about 123,000
 distinct rows). Every implementation's table after one step is checked against the single
-module's first."""
+module's first; the sharded ones' ``extra_info`` has the array bytes a step passed to and from
+the shards (``bytes_sent``, ``bytes_received``: the README's network model, as counted)."""
 
 import numpy as np
 import pytest
@@ -41,7 +42,8 @@ def ray_cluster():
 
 
 def make_step(implementation, data, ray_cluster):
-    """A zero-argument step of ``implementation``, returning a way to read its table."""
+    """A zero-argument step of ``implementation``, a way to read its table, and its engine
+    (None for the single module)."""
     if implementation == "one-process":
         module = fastemb.EmbeddingBag.from_pretrained(workloads.aligned_copy(data.table),
                                                       freeze=False, mode="mean")
@@ -53,7 +55,7 @@ def make_step(implementation, data, ray_cluster):
             optimizer.step()
             module.zero_grad()
 
-        return step, lambda: module.weight
+        return step, lambda: module.weight, None
     if implementation == "ray-2-shards" and ray_cluster is None:
         pytest.skip("Ray is not installed")
     num_shards = 1 if implementation == "local-1-shard" else 2
@@ -66,21 +68,24 @@ def make_step(implementation, data, ray_cluster):
         table(data.indices, data.offsets)
         table.backward(data.grad_output)
 
-    return step, lambda: table.weight
+    return step, lambda: table.weight, table.engine
 
 
 @pytest.fixture(scope="module")
 def expected_table(data):
     """The single module's table after one step."""
-    step, weight = make_step("one-process", data, None)
+    step, weight, _ = make_step("one-process", data, None)
     step()
     return weight().copy()
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_sharded_step(benchmark, data, ray_cluster, expected_table, implementation):
-    step, weight = make_step(implementation, data, ray_cluster)
+    step, weight, engine = make_step(implementation, data, ray_cluster)
     step()
+    if engine is not None:  # (the first step's: the engine has counted nothing else)
+        benchmark.extra_info.update(bytes_sent=engine.bytes_sent,
+                                    bytes_received=engine.bytes_received)
     if implementation in ("one-process", "local-1-shard"):
         np.testing.assert_array_equal(weight(), expected_table)  # (bit for bit)
     else:  # (two shards' partial sums add a bag in another order)

@@ -194,6 +194,31 @@ def test_an_engine_holds_one_table():
         ShardedEmbeddingBag(V, D, engine=engine)
 
 
+@pytest.mark.parametrize("num_shards", [1, 2, 5])
+@pytest.mark.parametrize("strategy", ["pull", "partial"])
+def test_a_step_moves_the_bytes_of_the_readme_model(num_shards, strategy, rng):
+    """The README's table of what a step moves (S shards, B bags, n int64 indices, U distinct
+    rows, D float32 columns), as the engine counts it."""
+    num_bags, bag_size, dim = 40, 6, 8
+    table = ShardedEmbeddingBag(1000, dim, mode="sum", num_shards=num_shards,
+                                strategy=strategy, optimizer="sgd", lr=0.1, seed=0)
+    indices = rng.integers(0, 1000, size=(num_bags, bag_size))
+    n, distinct = indices.size, np.unique(indices).size
+    sent, received = table.engine.bytes_sent, table.engine.bytes_received
+    out = table(indices)
+    forward = table.engine.bytes_sent - sent, table.engine.bytes_received - received
+    sent, received = table.engine.bytes_sent, table.engine.bytes_received
+    table.backward(np.ones_like(out))
+    backward = table.engine.bytes_sent - sent, table.engine.bytes_received - received
+    if strategy == "pull":
+        assert forward == (8 * distinct, 4 * dim * distinct)
+        assert backward == ((4 * dim + 8) * distinct, 0)
+    else:
+        assert forward == (8 * n + 8 * num_shards * (num_bags + 1),
+                           4 * dim * num_shards * num_bags)
+        assert backward == (4 * dim * num_shards * num_bags, 0)
+
+
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64], ids=["int32", "int64"])
 def test_the_distinct_rows_are_those_of_np_unique(index_dtype, rng):
     table = ShardedEmbeddingBag(100_000, 2, num_shards=3, seed=0)

@@ -21,8 +21,39 @@ class ShardLost(RuntimeError):
         super().__init__(f"shard(s) {shards} of the table died")
 
 
-class LocalEngine:
-    """Every shard in this process, called one after the other.
+def array_bytes(value):
+    """The bytes of the NumPy arrays in ``value`` (an array, or tuples, lists and dicts of
+    them; anything else counts 0): what passing it to or from a shard on another machine moves,
+    give or take a few bytes of framing per array.
+
+    >>> array_bytes((np.zeros(3, np.int64), [np.ones((2, 2), np.float32)], None, "sgd"))
+    40
+    """
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (tuple, list)):
+        return sum(array_bytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(array_bytes(item) for item in value.values())
+    return 0
+
+
+class _Traffic:
+    """Counts the array bytes an engine's calls pass to the shards (``bytes_sent``) and get
+    back (``bytes_received``): the network traffic of the shards on other machines."""
+
+    bytes_sent = 0
+    bytes_received = 0
+
+    def _count(self, per_shard_arguments, results):
+        self.bytes_sent += array_bytes(per_shard_arguments)
+        self.bytes_received += array_bytes(results)
+        return results
+
+
+class LocalEngine(_Traffic):
+    """Every shard in this process, called one after the other; it counts the array bytes a
+    call would move to and from shards elsewhere (``bytes_sent``, ``bytes_received``).
 
     >>> import numpy as np
     >>> engine = LocalEngine()
@@ -46,8 +77,9 @@ class LocalEngine:
         shard order."""
         if self.shards is None:
             raise RuntimeError("the engine has no shards yet: start it first")
-        return [getattr(shard, method)(*arguments)
-                for shard, arguments in zip(self.shards, per_shard_arguments, strict=True)]
+        return self._count(per_shard_arguments, [
+            getattr(shard, method)(*arguments)
+            for shard, arguments in zip(self.shards, per_shard_arguments, strict=True)])
 
     def restart(self, shards, layouts):
         """Nothing to do: shards in this process cannot die apart from it."""
@@ -79,10 +111,11 @@ class ShardActor:
         return getattr(self.shard, method)(*arguments)
 
 
-class RayEngine:
+class RayEngine(_Traffic):
     """Each shard a Ray actor reserving ``num_cpus_per_shard`` CPUs (a fraction lets several
     shards share one) and running fastemb's kernels on as many threads (at least one); calls
-    go to every shard at once. Ray must be initialised first (``ray.init(...)``: fastemb never
+    go to every shard at once, and count the array bytes they move (``bytes_sent``,
+    ``bytes_received``). Ray must be initialised first (``ray.init(...)``: fastemb never
     calls it for you). A call is never retried, so no update is applied twice.
 
     >>> import ray, numpy as np                                     # doctest: +SKIP
@@ -144,4 +177,4 @@ class RayEngine:
                 lost.append(shard)
         if lost:
             raise ShardLost(lost)
-        return results
+        return self._count(per_shard_arguments, results)
