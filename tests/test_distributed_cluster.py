@@ -1,6 +1,8 @@
 """``fastemb.distributed`` on a two-node Ray cluster simulated on this machine
 (``ray.cluster_utils.Cluster``, one CPU a node): the two shards run on different nodes and the
-table still equals the single-machine module bit for bit. Skipped when Ray is not installed."""
+table still equals the single-machine module bit for bit, refuses bad input before either shard
+changes, and recovers from the loss of a node through its checkpoint. Skipped when Ray is not
+installed."""
 
 import numpy as np
 import pytest
@@ -46,3 +48,43 @@ def test_shards_on_two_nodes_equal_the_single_machine_module(two_nodes, rng):
         optimizer.step()
         single.zero_grad()
     assert_same_bits(table.weight, single.weight)
+
+
+def test_on_two_nodes_bad_input_changes_nothing_and_a_lost_node_is_recovered(two_nodes, tmp_path,
+                                                                              rng):
+    """Bad input is refused before either node's shard changes; the second node dies (its
+    shard with it) and a new node joins: the next step restarts the shard there, restores both
+    shards from the checkpoint, and training goes on as an in-process twin's."""
+    weight = rng.standard_normal((50, 8)).astype(np.float32)
+    table, twin = (ShardedEmbeddingBag.from_pretrained(weight, num_shards=2, mode="sum",
+                                                       engine=engine, strategy="pull")
+                   for engine in (RayEngine(), None))
+    batches = [(rng.integers(0, 50, size=(6, 3)), rng.standard_normal((6, 8)).astype(np.float32))
+               for _ in range(4)]
+
+    def step(module, batch):
+        module(batch[0])
+        module.backward(batch[1])
+
+    step(table, batches[0])
+    step(twin, batches[0])
+    table.save(tmp_path / "two-nodes.npz")
+    before = table.weight
+    with pytest.raises(IndexError, match="out of range"):
+        table(np.array([[3, 50]]))
+    table(batches[1][0])
+    with pytest.raises(ValueError, match="grad_output"):
+        table.backward(np.ones((5, 8), np.float32))
+    assert_same_bits(table.weight, before)
+    table.backward(batches[1][1])  # (a step the checkpoint does not hold)
+    second_node = next(node for node in two_nodes.list_all_nodes() if not node.head)
+    two_nodes.remove_node(second_node)
+    two_nodes.add_node(num_cpus=1)
+    two_nodes.wait_for_nodes()
+    with pytest.warns(RuntimeWarning, match=r"restored from .*saved after step 1\): the 1 "
+                                            r"step\(s\) since are lost"):
+        step(table, batches[2])
+    step(twin, batches[2])
+    step(table, batches[3])
+    step(twin, batches[3])
+    assert_same_bits(table.weight, twin.weight)
