@@ -118,7 +118,8 @@ class RatingModel:
             if isinstance(module, EmbeddingBag):
                 return distributed.ShardedEmbeddingBag.from_pretrained(
                     module.weight, num_shards, mode=module.mode, strategy="pull", **options)
-            return distributed.ShardedEmbedding.from_pretrained(module.weight, num_shards, **options)
+            return distributed.ShardedEmbedding.from_pretrained(module.weight, num_shards,
+                                                                **options)
 
         self.users, self.items, self.user_bias, self.item_bias = map(sharded, self.modules)
         self.sharded = True

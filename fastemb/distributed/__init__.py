@@ -2,9 +2,9 @@
 each shard owning its rows and their optimizer state, and updating them itself.
 
 ``ShardedEmbedding`` and ``ShardedEmbeddingBag`` (and ``ShardedEmbeddingCollection`` and
-``ShardedEmbeddingBagCollection``, one per table) run on an engine: ``LocalEngine`` keeps every shard in this process,
-``RayEngine`` makes each shard a Ray actor (``pip install 'fastemb[ray]'``; Ray is imported
-only by ``RayEngine``, and never initialised for you).
+``ShardedEmbeddingBagCollection``, one per table) run on an engine: ``LocalEngine`` keeps
+every shard in this process, ``RayEngine`` makes each shard a Ray actor (``pip install
+'fastemb[ray]'``; Ray is imported only by ``RayEngine``, and never initialised for you).
 """
 
 from .checkpoint import load, save

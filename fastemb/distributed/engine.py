@@ -14,7 +14,7 @@ from .shard import TableShard
 
 class ShardLost(RuntimeError):
     """A shard's process died (its rows and optimizer state with it); ``shards`` are their
-    numbers. A ``ShardedEmbeddingBag`` with a checkpoint recovers from it by itself."""
+    numbers. A sharded table with a checkpoint recovers from it by itself."""
 
     def __init__(self, shards):
         self.shards = shards
