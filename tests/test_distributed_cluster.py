@@ -7,6 +7,7 @@ installed."""
 import numpy as np
 import pytest
 from reference import assert_same_bits
+from sharded_steps import recovers_then_steps_alike, steps_alike
 
 import fastemb
 from fastemb.distributed import RayEngine, ShardedEmbeddingBag
@@ -39,7 +40,7 @@ def test_shards_on_two_nodes_equal_the_single_machine_module(two_nodes, rng):
     assert len(nodes) == 2  # (one CPU a node: the shards cannot share one)
     single = fastemb.EmbeddingBag.from_pretrained(weight.copy(), freeze=False, mode="max")
     optimizer = fastemb.optim.Adagrad(single)
-    for step in range(3):
+    for _ in range(3):
         indices = rng.integers(0, 50, size=(7, 4))
         grad_output = rng.standard_normal((7, 8)).astype(np.float32)
         assert_same_bits(table(indices), single(indices))
@@ -61,13 +62,7 @@ def test_on_two_nodes_bad_input_changes_nothing_and_a_lost_node_is_recovered(two
                    for engine in (RayEngine(), None))
     batches = [(rng.integers(0, 50, size=(6, 3)), rng.standard_normal((6, 8)).astype(np.float32))
                for _ in range(4)]
-
-    def step(module, batch):
-        module(batch[0])
-        module.backward(batch[1])
-
-    step(table, batches[0])
-    step(twin, batches[0])
+    steps_alike(table, twin, batches[:1])
     table.save(tmp_path / "two-nodes.npz")
     before = table.weight
     with pytest.raises(IndexError, match="out of range"):
@@ -81,10 +76,5 @@ def test_on_two_nodes_bad_input_changes_nothing_and_a_lost_node_is_recovered(two
     two_nodes.remove_node(second_node)
     two_nodes.add_node(num_cpus=1)
     two_nodes.wait_for_nodes()
-    with pytest.warns(RuntimeWarning, match=r"restored from .*saved after step 1\): the 1 "
-                                            r"step\(s\) since are lost"):
-        step(table, batches[2])
-    step(twin, batches[2])
-    step(table, batches[3])
-    step(twin, batches[3])
-    assert_same_bits(table.weight, twin.weight)
+    recovers_then_steps_alike(table, twin, batches[2:], r"restored from .*saved after step 1\): "
+                              r"the 1 step\(s\) since are lost")

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 from reference import assert_same_bits
+from sharded_steps import recovers_then_steps_alike, step, steps_alike
 
 import fastemb
 from fastemb import _core
@@ -55,7 +56,7 @@ def test_ray_shards_equal_the_single_machine_module(local_ray, optimizer, strate
         lambda ours, theirs: np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6))
     single = fastemb.EmbeddingBag.from_pretrained(weight.copy(), freeze=False, mode="mean")
     single_optimizer = fastemb.optim.OPTIMIZERS[optimizer].cls(single, lr=0.05)
-    for step in range(3):
+    for _ in range(3):
         indices = rng.integers(0, V, size=(8, 3))
         grad_output = rng.standard_normal((8, D)).astype(np.float32)
         check(sharded(indices), single(indices))
@@ -101,27 +102,15 @@ def test_a_killed_shard_is_restored_from_the_last_checkpoint_and_training_goes_o
                                                optimizer="lazyadam", strategy="pull")
     batches = [(rng.integers(0, V, size=(5, 2)), rng.standard_normal((5, D)).astype(np.float32))
                for _ in range(6)]
-
-    def step(module, batch):
-        module(batch[0])
-        module.backward(batch[1])
-
-    for batch in batches[:2]:
-        step(table, batch)
-        step(twin, batch)
+    steps_alike(table, twin, batches[:2])
     path = tmp_path / "last.npz"
     table.save(path)
     twin.save(tmp_path / "twin.npz")
     for batch in batches[2:4]:  # (lost with the shard)
         step(table, batch)
     kill_shard(table, 1)
-    with pytest.warns(RuntimeWarning, match=r"shard\(s\) \[1\] .* restored from .*saved after "
-                                            r"step 2\): the 2 step\(s\) since are lost"):
-        step(table, batches[4])
-    step(twin, batches[4])
-    step(table, batches[5])
-    step(twin, batches[5])
-    assert_same_bits(table.weight, twin.weight)
+    recovers_then_steps_alike(table, twin, batches[4:], r"shard\(s\) \[1\] .* restored from "
+                              r".*saved after step 2\): the 2 step\(s\) since are lost")
 
 
 def test_a_killed_shard_restores_every_table_of_a_collection(local_ray, tmp_path, rng):
@@ -144,13 +133,7 @@ def test_a_killed_shard_restores_every_table_of_a_collection(local_ray, tmp_path
                                        ["title", "body", "tags"],
                                        lengths.reshape(3, 4).sum(axis=1), [D, D, 2])}))
 
-    def step(module, batch):
-        rows = module(batch[0])
-        module.backward(batch[1])
-        return rows
-
-    step(collection, batches[0])
-    step(twin, batches[0])
+    steps_alike(collection, twin, batches[:1])
     fastemb.distributed.save(tmp_path / "model.npz", collection)
     step(collection, batches[1])  # (lost with the shard)
     kill_shard(collection.tables["tags"], 0)  # (the words table is looked up before it)
