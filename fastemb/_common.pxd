@@ -5,7 +5,7 @@ they use beside Cython's lives in ``_core.h``. The enums are exposed to Python b
 """
 
 from cython cimport floating
-from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t, uintptr_t
 
 cdef extern from "_core.h":
     void FASTEMB_PREFETCH(const void *address) noexcept nogil
@@ -41,10 +41,8 @@ cdef extern from "_core.h":
     bfloat16_t bfloat16_stochastic "fastemb_bfloat16_stochastic"(float value,
                                                                 uint64_t random) noexcept nogil
     uint64_t mix64 "fastemb_mix64"(uint64_t value) noexcept nogil
-    void join_halves "fastemb_join_halves"(const uint16_t *high, const uint16_t *low,
-                                           float *wide, Py_ssize_t dim) noexcept nogil
-    void split_halves "fastemb_split_halves"(const float *wide, uint16_t *high, uint16_t *low,
-                                             Py_ssize_t dim) noexcept nogil
+    float joined "fastemb_joined"(uint16_t high, uint16_t low) noexcept nogil
+    uint32_t float_bits "fastemb_float_bits"(float value) noexcept nogil
 
 # What a table holds: float32 and float64 (computed in their own dtype), or bfloat16 and
 # float16 (read as float32, computed in float32).

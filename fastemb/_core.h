@@ -319,27 +319,19 @@ static inline fastemb_float16 fastemb_float16_stochastic(float value, uint64_t r
     return rounded;
 }
 
-/* A split float32 table's rows: wide[j] = the float32 whose top 16 bits are high[j] and low
-   16 bits low[j] (join), and back (split), exactly. In C for `restrict`: without it the
-   compiler checked at every row whether the three rows overlap (the split SGD step took 7%
-   longer). */
-static inline void fastemb_join_halves(const uint16_t *restrict high,
-                                       const uint16_t *restrict low, float *restrict wide,
-                                       Py_ssize_t dim) {
-    for (Py_ssize_t j = 0; j < dim; j++) {
-        const uint32_t bits = ((uint32_t)high[j] << 16) | low[j];
-        memcpy(&wide[j], &bits, sizeof(float));
-    }
+/* A split float32 table's element: the float32 whose top 16 bits are `high` and low 16 bits
+   `low` (joined), and a float32's 32 bits (to split it back), exactly. */
+static inline float fastemb_joined(uint16_t high, uint16_t low) {
+    const uint32_t bits = ((uint32_t)high << 16) | low;
+    float value;
+    memcpy(&value, &bits, sizeof(float));
+    return value;
 }
 
-static inline void fastemb_split_halves(const float *restrict wide, uint16_t *restrict high,
-                                        uint16_t *restrict low, Py_ssize_t dim) {
-    for (Py_ssize_t j = 0; j < dim; j++) {
-        uint32_t bits;
-        memcpy(&bits, &wide[j], sizeof(float));
-        high[j] = (uint16_t)(bits >> 16);
-        low[j] = (uint16_t)(bits & 0xffff);
-    }
+static inline uint32_t fastemb_float_bits(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof(float));
+    return bits;
 }
 
 /* splitmix64's output function: a well-mixed 64-bit hash, for counter-based random numbers

@@ -5,7 +5,7 @@ gradient's accumulation. The rules every kernel follows are in ``fastemb/_core.p
 
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt, sqrtf
-from libc.stdint cimport int64_t, uint16_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -15,8 +15,8 @@ from fastemb._common cimport (BAG_MEAN, BFLOAT16, CACHE_LINE_BYTES, FASTEMB_PREF
                               STEP_ADAGRAD, STEP_ADAM, STEP_ROWWISE_ADAGRAD, STEP_SGD, BagMode,
                               HalfFormat, StepMethod, bfloat16_nearest, bfloat16_stochastic,
                               bfloat16_t, check_enum, clamp, element_value, float16_stochastic,
-                              float16_t, floating, index_t, join_halves, mix64, prefetch_row,
-                              round_float16_row, split_halves, table_t, team_size,
+                              float16_t, floating, index_t, joined, mix64, prefetch_row,
+                              float_bits, round_float16_row, table_t, team_size,
                               widen_float16_row)
 
 __all__ = ["accumulate_rows", "bag_gradient_factors", "bags_of_positions",
@@ -402,41 +402,126 @@ cdef inline floating square_root(floating x) noexcept nogil:
         return sqrt(x)
 
 
+# Each optimizer's update of one weight, w its value and g its gradient (already negated and
+# decayed as the step asks), in the state's precision; the state kept per weight is passed by
+# pointer and updated. lr is the factor fastemb.optim passes for the step (negative to descend,
+# with Adagrad's decay and Adam's bias corrections in it).
+#   SGD:      w + lr g
+#   Adagrad:  s += g^2;  w + lr g / (sqrt(s) + eps)
+#   Adam:     m += (g - m)(1 - beta1);  v += (g^2 - v)(1 - beta2);  w + lr m / (sqrt(v) + eps)
+#   row-wise Adagrad: s += mean(g^2) over the row, once;  w - lr g / (sqrt(s) + eps)
+cdef inline floating sgd_weight(floating w, floating g, floating lr) noexcept nogil:
+    return w + lr * g
+
+
+cdef inline floating adagrad_weight(floating w, floating *sum_of_squares, floating g,
+                                    floating lr, floating eps) noexcept nogil:
+    sum_of_squares[0] = sum_of_squares[0] + g * g
+    return w + lr * (g / (square_root(sum_of_squares[0]) + eps))
+
+
+cdef inline floating adam_weight(floating w, floating *mean, floating *mean_square, floating g,
+                                 floating lr, floating one_minus_beta1, floating one_minus_beta2,
+                                 floating eps) noexcept nogil:
+    cdef floating m = mean[0] + (g - mean[0]) * one_minus_beta1
+    cdef floating v = mean_square[0] + (g * g - mean_square[0]) * one_minus_beta2
+    mean[0] = m
+    mean_square[0] = v
+    return w + lr * (m / (square_root(v) + eps))
+
+
+cdef inline floating rowwise_adagrad_denominator(floating *row_state, const floating *g,
+                                                 Py_ssize_t dim, floating eps) noexcept nogil:
+    """Row-wise Adagrad's row: adds the mean of g^2 (summed in float64, in 8 lanes) to its
+    state and returns sqrt(state) + eps."""
+    cdef Py_ssize_t j, lane
+    cdef double mean_square
+    cdef double partial[8]
+    for lane in range(8):
+        partial[lane] = 0
+    for j in range(0, dim - dim % 8, 8):
+        for lane in range(8):
+            partial[lane] = partial[lane] + <double>g[j + lane] * g[j + lane]
+    for j in range(dim - dim % 8, dim):
+        partial[j % 8] = partial[j % 8] + <double>g[j] * g[j]
+    mean_square = (((partial[0] + partial[1]) + (partial[2] + partial[3]))
+                   + ((partial[4] + partial[5]) + (partial[6] + partial[7])))
+    row_state[0] = row_state[0] + <floating>(mean_square / dim)
+    return square_root(row_state[0]) + eps
+
+
+cdef inline floating rowwise_adagrad_weight(floating w, floating g, floating lr,
+                                            floating denominator) noexcept nogil:
+    return w - lr * (g / denominator)
+
+
 cdef void update_row(StepMethod method, floating *w, floating *state_a, floating *state_b,
                      const floating *g, Py_ssize_t dim, floating lr, floating one_minus_beta1,
                      floating one_minus_beta2, floating eps) noexcept nogil:
-    cdef Py_ssize_t j, lane
-    cdef floating m, v, denominator
-    cdef double mean_square
-    cdef double partial[8]
+    """One row's update in place: w[:dim], its state (state_a: Adagrad's sums, Adam's means, a
+    row-wise Adagrad row's one value; state_b: Adam's mean squares) and gradient g[:dim]."""
+    cdef Py_ssize_t j
+    cdef floating denominator
     if method == STEP_SGD:
         for j in range(dim):
-            w[j] = w[j] + lr * g[j]
+            w[j] = sgd_weight(w[j], g[j], lr)
     elif method == STEP_ADAGRAD:
         for j in range(dim):
-            state_a[j] = state_a[j] + g[j] * g[j]
-            w[j] = w[j] + lr * (g[j] / (square_root(state_a[j]) + eps))
+            w[j] = adagrad_weight(w[j], &state_a[j], g[j], lr, eps)
     elif method == STEP_ROWWISE_ADAGRAD:
-        for lane in range(8):
-            partial[lane] = 0
-        for j in range(0, dim - dim % 8, 8):
-            for lane in range(8):
-                partial[lane] = partial[lane] + <double>g[j + lane] * g[j + lane]
-        for j in range(dim - dim % 8, dim):
-            partial[j % 8] = partial[j % 8] + <double>g[j] * g[j]
-        mean_square = (((partial[0] + partial[1]) + (partial[2] + partial[3]))
-                       + ((partial[4] + partial[5]) + (partial[6] + partial[7])))
-        state_a[0] = state_a[0] + <floating>(mean_square / dim)
-        denominator = square_root(state_a[0]) + eps
+        denominator = rowwise_adagrad_denominator(state_a, g, dim, eps)
         for j in range(dim):
-            w[j] = w[j] - lr * (g[j] / denominator)
+            w[j] = rowwise_adagrad_weight(w[j], g[j], lr, denominator)
     else:
         for j in range(dim):
-            m = state_a[j] + (g[j] - state_a[j]) * one_minus_beta1
-            v = state_b[j] + (g[j] * g[j] - state_b[j]) * one_minus_beta2
-            state_a[j] = m
-            state_b[j] = v
-            w[j] = w[j] + lr * (m / (square_root(v) + eps))
+            w[j] = adam_weight(w[j], &state_a[j], &state_b[j], g[j], lr, one_minus_beta1,
+                               one_minus_beta2, eps)
+
+
+cdef inline void store_split(uint16_t *high, uint16_t *low, Py_ssize_t j,
+                             float value) noexcept nogil:
+    """high[j], low[j] = the top and low 16 bits of value (a split table's element j)."""
+    cdef uint32_t bits = float_bits(value)
+    high[j] = <uint16_t>(bits >> 16)
+    low[j] = <uint16_t>(bits & 0xffff)
+
+
+# Pointers that the compiler may take as the only way to their memory (C's restrict): the
+# rows of a split update never overlap, and without it gcc checks at run time, row by row,
+# that the five do not.
+cdef extern from *:
+    ctypedef uint16_t *restricted_halves "uint16_t *__restrict__"
+    ctypedef float *restricted_floats "float *__restrict__"
+    ctypedef const float *restricted_const_floats "const float *__restrict__"
+
+
+cdef void update_split_row(StepMethod method, restricted_halves high, restricted_halves low,
+                           restricted_floats state_a, restricted_floats state_b,
+                           restricted_const_floats g, Py_ssize_t dim, float lr,
+                           float one_minus_beta1, float one_minus_beta2,
+                           float eps) noexcept nogil:
+    """update_row on a split table's row, its float32 weights joined from high[:dim] and
+    low[:dim] and split back element by element, in registers (through a row buffer, the
+    join, update and split took a LazyAdam step 2-3 ms longer)."""
+    cdef Py_ssize_t j
+    cdef float denominator
+    if method == STEP_SGD:
+        for j in range(dim):
+            store_split(high, low, j, sgd_weight(joined(high[j], low[j]), g[j], lr))
+    elif method == STEP_ADAGRAD:
+        for j in range(dim):
+            store_split(high, low, j,
+                        adagrad_weight(joined(high[j], low[j]), &state_a[j], g[j], lr, eps))
+    elif method == STEP_ROWWISE_ADAGRAD:
+        denominator = rowwise_adagrad_denominator(state_a, g, dim, eps)
+        for j in range(dim):
+            store_split(high, low, j,
+                        rowwise_adagrad_weight(joined(high[j], low[j]), g[j], lr, denominator))
+    else:
+        for j in range(dim):
+            store_split(high, low, j,
+                        adam_weight(joined(high[j], low[j]), &state_a[j], &state_b[j], g[j], lr,
+                                    one_minus_beta1, one_minus_beta2, eps))
 
 
 cdef inline void widen_row(const table_t *row, float *wide, Py_ssize_t dim) noexcept nogil:
@@ -498,8 +583,9 @@ cdef inline void step_row(const TableStep *step, Py_ssize_t u, table_t *table_ty
                           floating *buffer, Py_ssize_t buffer_stride) noexcept nogil:
     """Update unique row u of a step: a float32 or float64 table (of the state's dtype) in
     place; a 16-bit one (float32 state) through a float32 copy of the row, rounded back (see
-    round_row). ``buffer`` is the thread's two rows: the summed gradient, then the widened
-    weight. (table_type is NULL: it only selects the table's type.)"""
+    round_row); a split one (its bfloat16 high halves and the low halves beside) element by
+    element (update_split_row). ``buffer`` is the thread's two rows: the summed gradient, then
+    the widened weight. (table_type is NULL: it only selects the table's type.)"""
     cdef table_t *weight = <table_t *>step.weight
     cdef floating *state_a = <floating *>step.state_a
     cdef floating *state_b = <floating *>step.state_b
@@ -510,6 +596,9 @@ cdef inline void step_row(const TableStep *step, Py_ssize_t u, table_t *table_ty
     cdef const floating *g
     cdef int64_t row, ahead
     cdef bint half = table_t is bfloat16_t or table_t is float16_t
+    cdef bint split = table_t is bfloat16_t and step.low_halves != NULL  # (a split float32 table)
+    cdef uint16_t *high = NULL
+    cdef uint16_t *low = NULL
     if u + UPDATE_PREFETCH_ROWS < step.num_groups:
         ahead = step.rows[u + UPDATE_PREFETCH_ROWS]
         if 0 <= ahead < step.num_rows:
@@ -525,13 +614,12 @@ cdef inline void step_row(const TableStep *step, Py_ssize_t u, table_t *table_ty
     row = step.rows[u]
     if row < 0 or row >= step.num_rows:
         return
-    if half:
+    if split:
+        high = <uint16_t *>(weight + row * dim)
+        low = step.low_halves + row * dim
+    elif half:
         w = buffer + buffer_stride
-        if step.low_halves != NULL:
-            join_halves(<const uint16_t *>(weight + row * dim), step.low_halves + row * dim,
-                        <float *>w, dim)
-        else:
-            widen_row(weight + row * dim, <float *>w, dim)
+        widen_row(weight + row * dim, <float *>w, dim)
     else:
         w = <floating *>(weight + row * dim)
     # a row looked up once (most rows of a uniform batch) reads its grad row in place
@@ -546,16 +634,22 @@ cdef inline void step_row(const TableStep *step, Py_ssize_t u, table_t *table_ty
                 buffer[j] = -buffer[j]
         if step.decay != 0:
             for j in range(dim):
-                buffer[j] = buffer[j] + <floating>step.decay * w[j]
+                buffer[j] = buffer[j] + <floating>step.decay * (
+                    <floating>joined(high[j], low[j]) if split else w[j])
         g = buffer
+    if split:
+        update_split_row(step.method, high, low,
+                         <float *>state_a + row * step.state_a_width if step.state_a_width
+                         else NULL,
+                         <float *>state_b + row * dim if step.method == STEP_ADAM else NULL,
+                         <const float *>g, dim, <float>step.lr, <float>step.one_minus_beta1,
+                         <float>step.one_minus_beta2, <float>step.eps)
+        return
     update_row(step.method, w, state_a + row * step.state_a_width if step.state_a_width else NULL,
                state_b + row * dim if step.method == STEP_ADAM else NULL, g, dim,
                <floating>step.lr, <floating>step.one_minus_beta1,
                <floating>step.one_minus_beta2, <floating>step.eps)
-    if half and step.low_halves != NULL:
-        split_halves(<float *>w, <uint16_t *>(weight + row * dim), step.low_halves + row * dim,
-                     dim)
-    elif half:
+    if half:
         round_row(<float *>w, weight + row * dim, dim, step.stochastic,
                   mix64(step.rounding_key ^ <uint64_t>row) * <uint64_t>dim)
 

@@ -13,6 +13,7 @@ import pytest
 import fastemb
 from fastemb import bench
 from fastemb.__main__ import main
+from fastemb.bench.workloads import step_state_arrays, trained_table
 
 TINY_WORKLOADS = (
     bench.Workload("tiny", 300, 16, num_bags=24, bag_size=5, skew="uniform"),
@@ -62,6 +63,32 @@ def test_a_step_changes_only_the_looked_up_rows(operation):
     _, weight = bench.benchmark_callable("fastemb", operation, data)()
     changed = np.flatnonzero((weight != data.table).any(axis=1))
     np.testing.assert_array_equal(changed, np.unique(data.indices))
+
+
+@pytest.mark.skipif(not bench.speed_of_light_is_available(), reason="needs gcc")
+@pytest.mark.parametrize("operation",
+                         bench.STEP_OPERATIONS + bench.REDUCED_PRECISION_STEP_OPERATIONS)
+def test_a_step_speed_of_light_moves_the_table_as_the_step_stores_it(operation):
+    """The speed of light of a step reads and writes, once a call, the looked-up rows of the
+    table in the step's own format (a split table: bfloat16 high halves, then the low halves)
+    and of each optimizer state array, and no other row."""
+    data = bench.make_data(TINY_WORKLOADS[1])
+    step = bench.benchmark_callable(bench.SPEED_OF_LIGHT, operation, data)
+    first = [array.copy() for array in step()]
+    second = step()
+    dtype, split = (trained_table(operation)
+                    if operation in bench.REDUCED_PRECISION_STEP_OPERATIONS
+                    else (np.dtype(np.float32), False))
+    table_dtypes = ["bfloat16", "uint16"] if split else [dtype.name]
+    assert [array.dtype.name for array in second] == (
+        table_dtypes + ["float32"] * step_state_arrays(operation))
+    looked_up = np.zeros(data.table.shape[0], dtype=bool)
+    looked_up[data.indices] = True
+    for before, after in zip(first, second):
+        assert after.shape == data.table.shape
+        added = after.view(np.uint32) - before.view(np.uint32)
+        np.testing.assert_array_equal(added[looked_up], 1)
+        np.testing.assert_array_equal(added[~looked_up], 0)
 
 
 def test_each_call_takes_one_more_step():
@@ -139,12 +166,20 @@ def test_quantized_sums_are_compared_to_float32_rounding(operation):
     ("step_lazyadam", bench.REDUCED_PRECISION_STEP_OPERATIONS, "fastemb")])
 def test_reduced_precision_operations_are_set_beside_their_float32_one(float32, operations,
                                                                        implementation):
-    """The bag sums beside torch's float32 bag sum, the steps beside fastemb's float32 step."""
+    """The bag sums beside torch's float32 bag sum, the steps beside fastemb's float32 step,
+    and the speed of light of each beside the float32 one's."""
     workload = TINY_WORKLOADS[0]
-    measurements = [bench.Measurement(float32, workload, 1, {"torch": [0.6], "fastemb": [0.6]})]
+    measurements = [bench.Measurement(float32, workload, 1, {"torch": [0.6], "fastemb": [0.6],
+                                                             bench.SPEED_OF_LIGHT: [0.5]})]
     for operation in operations:
         measurements.append(bench.Measurement(operation, workload, 1,
-                                              {"torch": [0.5], "fastemb": [0.2]}))
+                                              {"torch": [0.5], "fastemb": [0.2],
+                                               bench.SPEED_OF_LIGHT: [0.125]}))
+    lines = bench.format_table(measurements, 1).splitlines()
+    for operation in operations:
+        assert (f"{operation}: 3.00x {implementation}'s float32 {float32} "
+                "(speed of light: 4.00x the float32 one's)") in lines
+    del measurements[0].runs[bench.SPEED_OF_LIGHT]  # (no speed of light: no bracket)
     lines = bench.format_table(measurements, 1).splitlines()
     for operation in operations:
         assert f"{operation}: 3.00x {implementation}'s float32 {float32}" in lines

@@ -33,8 +33,9 @@ zero-argument callable (:func:`benchmark_callable`) whose result is NumPy arrays
 - ``step_lazyadam_float16``, ``step_lazyadam_bfloat16``, ``step_lazyadam_split``
   (:data:`REDUCED_PRECISION_STEP_OPERATIONS`): fastemb's LazyAdam step on the table trained in
   16 bits or split (bfloat16 top halves for the forward, low halves beside); the others run
-  their float32 step; each gives the step's forward output, and the report also sets fastemb's
-  time beside its own float32 ``step_lazyadam``.
+  their float32 step (the speed of light moves the table in the step's format); each gives the
+  step's forward output, and the report also sets fastemb's time beside its own float32
+  ``step_lazyadam``.
 
 fastemb and torch take the indices flat, with bag-start ``offsets``; NumPy takes them as a
 ``(num_bags, bag_size)`` matrix, which is the fastest way NumPy has to reduce equal-sized bags.
@@ -45,7 +46,9 @@ against fastemb's with :func:`assert_agrees` so that a fast but wrong implementa
 Next to them, :data:`SPEED_OF_LIGHT` names plain C loops that move only the table-sized bytes
 an operation cannot avoid (:func:`speed_of_light_callable`); a kernel's time relative to it is
 how close the kernel is to what memory allows. It is a plain loop, not a proof: where the rows
-come from the caches (a small table, hot Zipf rows) a tighter kernel can beat it.
+come from the caches (a small table, hot Zipf rows) a tighter kernel can beat it. The report
+sets a reduced-precision operation's speed of light beside its float32 operation's: the most
+that moving fewer bytes can gain on that machine.
 
 >>> from fastemb import bench
 >>> data = bench.make_data(bench.Workload("tiny", 100, 8, num_bags=4, bag_size=3))

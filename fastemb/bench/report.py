@@ -75,9 +75,15 @@ def format_table(measurements, repeat):
             continue
         float32_seconds = float32.seconds(implementation) if float32 is not None else None
         fastemb_seconds = measurement.seconds("fastemb")
-        if float32_seconds is not None and fastemb_seconds is not None:
-            lines.append(f"{measurement.operation}: {float32_seconds / fastemb_seconds:.2f}x "
-                         f"{implementation}'s float32 {float32.operation}")
+        if float32_seconds is None or fastemb_seconds is None:
+            continue
+        line = (f"{measurement.operation}: {float32_seconds / fastemb_seconds:.2f}x "
+                f"{implementation}'s float32 {float32.operation}")
+        # the most the format can gain: the float32 operation's speed of light over its own
+        float32_light, light = float32.seconds(SPEED_OF_LIGHT), measurement.seconds(SPEED_OF_LIGHT)
+        if float32_light is not None and light is not None:
+            line += f" (speed of light: {float32_light / light:.2f}x the float32 one's)"
+        lines.append(line)
     return "\n".join(lines)
 
 

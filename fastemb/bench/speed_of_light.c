@@ -73,19 +73,24 @@ void sol_copy(const float *table, int64_t dim, const int64_t *rows, int64_t n, f
     }
 }
 
-/* Add 1 to rows[0:n] (unique) of each of the num_arrays tables: read and write each row once. */
-void sol_update(float *const *arrays, int num_arrays, int64_t dim, const int64_t *rows,
-                int64_t n, int num_threads)
+/* Add 1 to each 32-bit word of rows[0:n] (unique) of each of the num_arrays tables, whose rows
+ * have row_words[a] words: read and write each row once. */
+void sol_update(uint32_t *const *arrays, const int64_t *row_words, int num_arrays,
+                const int64_t *rows, int64_t n, int num_threads)
 {
-    const int64_t distance = prefetch_distance(dim * 4 * num_arrays);
+    int64_t bytes_per_row = 0;
+    for (int a = 0; a < num_arrays; a++)
+        bytes_per_row += row_words[a] * 4;
+    const int64_t distance = prefetch_distance(bytes_per_row);
     #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t k = 0; k < n; k++) {
         for (int a = 0; a < num_arrays; a++) {
+            const int64_t words = row_words[a];
             if (k + distance < n)
-                prefetch_for_write(arrays[a] + rows[k + distance] * dim, dim * 4);
-            float *row = arrays[a] + rows[k] * dim;
-            for (int64_t j = 0; j < dim; j++)
-                row[j] += 1.0f;
+                prefetch_for_write(arrays[a] + rows[k + distance] * words, words * 4);
+            uint32_t *row = arrays[a] + rows[k] * words;
+            for (int64_t j = 0; j < words; j++)
+                row[j] += 1;
         }
     }
 }

@@ -15,9 +15,11 @@ import numpy as np
 
 from .._config import get_num_threads
 from .._kernels import kernels as _core
+from .._dtypes import bfloat16_dtype
 from .._memory import aligned_full
-from .workloads import (FORWARD_OPERATIONS, REDUCED_PRECISION_OPERATIONS, aligned_copy,
-                        step_state_arrays, table_format)
+from .workloads import (FORWARD_OPERATIONS, REDUCED_PRECISION_OPERATIONS,
+                        REDUCED_PRECISION_STEP_OPERATIONS, aligned_copy, step_state_arrays,
+                        table_format, trained_table)
 
 SPEED_OF_LIGHT_SOURCE = pathlib.Path(__file__).with_name("speed_of_light.c")
 SPEED_OF_LIGHT_SINK_WORDS = 17  # LANES + 1 in the C source
@@ -54,7 +56,7 @@ def speed_of_light_library():
     i64, pointer, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     library.sol_read.argtypes = [pointer, i64, pointer, i64, pointer, c_int]
     library.sol_copy.argtypes = [pointer, i64, pointer, i64, pointer, c_int]
-    library.sol_update.argtypes = [pointer, c_int, i64, pointer, i64, c_int]
+    library.sol_update.argtypes = [pointer, pointer, c_int, pointer, i64, c_int]
     for function in (library.sol_read, library.sol_copy, library.sol_update):
         function.restype = None
     return library
@@ -70,7 +72,10 @@ def speed_of_light_callable(operation, data):
     - ``forward_backward``: read the looked-up rows, then write one row of ``grad_output`` per
       unique index into a preallocated gradient;
     - the training steps: read the looked-up rows of a private copy of the table, then read and
-      write once each unique row of that copy and of the optimizer's state arrays.
+      write once each unique row of that copy and of the optimizer's state arrays; a table
+      trained in reduced precision is stored as its step stores it (16-bit rows; a split
+      table's bfloat16 high halves, which the forward reads, and its low halves). Each call
+      adds 1 to every 32-bit word of those rows and returns the arrays.
 
     Small reads (offsets, per-sample weights, ``grad_output``) and the work of finding the
     unique rows are not counted. Its result is not checked. Raises RuntimeError without gcc.
@@ -114,15 +119,29 @@ def speed_of_light_callable(operation, data):
             return values
 
         return forward_backward
-    arrays = [aligned_copy(data.table)]
+    arrays = step_table_arrays(operation, data)
     arrays += [aligned_full(data.table.shape, 0, data.table.dtype)
                for _ in range(step_state_arrays(operation))]
     pointers = (ctypes.c_void_p * len(arrays))(*(array.ctypes.data for array in arrays))
+    row_words = np.array([array.shape[1] * array.itemsize // 4 for array in arrays])
 
     def step():
         read(arrays[0])
-        library.sol_update(pointers, len(arrays), dim, rows.ctypes.data, rows.size,
-                           get_num_threads())
-        return arrays[0]
+        library.sol_update(pointers, row_words.ctypes.data, len(arrays), rows.ctypes.data,
+                           rows.size, get_num_threads())
+        return arrays
 
     return step
+
+
+def step_table_arrays(operation, data):
+    """A training step's table as the step stores it, in fresh arrays on cache lines: the
+    float32 table, the 16-bit one, or a split one's bfloat16 high halves (what the forward
+    reads, first) and low halves."""
+    if operation not in REDUCED_PRECISION_STEP_OPERATIONS:
+        return [aligned_copy(data.table)]
+    dtype, split = trained_table(operation)
+    if split:
+        return [aligned_copy(data.table.astype(bfloat16_dtype())),
+                aligned_full(data.table.shape, 0, np.uint16)]
+    return [aligned_copy(data.table.astype(dtype))]
