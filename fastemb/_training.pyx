@@ -486,13 +486,13 @@ cdef inline void store_split(uint16_t *high, uint16_t *low, Py_ssize_t j,
     low[j] = <uint16_t>(bits & 0xffff)
 
 
-# Pointers that the compiler may take as the only way to their memory (C's restrict): the
-# rows of a split update never overlap, and without it gcc checks at run time, row by row,
-# that the five do not.
+# Pointers that the compiler may take as the only way to their memory (C's restrict, spelled
+# for each compiler by Cython's CYTHON_RESTRICT): the rows of a split update never overlap, and
+# without it gcc checks at run time, row by row, that the five do not.
 cdef extern from *:
-    ctypedef uint16_t *restricted_halves "uint16_t *__restrict__"
-    ctypedef float *restricted_floats "float *__restrict__"
-    ctypedef const float *restricted_const_floats "const float *__restrict__"
+    ctypedef uint16_t *restricted_halves "uint16_t *CYTHON_RESTRICT"
+    ctypedef float *restricted_floats "float *CYTHON_RESTRICT"
+    ctypedef const float *restricted_const_floats "const float *CYTHON_RESTRICT"
 
 
 cdef void update_split_row(StepMethod method, restricted_halves high, restricted_halves low,
