@@ -101,27 +101,55 @@ static inline void fastemb_dequantize_row(int bits, int take_max, float *restric
    left take the plain loops above. Each column sees the same operations in the same order
    either way, so the bits do not depend on the build's vector width. */
 
-/* Prefetch every cache line of the row that indices[k + distance] names (the row of
-   indices[k] past the end, row 0 for an index that names no row), without branches on the
-   data, as FBGEMM does: the row's bytes 0, 64, ... and its last byte, which cover every line
-   it touches wherever it starts, in a loop whose count depends on row_bytes only (a loop up
-   to the row's last line, 1 or 2 lines for a 36-byte 4-bit row, mispredicted its exit at
-   every other row and cost the 4-bit bag sum a third of its time). */
+/* How many cache lines a row of this table can touch: every row starts a multiple of a bytes
+   into the table, a the largest power of two up to 64 that divides both the table's address
+   and row_bytes, so at most 64 - a bytes into a line, and touches at most
+   ceil((64 - a + row_bytes) / 64) lines: 2 for the 72-byte 8-bit rows of dim 64, whose
+   bytes 0, 64 and last, prefetched each, took one line twice (2-3% of the bag sum). */
+static inline Py_ssize_t fastemb_quantized_row_lines(const uint8_t *table, Py_ssize_t row_bytes) {
+    const uintptr_t bits = (uintptr_t)table | (uintptr_t)row_bytes | 64;
+    const Py_ssize_t alignment = (Py_ssize_t)(bits & (~bits + 1));  /* its lowest set bit */
+    return (64 - alignment + row_bytes + 63) / 64;
+}
+
+/* Prefetch every cache line of table row `row` (row 0 for a row outside [0, num_rows)),
+   without branches on the data, as FBGEMM does: the row's first and last bytes, then its bytes
+   64 i for 0 < i < fastemb_quantized_row_lines - 1 (none for rows of up to 2 lines), which lie
+   inside the row and cover every line between, wherever the row starts. The loop's count does
+   not depend on the row (a loop up to the row's last line, 1 or 2 lines for a 36-byte 4-bit
+   row, mispredicted its exit at every other row and cost the 4-bit bag sum a third of its
+   time). */
+static inline void fastemb_prefetch_quantized_row(const uint8_t *table, Py_ssize_t num_rows,
+                                                  Py_ssize_t row_bytes, int64_t row) {
+    const Py_ssize_t lines = fastemb_quantized_row_lines(table, row_bytes);
+    const uint8_t *row_start;
+    if ((uint64_t)row >= (uint64_t)num_rows)
+        row = 0;
+    row_start = table + row * row_bytes;
+    FASTEMB_PREFETCH(row_start);
+    FASTEMB_PREFETCH(row_start + row_bytes - 1);
+    for (Py_ssize_t line = 1; line < lines - 1; line++)
+        FASTEMB_PREFETCH(row_start + 64 * line);
+}
+
+/* How far past the position a bag sum prefetches a row for it also prefetches the indices: a
+   thread's bags are a few runs of the indices (chunks of bags), which the hardware's stream
+   prefetcher picks up late at each start, and a late index delays every row prefetch behind
+   it (8 bits: 2-5% of the bag sum, 1 and 2 threads). */
+#define FASTEMB_INDEX_PREFETCH_BYTES 256
+
+/* Prefetch the row that indices[k + distance] names (the row of indices[k] past the end) and
+   the indices FASTEMB_INDEX_PREFETCH_BYTES further on (an address past the array's end is only
+   prefetched, never read). */
 #define FASTEMB_PREFETCH_QUANTIZED_ROW(table, num_rows, row_bytes, indices, n, k, distance) \
     do { \
         Py_ssize_t ahead_ = (k) + (distance); \
-        int64_t ahead_row_; \
         if (ahead_ >= (n)) \
             ahead_ = (k); \
-        ahead_row_ = (int64_t)(indices)[ahead_]; \
-        if ((uint64_t)ahead_row_ >= (uint64_t)(num_rows)) \
-            ahead_row_ = 0; \
-        { \
-            const uint8_t *row_start_ = (table) + ahead_row_ * (row_bytes); \
-            for (Py_ssize_t offset_ = 0; offset_ < (row_bytes); offset_ += 64) \
-                FASTEMB_PREFETCH(row_start_ + offset_); \
-            FASTEMB_PREFETCH(row_start_ + (row_bytes) - 1); \
-        } \
+        FASTEMB_PREFETCH((const void *)((uintptr_t)((indices) + ahead_) \
+                                        + FASTEMB_INDEX_PREFETCH_BYTES)); \
+        fastemb_prefetch_quantized_row((table), (num_rows), (row_bytes), \
+                                       (int64_t)(indices)[ahead_]); \
     } while (0)
 
 static inline int fastemb_quantized_is_kept(int64_t row, int64_t padding_idx,

@@ -536,6 +536,27 @@ def assert_same_results(results, expected, bits):
 
 
 @pytest.mark.parametrize(("bits", "dim"), [(8, 64), (8, 300), (4, 64), (4, 300), (8, 7)])
+def test_lookups_do_not_depend_on_where_the_table_starts(bits, dim, rng):
+    """The bag kernels prefetch the cache lines of each row, as many as a row can touch given
+    the table's address and row size: with the table at any byte of a line (and large enough
+    that bags prefetch: over 256 KB), every lookup gives the same bits."""
+    table = fastemb.quantize(random_table(rng, 20_000, dim), bits)
+    indices = rng.integers(0, 20_000, 64 * 300)
+    offsets = np.arange(0, indices.size, 64)
+    weights = rng.standard_normal(indices.size).astype(np.float32)
+    assert table.data.nbytes > 256 << 10
+    expected = all_lookups(table, indices, offsets, weights)
+    for start in (1, 4, 8, 16, 36, 63):
+        buffer = np.zeros(table.data.nbytes + 128, np.uint8)
+        first = start - buffer.ctypes.data % 64 + 64  # (at `start` bytes into a line)
+        data = buffer[first:first + table.data.nbytes].reshape(table.data.shape)
+        data[...] = table.data
+        moved = fastemb.QuantizedTable.from_prepacked(data, bits)
+        assert np.shares_memory(moved.data, buffer) and moved.data.ctypes.data % 64 == start
+        assert_same_results(all_lookups(moved, indices, offsets, weights), expected, bits)
+
+
+@pytest.mark.parametrize(("bits", "dim"), [(8, 64), (8, 300), (4, 64), (4, 300), (8, 7)])
 def test_one_and_two_threads_give_the_same_bits(bits, dim, rng, threads):
     table, indices, offsets, weights = large_case(rng, bits, dim)
     results = []
