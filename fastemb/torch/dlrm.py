@@ -277,7 +277,8 @@ class DLRM(torch.nn.Module):
 
 def training_step(model, optimizers, dense, categorical, labels):
     """One step: forward, the binary cross-entropy, backward (where a fused fastemb optimizer
-    steps the tables), then every optimizer's step; returns the loss (a 0-d tensor).
+    steps the tables), then every optimizer's step; returns the loss (a 0-d tensor, detached
+    from the graph the step has used: ``float(loss)`` of an attached one warns).
 
     >>> model, to_step, data = build("fastemb", 2, 4, 10, "sgd", 0.1, (8,), (8,))
     >>> float(training_step(model, to_step, *data.batch(0, 16))) > 0
@@ -290,7 +291,7 @@ def training_step(model, optimizers, dense, categorical, labels):
     loss.backward()
     for optimizer in optimizers:
         optimizer.step()
-    return loss
+    return loss.detach()
 
 
 def train(model, optimizers, data, steps, batch_size, report=None):
