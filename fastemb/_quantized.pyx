@@ -43,8 +43,8 @@ cdef extern from "_quantized.h":
                                                  Py_ssize_t, Py_ssize_t) noexcept nogil
     # (table, num_rows, row_bytes, row): prefetch every cache line of a row (row 0 for a row
     # outside [0, num_rows)), without branches on the data
-    void prefetch_table_row "fastemb_prefetch_quantized_row"(const uint8_t *, Py_ssize_t,
-                                                             Py_ssize_t, int64_t) noexcept nogil
+    void prefetch_lines_of_row "fastemb_prefetch_quantized_row"(const uint8_t *, Py_ssize_t,
+                                                                Py_ssize_t, int64_t) noexcept nogil
     # (bits, out, table, num_rows, row_bytes, code_bytes, dim, indices, start, end, n, weights,
     # padding_idx, distance): out[:dim] = the sum over the kept entries k of [start, end) of
     # (weights[k] *) (scale * q[j] + bias) of row indices[k], left to right from +0 (weights
@@ -114,7 +114,7 @@ cdef QuantizedRows describe_rows(const uint8_t[:, ::1] data, int bits) except *:
 
 cdef inline void prefetch_quantized_row(const QuantizedRows *rows, int64_t row) noexcept nogil:
     """Prefetch every line of table row ``row`` (row 0 for an index that names no row)."""
-    prefetch_table_row(rows.data, rows.num_rows, rows.row_bytes, row)
+    prefetch_lines_of_row(rows.data, rows.num_rows, rows.row_bytes, row)
 
 
 # --------------------------------------------------------------------------------------------
