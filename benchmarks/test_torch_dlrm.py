@@ -46,15 +46,17 @@ def built(embeddings, threads):
 
 @pytest.fixture(scope="module")
 def torchs_first_step(batch):
-    """torch's loss and tables after one whole step, and its tables after one sparse-part step
-    (1 thread)."""
+    """torch's loss and tables after one whole step, its tables after one sparse-part step, and
+    its tables before any step (1 thread)."""
     with bench.thread_count(1):
         model, optimizers = built("torch", 1)
+        before = [bag.weight.detach().clone() for bag in model.sparse.bags]
         loss = dlrm.training_step(model, optimizers, *batch[:3]).item()
         after_step = [bag.weight.detach().clone() for bag in model.sparse.bags]
         model, optimizers = built("torch", 1)
         sparse_step(model.sparse, optimizers[1:], batch)
-        return loss, after_step, [bag.weight.detach().clone() for bag in model.sparse.bags]
+        return (loss, after_step, [bag.weight.detach().clone() for bag in model.sparse.bags],
+                before)
 
 
 def sparse_step(sparse, optimizers, batch):
@@ -73,9 +75,24 @@ def tables_of(sparse):
     return [bag.weight for bag in sparse.bags]
 
 
-def assert_tables_close(ours, theirs):
-    for our_table, their_table in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(our_table.detach(), their_table, rtol=1e-4, atol=1e-6)
+def assert_tables_close(ours, theirs, before=None):
+    """Our tables equal torch's to float32 rounding. With ``before`` (the tables before the
+    step), not where, in a row the step changed, torch's gradient cancelled to below Adagrad's
+    eps (its step moved the weight less than LR / 2): there the gradient is rounding noise,
+    which the order of a row's sums decides, and so is the step, which is only checked to stay
+    within LR. Such elements must be rare (at most 1 in 1,000 of a table's touched ones; on an
+    AMD EPYC one of them, in 26 tables, differed by more than float32 rounding; on an Intel
+    Xeon none did)."""
+    for index, (our_table, their_table) in enumerate(zip(ours, theirs, strict=True)):
+        our_table = our_table.detach()
+        if before is not None:
+            step = (their_table - before[index]).abs()
+            touched = (step > 0).any(dim=1, keepdim=True).expand_as(step)
+            cancelled = (step < LR / 2) & touched
+            assert cancelled.sum() <= 1e-3 * touched.sum()
+            assert ((our_table - before[index]).abs()[cancelled] <= LR * (1 + 1e-3)).all()
+            our_table = torch.where(cancelled, their_table, our_table)
+        torch.testing.assert_close(our_table, their_table, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("threads", THREAD_COUNTS, ids=lambda threads: f"{threads}t")
@@ -86,7 +103,8 @@ def test_torch_dlrm_step(benchmark, batch, torchs_first_step, embeddings, thread
         model, optimizers = built(embeddings, threads)
         loss = dlrm.training_step(model, optimizers, *batch[:3]).item()
         assert loss == pytest.approx(torchs_first_step[0], rel=1e-5)
-        assert_tables_close(tables_of(model.sparse), torchs_first_step[1])
+        assert_tables_close(tables_of(model.sparse), torchs_first_step[1],
+                            before=torchs_first_step[3])
         benchmark.group = f"torch_dlrm_step-{threads}t"
         benchmark.extra_info.update(embeddings=embeddings, threads=threads)
         benchmark(dlrm.training_step, model, optimizers, *batch[:3])
