@@ -55,7 +55,8 @@ def openmp_max_threads():
 
 
 def cpu_has_avx2():
-    """True when the CPU running this process has AVX2 and F16C (so _core_avx2 may be used)."""
+    """True when the CPU running this process has AVX2, F16C and FMA (so _core_avx2 may be
+    used)."""
     return bool(fastemb_cpu_has_avx2())
 
 

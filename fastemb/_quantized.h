@@ -1,16 +1,23 @@
 /* fastemb/_quantized.h: the C that the quantized-table kernels (fastemb/_quantized.pyx) use:
- * the loops that dequantize one row and combine it into
- * a float32 row, written so that gcc vectorises them (u8 -> i32 -> f32, times scale, plus
- * bias). Every build compiles them with -ffp-contract=off: no fused multiply-add, so each
- * value is rounded after the multiply and after each add, the same in every build. */
+ * the loops that dequantize one row and combine it into a float32 row, and the bag sums that
+ * keep their running sums in vector registers. A code q of a row with scale s and bias b has
+ * the value fma(s, q, b): s * q + b rounded once, as FBGEMM computes it (a fused multiply-add
+ * where the CPU has one, C's fmaf where not: the same bits in every build). Every build
+ * compiles with -ffp-contract=off, so nothing else is fused. */
 #ifndef FASTEMB_QUANTIZED_H
 #define FASTEMB_QUANTIZED_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "_core.h"  /* the float16 conversions */
+
+/* The value of code q in a row of scale `scale` and bias `bias`. */
+static inline float fastemb_dequantized(float scale, float q, float bias) {
+    return fmaf(scale, q, bias);
+}
 
 /* The scale and bias stored after a row's `code_bytes` bytes of codes: float32 (8 bits) or
    float16 (4 bits), at any alignment. */
@@ -36,16 +43,16 @@ static inline void fastemb_scale_bias_4bit(const uint8_t *row, Py_ssize_t code_b
 #define FASTEMB_COMBINE_STORE(acc, value, weight) (acc) = (value)
 
 /* fastemb_<name>_8bit / _4bit(acc, codes, scale, bias, weight, dim): for every column j,
-   value = scale * q[j] + bias (rounded after the multiply, then after the add), combined into
-   acc[j]. 8 bits: q[j] = codes[j]. 4 bits: q[j] is the low nibble of codes[j / 2] for an even
-   j and the high nibble for an odd j (dim is even). */
+   value = fastemb_dequantized(scale, q[j], bias), combined into acc[j]. 8 bits:
+   q[j] = codes[j]. 4 bits: q[j] is the low nibble of codes[j / 2] for an even j and the high
+   nibble for an odd j (dim is even). */
 #define FASTEMB_QUANTIZED_ROW_LOOPS(name, COMBINE) \
     static inline void fastemb_##name##_8bit(float *restrict acc, \
                                              const uint8_t *restrict codes, float scale, \
                                              float bias, float weight, Py_ssize_t dim) { \
         (void)weight; \
         for (Py_ssize_t j = 0; j < dim; j++) { \
-            const float value = scale * (float)(int32_t)codes[j] + bias; \
+            const float value = fastemb_dequantized(scale, (float)codes[j], bias); \
             COMBINE(acc[j], value, weight); \
         } \
     } \
@@ -55,8 +62,8 @@ static inline void fastemb_scale_bias_4bit(const uint8_t *row, Py_ssize_t code_b
         (void)weight; \
         for (Py_ssize_t i = 0; i < dim / 2; i++) { \
             const uint8_t pair = codes[i]; \
-            const float low = scale * (float)(int32_t)(pair & 15) + bias; \
-            const float high = scale * (float)(int32_t)(pair >> 4) + bias; \
+            const float low = fastemb_dequantized(scale, (float)(pair & 15), bias); \
+            const float high = fastemb_dequantized(scale, (float)(pair >> 4), bias); \
             COMBINE(acc[2 * i], low, weight); \
             COMBINE(acc[2 * i + 1], high, weight); \
         } \
@@ -91,7 +98,7 @@ static inline void fastemb_dequantize_row(int bits, int take_max, float *restric
    code_bytes, dim, indices, start, end, n, weights, padding_idx, distance):
    out[j] = the sum over the kept entries k of [start, end) (rows of the table, not padding_idx)
    of value_k[j] (times weights[k] when weighted), added left to right from +0, with
-   value_k[j] = scale_k * q_k[j] + bias_k from the codes, scale and bias of row indices[k].
+   value_k[j] = fastemb_dequantized(scale_k, q_k[j], bias_k), from row indices[k].
    Entry by entry the row is read where its index is, in the same loop that prefetches every
    line of the row `distance` positions ahead (0: none; past n, the current one's), so the
    loads never wait on a collect pass and rows that straddle cache lines come in whole.
@@ -193,55 +200,30 @@ static inline int fastemb_quantized_is_kept(int64_t row, int64_t padding_idx,
 #else
 #define FASTEMB_QUANTIZED_LANES 4
 #endif
-/* Codes go 16 at a time (one 16-byte register of u8 codes, a "group"); a block is 4 groups,
-   64 columns (2 groups with 16-byte float vectors, so that the sums leave registers free). */
-#define FASTEMB_QUANTIZED_GROUPS (FASTEMB_QUANTIZED_LANES == 4 ? 2 : 4)
-#define FASTEMB_QUANTIZED_BLOCK (16 * FASTEMB_QUANTIZED_GROUPS)
-#define FASTEMB_VECTORS_PER_GROUP (16 / FASTEMB_QUANTIZED_LANES)
+/* A block is FASTEMB_QUANTIZED_VECTORS vectors of running sums: 64 columns (32 with 16-byte
+   vectors), which leaves registers for a row's values (AVX2 has 16 vector registers: the 8
+   sums, scale, bias and the value being added; a block that computed all 8 values before
+   adding them spilled 2 sums to the stack, and the 8-bit bag sum ran 7-11% slower). */
+#define FASTEMB_QUANTIZED_VECTORS (FASTEMB_QUANTIZED_LANES == 16 ? 4 : 8)
+#define FASTEMB_QUANTIZED_BLOCK (FASTEMB_QUANTIZED_LANES * FASTEMB_QUANTIZED_VECTORS)
 typedef float fastemb_lanes_float __attribute__((vector_size(4 * FASTEMB_QUANTIZED_LANES)));
 typedef int32_t fastemb_lanes_int __attribute__((vector_size(4 * FASTEMB_QUANTIZED_LANES)));
 
-/* 16 u8 codes, zero-extended to int32 and converted: FASTEMB_VECTORS_PER_GROUP vectors. */
-static inline void fastemb_widen_group(__m128i codes,
-                                       fastemb_lanes_float out[FASTEMB_VECTORS_PER_GROUP]) {
+/* FASTEMB_QUANTIZED_LANES bytes from `bytes`, zero-extended to int32 lanes (read: exactly
+   those bytes). */
+static inline fastemb_lanes_int fastemb_widen_bytes(const uint8_t *bytes) {
 #if defined(__AVX512F__)
-    out[0] = (fastemb_lanes_float)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+    return (fastemb_lanes_int)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));
 #elif defined(__AVX2__)
-    out[0] = (fastemb_lanes_float)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
-    out[1] = (fastemb_lanes_float)_mm256_cvtepi32_ps(
-        _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(codes, codes)));
+    return (fastemb_lanes_int)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes));
 #else
+    int32_t four;
     const __m128i zero = _mm_setzero_si128();
-    const __m128i low = _mm_unpacklo_epi8(codes, zero), high = _mm_unpackhi_epi8(codes, zero);
-    out[0] = (fastemb_lanes_float)_mm_cvtepi32_ps(_mm_unpacklo_epi16(low, zero));
-    out[1] = (fastemb_lanes_float)_mm_cvtepi32_ps(_mm_unpackhi_epi16(low, zero));
-    out[2] = (fastemb_lanes_float)_mm_cvtepi32_ps(_mm_unpacklo_epi16(high, zero));
-    out[3] = (fastemb_lanes_float)_mm_cvtepi32_ps(_mm_unpackhi_epi16(high, zero));
+    memcpy(&four, bytes, sizeof four);
+    return (fastemb_lanes_int)_mm_unpacklo_epi16(
+        _mm_unpacklo_epi8(_mm_cvtsi32_si128(four), zero), zero);
 #endif
 }
-
-/* The codes of a block's groups, from column `column` of a row: 8 bits, 16 bytes a group;
-   4 bits, 16 bytes for two groups, whose low nibbles (the even columns) and high nibbles
-   (the odd ones) are interleaved back into column order. */
-static inline void fastemb_block_codes_8bit(const uint8_t *row, Py_ssize_t column,
-                                            __m128i groups[FASTEMB_QUANTIZED_GROUPS]) {
-    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g++)
-        groups[g] = _mm_loadu_si128((const __m128i *)(row + column + 16 * g));
-}
-
-static inline void fastemb_block_codes_4bit(const uint8_t *row, Py_ssize_t column,
-                                            __m128i groups[FASTEMB_QUANTIZED_GROUPS]) {
-    const __m128i nibble = _mm_set1_epi8(15);
-    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g += 2) {
-        const __m128i pairs = _mm_loadu_si128((const __m128i *)(row + column / 2 + 8 * g));
-        const __m128i even = _mm_and_si128(pairs, nibble);
-        const __m128i odd = _mm_and_si128(_mm_srli_epi16(pairs, 4), nibble);
-        groups[g] = _mm_unpacklo_epi8(even, odd);
-        groups[g + 1] = _mm_unpackhi_epi8(even, odd);
-    }
-}
-
-#define FASTEMB_QUANTIZED_VECTORS (FASTEMB_QUANTIZED_GROUPS * FASTEMB_VECTORS_PER_GROUP)
 
 /* A float in every lane. */
 static inline fastemb_lanes_float fastemb_lanes_broadcast(float value) {
@@ -254,92 +236,82 @@ static inline fastemb_lanes_float fastemb_lanes_broadcast(float value) {
 #endif
 }
 
-/* A row's scale and bias, in every lane. */
-static inline void fastemb_scale_bias_lanes_8bit(const uint8_t *row, Py_ssize_t code_bytes,
-                                                 fastemb_lanes_float *scale,
-                                                 fastemb_lanes_float *bias) {
-    float s, b;
-    fastemb_scale_bias_8bit(row, code_bytes, &s, &b);
-    *scale = fastemb_lanes_broadcast(s);
-    *bias = fastemb_lanes_broadcast(b);
+/* fma(scale, codes, bias) lane by lane, rounded once, as fastemb_dequantized. */
+static inline fastemb_lanes_float fastemb_lanes_dequantized(fastemb_lanes_float scale,
+                                                            fastemb_lanes_int codes,
+                                                            fastemb_lanes_float bias) {
+    const fastemb_lanes_float q = __builtin_convertvector(codes, fastemb_lanes_float);
+#if defined(__AVX512F__)
+    return (fastemb_lanes_float)_mm512_fmadd_ps((__m512)scale, (__m512)q, (__m512)bias);
+#elif defined(__AVX2__) && defined(__FMA__)
+    return (fastemb_lanes_float)_mm256_fmadd_ps((__m256)scale, (__m256)q, (__m256)bias);
+#else
+    fastemb_lanes_float value;
+    for (int lane = 0; lane < FASTEMB_QUANTIZED_LANES; lane++)
+        value[lane] = fastemb_dequantized(scale[lane], q[lane], bias[lane]);
+    return value;
+#endif
 }
 
-static inline void fastemb_scale_bias_lanes_4bit(const uint8_t *row, Py_ssize_t code_bytes,
-                                                 fastemb_lanes_float *scale,
-                                                 fastemb_lanes_float *bias) {
+/* What a row's values need, in every lane: setup[0] its scale and setup[1] its bias; for
+   4 bits with AVX-512, setup[0] its 16 possible values instead (fma(scale, c, bias) for the
+   codes c = 0, ..., 15, in lane c: the same operation on the same floats, so the same bits). */
+static inline void fastemb_row_setup_8bit(const uint8_t *row, Py_ssize_t code_bytes,
+                                          fastemb_lanes_float setup[2]) {
+    float scale, bias;
+    fastemb_scale_bias_8bit(row, code_bytes, &scale, &bias);
+    setup[0] = fastemb_lanes_broadcast(scale);
+    setup[1] = fastemb_lanes_broadcast(bias);
+}
+
+static inline void fastemb_row_setup_4bit(const uint8_t *row, Py_ssize_t code_bytes,
+                                          fastemb_lanes_float setup[2]) {
 #if defined(__AVX512F__) && defined(__F16C__)
     /* both halves converted at once (F16C, as fastemb_float16_value in this build), then
        spread: lane 0 is the scale, lane 1 the bias */
     uint32_t halves;
     memcpy(&halves, row + code_bytes, sizeof halves);
     const __m512 pair = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)halves)));
-    *scale = (fastemb_lanes_float)_mm512_permutexvar_ps(_mm512_set1_epi32(0), pair);
-    *bias = (fastemb_lanes_float)_mm512_permutexvar_ps(_mm512_set1_epi32(1), pair);
-#else
-    float s, b;
-    fastemb_scale_bias_4bit(row, code_bytes, &s, &b);
-    *scale = fastemb_lanes_broadcast(s);
-    *bias = fastemb_lanes_broadcast(b);
-#endif
-}
-
-/* values[v] = scale * code + bias for the block's codes in `groups`, in column order. */
-static inline void fastemb_group_values(const __m128i groups[FASTEMB_QUANTIZED_GROUPS],
-                                        fastemb_lanes_float scale, fastemb_lanes_float bias,
-                                        fastemb_lanes_float values[FASTEMB_QUANTIZED_VECTORS]) {
-    _Pragma("GCC unroll 4")
-    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g++)
-        fastemb_widen_group(groups[g], values + g * FASTEMB_VECTORS_PER_GROUP);
-    _Pragma("GCC unroll 16")
-    for (int v = 0; v < FASTEMB_QUANTIZED_VECTORS; v++)
-        values[v] = scale * values[v] + bias;
-}
-
-/* The values scale * q[j] + bias (rounded after the multiply, then after the add) of a block
-   of a row from column `column`: the block's vectors in the order of its running sums, which
-   fastemb_store_block_<bits>bit puts back in column order. 8 bits, and 4 bits in the narrower
-   builds: column order, each vector from its codes widened to float (the nibbles interleaved
-   back by fastemb_block_codes_4bit). 4 bits with AVX-512: a code has 16 values, so the row's
-   16 possible values are computed once (scale * 0 + bias, ..., scale * 15 + bias: the same
-   multiply and add of the same floats, so the same bits), and each 16 bytes of codes, widened
-   to 16 int32 lanes of pairs, look them up (vpermps reads the low 4 bits of each lane) for
-   the even columns (the low nibbles) and, shifted right by 4, for the odd ones: the sums of
-   even and odd columns are kept apart until the store. */
-static inline void fastemb_block_values_8bit(const uint8_t *row, Py_ssize_t code_bytes,
-                                             Py_ssize_t column,
-                                             fastemb_lanes_float values[FASTEMB_QUANTIZED_VECTORS]) {
-    __m128i groups[FASTEMB_QUANTIZED_GROUPS];
-    fastemb_lanes_float scale, bias;
-    fastemb_scale_bias_lanes_8bit(row, code_bytes, &scale, &bias);
-    fastemb_block_codes_8bit(row, column, groups);
-    fastemb_group_values(groups, scale, bias, values);
-}
-
-static inline void fastemb_block_values_4bit(const uint8_t *row, Py_ssize_t code_bytes,
-                                             Py_ssize_t column,
-                                             fastemb_lanes_float values[FASTEMB_QUANTIZED_VECTORS]) {
-    fastemb_lanes_float scale, bias;
-    fastemb_scale_bias_lanes_4bit(row, code_bytes, &scale, &bias);
-#if defined(__AVX512F__)
-    const fastemb_lanes_float codes = (fastemb_lanes_float)_mm512_set_ps(
+    const fastemb_lanes_int codes = (fastemb_lanes_int)_mm512_set_epi32(
         15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512 lookup = (__m512)(scale * codes + bias);
-    _Pragma("GCC unroll 4")
-    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g += 2) {
-        const __m512i pairs = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128((const __m128i *)(row + column / 2 + 8 * g)));
-        values[g] = (fastemb_lanes_float)_mm512_permutexvar_ps(pairs, lookup);
-        values[g + 1] = (fastemb_lanes_float)_mm512_permutexvar_ps(_mm512_srli_epi32(pairs, 4),
-                                                                   lookup);
-    }
+    setup[0] = fastemb_lanes_dequantized(
+        (fastemb_lanes_float)_mm512_permutexvar_ps(_mm512_set1_epi32(0), pair), codes,
+        (fastemb_lanes_float)_mm512_permutexvar_ps(_mm512_set1_epi32(1), pair));
 #else
-    __m128i groups[FASTEMB_QUANTIZED_GROUPS];
-    fastemb_block_codes_4bit(row, column, groups);
-    fastemb_group_values(groups, scale, bias, values);
+    float scale, bias;
+    fastemb_scale_bias_4bit(row, code_bytes, &scale, &bias);
+    setup[0] = fastemb_lanes_broadcast(scale);
+    setup[1] = fastemb_lanes_broadcast(bias);
 #endif
 }
 
-/* out[:FASTEMB_QUANTIZED_BLOCK] = a block's running sums, in column order. */
+/* Vector v of a block's values from column `column` of a row, each one fastemb_dequantized
+   of its code. 8 bits: columns column + LANES v, ... in order. 4 bits: vectors 2p and 2p + 1
+   take the LANES bytes of codes at column / 2 + LANES p, the low nibbles (the even columns
+   column + 2 LANES p + 2i) and the high ones (the odd columns + 2i + 1); with AVX-512 they
+   look the value up (vpermps reads the low 4 bits of each lane). */
+static inline fastemb_lanes_float fastemb_vector_value_8bit(const uint8_t *row,
+                                                            Py_ssize_t column, int v,
+                                                            const fastemb_lanes_float setup[2]) {
+    return fastemb_lanes_dequantized(
+        setup[0], fastemb_widen_bytes(row + column + FASTEMB_QUANTIZED_LANES * v), setup[1]);
+}
+
+static inline fastemb_lanes_float fastemb_vector_value_4bit(const uint8_t *row,
+                                                            Py_ssize_t column, int v,
+                                                            const fastemb_lanes_float setup[2]) {
+    const fastemb_lanes_int pairs = fastemb_widen_bytes(
+        row + column / 2 + FASTEMB_QUANTIZED_LANES * (v / 2));
+    const fastemb_lanes_int codes = v % 2 ? pairs >> 4 : pairs;
+#if defined(__AVX512F__)
+    return (fastemb_lanes_float)_mm512_permutexvar_ps((__m512i)codes, (__m512)setup[0]);
+#else
+    return fastemb_lanes_dequantized(setup[0], codes & 15, setup[1]);
+#endif
+}
+
+/* out[:FASTEMB_QUANTIZED_BLOCK] = a block's running sums, in column order: 8 bits, as they
+   are; 4 bits, sums 2p (the even columns) and 2p + 1 (the odd ones) interleaved. */
 static inline void fastemb_store_block_8bit(float *out,
                                             const fastemb_lanes_float acc[FASTEMB_QUANTIZED_VECTORS]) {
     _Pragma("GCC unroll 16")
@@ -349,20 +321,28 @@ static inline void fastemb_store_block_8bit(float *out,
 
 static inline void fastemb_store_block_4bit(float *out,
                                             const fastemb_lanes_float acc[FASTEMB_QUANTIZED_VECTORS]) {
+    _Pragma("GCC unroll 8")
+    for (int v = 0; v < FASTEMB_QUANTIZED_VECTORS; v += 2) {
+        float *pair_out = out + v * FASTEMB_QUANTIZED_LANES;
 #if defined(__AVX512F__)
-    /* acc[g] holds columns 32 * (g / 2) + 0, 2, ..., 30 and acc[g + 1] the odd ones */
-    const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                          24, 8);
-    _Pragma("GCC unroll 4")
-    for (int g = 0; g < FASTEMB_QUANTIZED_GROUPS; g += 2) {
-        const __m512 even = (__m512)acc[g], odd = (__m512)acc[g + 1];
-        _mm512_storeu_ps(out + 16 * g, _mm512_permutex2var_ps(even, low, odd));
-        _mm512_storeu_ps(out + 16 * g + 16, _mm512_permutex2var_ps(even, high, odd));
-    }
+        const __m512 even = (__m512)acc[v], odd = (__m512)acc[v + 1];
+        const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                             16, 0);
+        const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                              25, 9, 24, 8);
+        _mm512_storeu_ps(pair_out, _mm512_permutex2var_ps(even, low, odd));
+        _mm512_storeu_ps(pair_out + 16, _mm512_permutex2var_ps(even, high, odd));
+#elif defined(__AVX2__)
+        /* in each 128-bit half: columns (0, 1, 2, 3) and (4, 5, 6, 7) of that half's pairs */
+        const __m256 low = _mm256_unpacklo_ps((__m256)acc[v], (__m256)acc[v + 1]);
+        const __m256 high = _mm256_unpackhi_ps((__m256)acc[v], (__m256)acc[v + 1]);
+        _mm256_storeu_ps(pair_out, _mm256_permute2f128_ps(low, high, 0x20));
+        _mm256_storeu_ps(pair_out + 8, _mm256_permute2f128_ps(low, high, 0x31));
 #else
-    fastemb_store_block_8bit(out, acc);
+        _mm_storeu_ps(pair_out, _mm_unpacklo_ps((__m128)acc[v], (__m128)acc[v + 1]));
+        _mm_storeu_ps(pair_out + 4, _mm_unpackhi_ps((__m128)acc[v], (__m128)acc[v + 1]));
 #endif
+    }
 }
 
 #define FASTEMB_QUANTIZED_BAG_SUM(name, index_type, bits, COMBINE, row_loop) \
@@ -377,7 +357,7 @@ static inline void fastemb_store_block_4bit(float *out,
             for (int v = 0; v < VECTORS; v++) \
                 acc[v] = (fastemb_lanes_float){0}; \
             for (k = start; k < end; k++) { \
-                fastemb_lanes_float values[VECTORS]; \
+                fastemb_lanes_float setup[2]; \
                 const int64_t row = (int64_t)indices[k]; \
                 const uint8_t *source; \
                 if (prefetching) \
@@ -386,10 +366,12 @@ static inline void fastemb_store_block_4bit(float *out,
                 if (!fastemb_quantized_is_kept(row, padding_idx, num_rows)) \
                     continue; \
                 source = table + row * row_bytes; \
-                fastemb_block_values_##bits##bit(source, code_bytes, column, values); \
+                fastemb_row_setup_##bits##bit(source, code_bytes, setup); \
+                /* each value added as soon as it is made: see FASTEMB_QUANTIZED_VECTORS */ \
                 _Pragma("GCC unroll 16") \
                 for (int v = 0; v < VECTORS; v++) \
-                    COMBINE(acc[v], values[v], weights[k]); \
+                    COMBINE(acc[v], fastemb_vector_value_##bits##bit(source, column, v, setup), \
+                            weights[k]); \
             } \
             fastemb_store_block_##bits##bit(out + column, acc); \
         } \

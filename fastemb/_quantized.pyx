@@ -5,7 +5,8 @@ read. The rules every kernel follows are in ``fastemb/_core.pyx``.
 
 A quantized table is uint8, one row of ``row_bytes`` bytes per table row (torch's
 ``embedding_bag_byte_prepack`` / ``embedding_bag_4bit_prepack`` layout, FBGEMM's "fused
-row-wise" format); element j of a row is ``value[j] = scale * q[j] + bias``:
+row-wise" format); element j of a row is ``value[j] = fma(scale, q[j], bias)``, scale * q[j] +
+bias rounded once (as FBGEMM computes it):
 
 - 8 bits: ``D`` bytes q, then float32 scale, float32 bias (row_bytes = D + 8);
 - 4 bits: ``D / 2`` bytes, q[j] the low nibble of byte j // 2 for an even j and the high
@@ -37,8 +38,8 @@ __all__ = ["gather_quantized", "quantize_rows", "quantized_bag_forward_common",
            "quantized_bag_reduce", "quantized_row_bytes"]
 
 cdef extern from "_quantized.h":
-    # (bits, take_max, acc, row, code_bytes, dim): acc[j] = scale * q[j] + bias, or with
-    # take_max acc[j] = max(acc[j], scale * q[j] + bias) (the new value only if greater)
+    # (bits, take_max, acc, row, code_bytes, dim): acc[j] = value[j], or with take_max
+    # acc[j] = max(acc[j], value[j]) (the new value only if greater)
     void dequantize_row "fastemb_dequantize_row"(int, bint, float *, const uint8_t *,
                                                  Py_ssize_t, Py_ssize_t) noexcept nogil
     # (table, num_rows, row_bytes, row): prefetch every cache line of a row (row 0 for a row
@@ -47,7 +48,7 @@ cdef extern from "_quantized.h":
                                                                 Py_ssize_t, int64_t) noexcept nogil
     # (bits, out, table, num_rows, row_bytes, code_bytes, dim, indices, start, end, n, weights,
     # padding_idx, distance): out[:dim] = the sum over the kept entries k of [start, end) of
-    # (weights[k] *) (scale * q[j] + bias) of row indices[k], left to right from +0 (weights
+    # (weights[k] *) value[j] of row indices[k], left to right from +0 (weights
     # NULL: unweighted), prefetching the row `distance` positions ahead (0: none)
     void bag_sum_int32 "fastemb_quantized_bag_sum_int32_t"(
         int, float *, const uint8_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
@@ -246,8 +247,7 @@ def gather_quantized(const uint8_t[:, ::1] data, int bits, const index_t[::1] in
 # --------------------------------------------------------------------------------------------
 # Bag reductions of a quantized table (embedding_bag forward). Bag b holds positions
 # [bounds[b], bounds[b+1]); the kept entries k are those whose row x_k is a row of the table
-# and not padding_idx; value_k[j] = scale_k * q_k[j] + bias_k (float32, rounded after the
-# multiply and after the add).
+# and not padding_idx; value_k[j] = fma(scale_k, q_k[j], bias_k) (float32, rounded once).
 #   sum:  out[b, j] = sum_k w_k * value_k[j]     (w_k = 1 and no multiply, unweighted)
 #   mean: out[b] = the sum / count of kept entries (weighted: / sum_k w_k); 0 for a divisor 0
 #   max:  out[b, j] = max_k value_k[j]  (a later entry wins only if strictly greater); 0 for a

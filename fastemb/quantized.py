@@ -3,7 +3,8 @@ in torch's prepacked byte layout, and the lookups on them that ``fastemb.embeddi
 ``fastemb.embedding_bag`` run when given one.
 
 Each row is stored as integer codes with its own scale and bias, and element j of a row is
-``scale * q[j] + bias``: 8 bits store ``D`` byte codes then float32 scale and bias (D + 8
+``scale * q[j] + bias``, rounded once to float32 (a fused multiply-add, as FBGEMM computes
+it): 8 bits store ``D`` byte codes then float32 scale and bias (D + 8
 bytes a row, torch's ``embedding_bag_byte_prepack``), 4 bits store two codes a byte (the even
 element in the low nibble) then float16 scale and bias (D / 2 + 4 bytes a row, torch's
 ``embedding_bag_4bit_prepack``). The kernels are in ``fastemb/_quantized.pyx``.
@@ -100,7 +101,7 @@ class QuantizedTable:
 
     def dequantize(self) -> np.ndarray:
         """The table in float32, ``(num_embeddings, embedding_dim)``: ``scale * q + bias``
-        row by row.
+        row by row, rounded once (a fused multiply-add).
 
         >>> import numpy as np, fastemb
         >>> fastemb.quantize(np.array([[0, 15, 3, 7]], np.float32), bits=4).dequantize()

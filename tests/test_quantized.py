@@ -36,9 +36,51 @@ def bits_and_dims():
 # --------------------------------------------------------------------------------------------
 
 
+def fma_float32(a, b, c):
+    """``a * b + c`` of float32 arrays rounded once to float32, as C's fmaf: the product is exact
+    in float64 (24 + 24 bits), the sum's rounding error is found exactly (Knuth's two-sum) and
+    the float64 sum rounded to odd (an inexact sum with an even last bit moves one step towards
+    the error), which float64's 53 bits, 2 more than float32's 24 + 1 need, then round to
+    nearest float32 correctly (Boldo and Melquiond, 2008). Non-finite inputs take float64's
+    arithmetic, which fmaf's agrees with."""
+    product = np.asarray(a, np.float64) * np.asarray(b, np.float64)
+    addend = np.broadcast_to(np.asarray(c, np.float64), product.shape)
+    total = product + addend
+    with np.errstate(invalid="ignore"):  # (inf - inf: NaN errors, where total is not finite)
+        moved = total - product
+        error = (product - (total - moved)) + (addend - moved)
+    to_odd = np.isfinite(total) & (error != 0) & (total.view(np.int64) & 1 == 0)
+    total = np.where(to_odd, np.nextafter(total, np.where(error > 0, np.inf, -np.inf)), total)
+    return total.astype(np.float32)
+
+
+def test_fma_float32_is_correctly_rounded(rng):
+    """The reference against exact rational arithmetic, on random floats and on products and
+    addends whose float64 sum lands halfway between two float32s (where rounding twice goes
+    wrong), with addends far smaller than the product."""
+    from fractions import Fraction
+
+    a = rng.standard_normal(400).astype(np.float32)
+    b = rng.integers(0, 256, 400).astype(np.float32)
+    c = rng.standard_normal(400).astype(np.float32)
+    half_step = np.spacing(a * b) / 2  # an addend that puts a * b + c on a float32 midpoint
+    c[:100] = (half_step[:100] + half_step[:100] * 2.0**-30).astype(np.float32)
+    c[100:200] = (half_step[100:200] * 2.0**-40).astype(np.float32)
+    got = fma_float32(a, b, c)
+    for x, y, z, result in zip(a, b, c, got):
+        exact = Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))
+        guess = np.float32(float(exact))  # (rounded twice: the answer or a neighbour of it)
+        candidates = [np.nextafter(guess, np.float32(-np.inf)), guess,
+                      np.nextafter(guess, np.float32(np.inf))]
+        nearest = min(candidates, key=lambda value: (abs(Fraction(float(value)) - exact),
+                                                     int(value.view(np.uint32)) % 2))
+        assert result == nearest, (x, y, z, result, nearest)
+    assert (got != (a * b + c)).any()  # rounding twice gives other bits somewhere
+
+
 def dequantize_ref(data, bits):
-    """Each row's ``scale * q + bias`` in float32, rounded after the multiply and after the add,
-    read from the prepacked bytes as the layout says: 8 bits, D codes then float32 scale and
+    """Each row's ``scale * q + bias`` in float32, rounded once (``fma_float32``), read from
+    the prepacked bytes as the layout says: 8 bits, D codes then float32 scale and
     bias; 4 bits, D / 2 bytes (element 2i in the low nibble of byte i, 2i + 1 in the high one)
     then float16 scale and bias."""
     data = np.asarray(data, dtype=np.uint8)
@@ -51,7 +93,7 @@ def dequantize_ref(data, bits):
         codes[:, 0::2] = pairs & 15
         codes[:, 1::2] = pairs >> 4
         scale_bias = data[:, -4:].copy().view(np.float16).astype(np.float32)
-    return codes * scale_bias[:, :1] + scale_bias[:, 1:]
+    return fma_float32(scale_bias[:, :1], codes, scale_bias[:, 1:])
 
 
 def bag_ref_float64(values, indices, bounds, mode, weights=None, padding=None):
