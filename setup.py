@@ -13,7 +13,7 @@ The kernels are built three times from one source: ``fastemb._core`` with ``_loo
 ``fastemb._core_avx512`` with ``_lookup_avx512``, ... (AVX-512: 512-bit vectors);
 ``fastemb/_kernels.py`` picks the widest the CPU has at import time. All give the same results
 bit for bit: ``-ffp-contract=off`` forbids the compiler to fuse a multiply and an add (the
-quantized tables' fused multiply-add is explicit: ``fmaf``, correctly rounded in every build)
+quantized tables' fused multiply-add is explicit, and correctly rounded in every build)
 and nothing reassociates.
 ``_common`` (the kernels' enums) and ``_allocator`` (the block cache) are built once.
 
@@ -35,8 +35,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 OPENMP_FLAG = "-fopenmp"
-# -ffp-contract=off: a*b+c is never fused unless the code says so (fmaf, a correctly rounded
-# fused multiply-add in every build), so results do not depend on the target CPU's FMA.
+# -ffp-contract=off: a*b+c is never fused unless the code says so (the quantized tables'
+# values, correctly rounded in every build), so results do not depend on the target CPU's FMA.
 # -fno-math-errno: sqrt need not set errno, so it vectorises (results are unchanged).
 BASE_FLAGS = ["-ffp-contract=off", "-fno-math-errno"]
 OPTIMISE_FLAGS = ["-O3"]

@@ -1,9 +1,9 @@
 /* fastemb/_quantized.h: the C that the quantized-table kernels (fastemb/_quantized.pyx) use:
  * the loops that dequantize one row and combine it into a float32 row, and the bag sums that
  * keep their running sums in vector registers. A code q of a row with scale s and bias b has
- * the value fma(s, q, b): s * q + b rounded once, as FBGEMM computes it (a fused multiply-add
- * where the CPU has one, C's fmaf where not: the same bits in every build). Every build
- * compiles with -ffp-contract=off, so nothing else is fused. */
+ * the value fma(s, q, b): s * q + b rounded once, as FBGEMM computes it (with the CPU's fused
+ * multiply-add in the vector builds, from float64 in the portable one: the same bits in every
+ * build). Every build compiles with -ffp-contract=off, so nothing else is fused. */
 #ifndef FASTEMB_QUANTIZED_H
 #define FASTEMB_QUANTIZED_H
 
@@ -14,10 +14,73 @@
 
 #include "_core.h"  /* the float16 conversions */
 
-/* The value of code q in a row of scale `scale` and bias `bias`. */
+/* The value of code q (0 to 255) in a row of scale `scale` and bias `bias` is fma(scale, q,
+   bias), rounded once: fastemb_dequantized, for any floats. fastemb_dequantized_in_row gives
+   the same where FASTEMB_ROW_IS_EXACT(scale, bias), as every row is where fmaf is a single
+   instruction (FP_FAST_FMAF: the vector builds, with FMA). Where it is not (the portable x86
+   build: SSE2 math, no FMA instruction; glibc's fmaf is a call, with which the 8-bit bag sum
+   ran 7x slower), fastemb_dequantized_in_row computes in float64, where scale * q is exact
+   (24 + 8 bits) and so is scale * q + bias in almost every row: one rounding to float32 then
+   gives the fused result. The other rows take fastemb_dequantized, made exact in float64. */
+#if !defined(FP_FAST_FMAF) && defined(__SSE2_MATH__)
+#define FASTEMB_FMA_IN_DOUBLE 1
+#else
+#define FASTEMB_FMA_IN_DOUBLE 0
+#endif
+#if !FASTEMB_FMA_IN_DOUBLE
+#define FASTEMB_ROW_IS_EXACT(scale, bias) 1
 static inline float fastemb_dequantized(float scale, float q, float bias) {
     return fmaf(scale, q, bias);
 }
+#define fastemb_dequantized_in_row fastemb_dequantized
+#else
+/* The lowest bit a float32 x can have set (its ulp; 2^-149 for zero and subnormals), as a
+   double. */
+static inline double fastemb_lowest_bit(float x) {
+    uint32_t bits;
+    uint64_t lowest;
+    double value;
+    memcpy(&bits, &x, sizeof bits);
+    bits = (bits >> 23) & 255;  /* the biased exponent */
+    lowest = (uint64_t)((bits ? bits : 1) - 150 + 1023) << 52;  /* 2^(exponent - 150) */
+    memcpy(&value, &lowest, sizeof value);
+    return value;
+}
+
+/* Whether scale * q + bias is exact in float64 for every q of 0 to 255: each is a multiple of
+   the smaller of the two's lowest bits u (both powers of two) and at most
+   255 |scale| + |bias| in magnitude, so it is when that is below 2^53 u (2^52 here: the bound
+   is itself rounded). False for an infinite or NaN scale or bias. */
+static inline int fastemb_sums_exact_in_double(float scale, float bias) {
+    const double low_scale = fastemb_lowest_bit(scale), low_bias = fastemb_lowest_bit(bias);
+    const double lowest = low_scale < low_bias ? low_scale : low_bias;
+    return 255.0 * fabs((double)scale) + fabs((double)bias) < 0x1p52 * lowest;
+}
+#define FASTEMB_ROW_IS_EXACT(scale, bias) fastemb_sums_exact_in_double((scale), (bias))
+
+static inline float fastemb_dequantized_in_row(float scale, float q, float bias) {
+    return (float)((double)scale * (double)q + (double)bias);
+}
+
+/* fma(scale, q, bias) for any floats, from float64: the product is exact (24 + 24 bits) and
+   the sum's rounding error is found exactly (Knuth's two-sum); an inexact sum with an even
+   last bit moves one step towards the error (round to odd), which 53 bits, 2 more than
+   float32's 24 + 1 need, then round to nearest float32 correctly (Boldo and Melquiond,
+   2008). */
+static inline float fastemb_dequantized(float scale, float q, float bias) {
+    const double product = (double)scale * (double)q, addend = (double)bias;
+    double sum = product + addend;
+    const double moved = sum - product;
+    const double error = (product - (sum - moved)) + (addend - moved);
+    uint64_t bits;
+    memcpy(&bits, &sum, sizeof bits);
+    if ((error > 0 || error < 0) && !(bits & 1)) {  /* (false for a NaN error: inf or NaN) */
+        bits += (error > 0) == (sum > 0) ? 1 : (uint64_t)-1;  /* away from 0, or towards */
+        memcpy(&sum, &bits, sizeof sum);
+    }
+    return (float)sum;
+}
+#endif
 
 /* The scale and bias stored after a row's `code_bytes` bytes of codes: float32 (8 bits) or
    float16 (4 bits), at any alignment. */
@@ -43,30 +106,37 @@ static inline void fastemb_scale_bias_4bit(const uint8_t *row, Py_ssize_t code_b
 #define FASTEMB_COMBINE_STORE(acc, value, weight) (acc) = (value)
 
 /* fastemb_<name>_8bit / _4bit(acc, codes, scale, bias, weight, dim): for every column j,
-   value = fastemb_dequantized(scale, q[j], bias), combined into acc[j]. 8 bits:
+   value = fastemb_dequantized(scale, q[j], bias) (fastemb_dequantized_in_row where the row
+   allows), combined into acc[j]. 8 bits:
    q[j] = codes[j]. 4 bits: q[j] is the low nibble of codes[j / 2] for an even j and the high
    nibble for an odd j (dim is even). */
+#define FASTEMB_QUANTIZED_ROW_LOOP_8BIT(dequantize, COMBINE) \
+    for (Py_ssize_t j = 0; j < dim; j++) \
+        COMBINE(acc[j], dequantize(scale, (float)codes[j], bias), weight)
+#define FASTEMB_QUANTIZED_ROW_LOOP_4BIT(dequantize, COMBINE) \
+    for (Py_ssize_t i = 0; i < dim / 2; i++) { \
+        const uint8_t pair = codes[i]; \
+        COMBINE(acc[2 * i], dequantize(scale, (float)(pair & 15), bias), weight); \
+        COMBINE(acc[2 * i + 1], dequantize(scale, (float)(pair >> 4), bias), weight); \
+    }
 #define FASTEMB_QUANTIZED_ROW_LOOPS(name, COMBINE) \
     static inline void fastemb_##name##_8bit(float *restrict acc, \
                                              const uint8_t *restrict codes, float scale, \
                                              float bias, float weight, Py_ssize_t dim) { \
         (void)weight; \
-        for (Py_ssize_t j = 0; j < dim; j++) { \
-            const float value = fastemb_dequantized(scale, (float)codes[j], bias); \
-            COMBINE(acc[j], value, weight); \
-        } \
+        if (FASTEMB_ROW_IS_EXACT(scale, bias)) \
+            FASTEMB_QUANTIZED_ROW_LOOP_8BIT(fastemb_dequantized_in_row, COMBINE); \
+        else \
+            FASTEMB_QUANTIZED_ROW_LOOP_8BIT(fastemb_dequantized, COMBINE); \
     } \
     static inline void fastemb_##name##_4bit(float *restrict acc, \
                                              const uint8_t *restrict codes, float scale, \
                                              float bias, float weight, Py_ssize_t dim) { \
         (void)weight; \
-        for (Py_ssize_t i = 0; i < dim / 2; i++) { \
-            const uint8_t pair = codes[i]; \
-            const float low = fastemb_dequantized(scale, (float)(pair & 15), bias); \
-            const float high = fastemb_dequantized(scale, (float)(pair >> 4), bias); \
-            COMBINE(acc[2 * i], low, weight); \
-            COMBINE(acc[2 * i + 1], high, weight); \
-        } \
+        if (FASTEMB_ROW_IS_EXACT(scale, bias)) \
+            FASTEMB_QUANTIZED_ROW_LOOP_4BIT(fastemb_dequantized_in_row, COMBINE) \
+        else \
+            FASTEMB_QUANTIZED_ROW_LOOP_4BIT(fastemb_dequantized, COMBINE) \
     }
 FASTEMB_QUANTIZED_ROW_LOOPS(add_row, FASTEMB_COMBINE_ADD)
 FASTEMB_QUANTIZED_ROW_LOOPS(add_weighted_row, FASTEMB_COMBINE_ADD_WEIGHTED)
@@ -236,21 +306,43 @@ static inline fastemb_lanes_float fastemb_lanes_broadcast(float value) {
 #endif
 }
 
-/* fma(scale, codes, bias) lane by lane, rounded once, as fastemb_dequantized. */
+/* fastemb_dequantized_in_row lane by lane, of a row's scale and bias (the same in every
+   lane), and fastemb_dequantized lane by lane. */
 static inline fastemb_lanes_float fastemb_lanes_dequantized(fastemb_lanes_float scale,
                                                             fastemb_lanes_int codes,
                                                             fastemb_lanes_float bias) {
-    const fastemb_lanes_float q = __builtin_convertvector(codes, fastemb_lanes_float);
 #if defined(__AVX512F__)
-    return (fastemb_lanes_float)_mm512_fmadd_ps((__m512)scale, (__m512)q, (__m512)bias);
+    return (fastemb_lanes_float)_mm512_fmadd_ps(
+        (__m512)scale, _mm512_cvtepi32_ps((__m512i)codes), (__m512)bias);
 #elif defined(__AVX2__) && defined(__FMA__)
-    return (fastemb_lanes_float)_mm256_fmadd_ps((__m256)scale, (__m256)q, (__m256)bias);
+    return (fastemb_lanes_float)_mm256_fmadd_ps(
+        (__m256)scale, _mm256_cvtepi32_ps((__m256i)codes), (__m256)bias);
+#elif FASTEMB_QUANTIZED_LANES == 4 && FASTEMB_FMA_IN_DOUBLE
+    /* two lanes of float64 at a time */
+    const __m128d row_scale = _mm_set1_pd((double)scale[0]);
+    const __m128d row_bias = _mm_set1_pd((double)bias[0]);
+    const __m128d low = _mm_add_pd(_mm_mul_pd(row_scale, _mm_cvtepi32_pd((__m128i)codes)),
+                                   row_bias);
+    const __m128d high = _mm_add_pd(
+        _mm_mul_pd(row_scale, _mm_cvtepi32_pd(_mm_unpackhi_epi64((__m128i)codes,
+                                                                  (__m128i)codes))),
+        row_bias);
+    return (fastemb_lanes_float)_mm_movelh_ps(_mm_cvtpd_ps(low), _mm_cvtpd_ps(high));
 #else
     fastemb_lanes_float value;
     for (int lane = 0; lane < FASTEMB_QUANTIZED_LANES; lane++)
-        value[lane] = fastemb_dequantized(scale[lane], q[lane], bias[lane]);
+        value[lane] = fastemb_dequantized_in_row(scale[lane], (float)codes[lane], bias[lane]);
     return value;
 #endif
+}
+
+static inline fastemb_lanes_float fastemb_lanes_dequantized_exactly(fastemb_lanes_float scale,
+                                                                    fastemb_lanes_int codes,
+                                                                    fastemb_lanes_float bias) {
+    fastemb_lanes_float value;
+    for (int lane = 0; lane < FASTEMB_QUANTIZED_LANES; lane++)
+        value[lane] = fastemb_dequantized(scale[lane], (float)codes[lane], bias[lane]);
+    return value;
 }
 
 /* What a row's values need, in every lane: setup[0] its scale and setup[1] its bias; for
@@ -285,28 +377,45 @@ static inline void fastemb_row_setup_4bit(const uint8_t *row, Py_ssize_t code_by
 #endif
 }
 
-/* Vector v of a block's values from column `column` of a row, each one fastemb_dequantized
-   of its code. 8 bits: columns column + LANES v, ... in order. 4 bits: vectors 2p and 2p + 1
-   take the LANES bytes of codes at column / 2 + LANES p, the low nibbles (the even columns
-   column + 2 LANES p + 2i) and the high ones (the odd columns + 2i + 1); with AVX-512 they
-   look the value up (vpermps reads the low 4 bits of each lane). */
+/* The codes of vector v of a block from column `column` of a row. 8 bits: columns
+   column + LANES v, ... in order. 4 bits: vectors 2p and 2p + 1 take the LANES bytes of codes
+   at column / 2 + LANES p, the low nibbles (the even columns column + 2 LANES p + 2i) and the
+   high ones (the odd columns + 2i + 1); with AVX-512 the low nibbles keep the high ones above
+   them, which the lookup (vpermps reads the low 4 bits of each lane) ignores. */
+static inline fastemb_lanes_int fastemb_vector_codes_8bit(const uint8_t *row, Py_ssize_t column,
+                                                          int v) {
+    return fastemb_widen_bytes(row + column + FASTEMB_QUANTIZED_LANES * v);
+}
+
+static inline fastemb_lanes_int fastemb_vector_codes_4bit(const uint8_t *row, Py_ssize_t column,
+                                                          int v) {
+    const fastemb_lanes_int pairs = fastemb_widen_bytes(
+        row + column / 2 + FASTEMB_QUANTIZED_LANES * (v / 2));
+#if defined(__AVX512F__)
+    return v % 2 ? pairs >> 4 : pairs;
+#else
+    return v % 2 ? pairs >> 4 : pairs & 15;
+#endif
+}
+
+/* Vector v of a block's values, each fastemb_dequantized_in_row of its code (with AVX-512,
+   4-bit values are looked up). */
 static inline fastemb_lanes_float fastemb_vector_value_8bit(const uint8_t *row,
                                                             Py_ssize_t column, int v,
                                                             const fastemb_lanes_float setup[2]) {
-    return fastemb_lanes_dequantized(
-        setup[0], fastemb_widen_bytes(row + column + FASTEMB_QUANTIZED_LANES * v), setup[1]);
+    return fastemb_lanes_dequantized(setup[0], fastemb_vector_codes_8bit(row, column, v),
+                                     setup[1]);
 }
 
 static inline fastemb_lanes_float fastemb_vector_value_4bit(const uint8_t *row,
                                                             Py_ssize_t column, int v,
                                                             const fastemb_lanes_float setup[2]) {
-    const fastemb_lanes_int pairs = fastemb_widen_bytes(
-        row + column / 2 + FASTEMB_QUANTIZED_LANES * (v / 2));
-    const fastemb_lanes_int codes = v % 2 ? pairs >> 4 : pairs;
 #if defined(__AVX512F__)
-    return (fastemb_lanes_float)_mm512_permutexvar_ps((__m512i)codes, (__m512)setup[0]);
+    return (fastemb_lanes_float)_mm512_permutexvar_ps(
+        (__m512i)fastemb_vector_codes_4bit(row, column, v), (__m512)setup[0]);
 #else
-    return fastemb_lanes_dequantized(setup[0], codes & 15, setup[1]);
+    return fastemb_lanes_dequantized(setup[0], fastemb_vector_codes_4bit(row, column, v),
+                                     setup[1]);
 #endif
 }
 
@@ -367,6 +476,14 @@ static inline void fastemb_store_block_4bit(float *out,
                     continue; \
                 source = table + row * row_bytes; \
                 fastemb_row_setup_##bits##bit(source, code_bytes, setup); \
+                if (!FASTEMB_ROW_IS_EXACT(setup[0][0], setup[1][0])) { \
+                    for (int v = 0; v < VECTORS; v++) \
+                        COMBINE(acc[v], fastemb_lanes_dequantized_exactly( \
+                                    setup[0], fastemb_vector_codes_##bits##bit(source, column, \
+                                                                               v), \
+                                    setup[1]), weights[k]); \
+                    continue; \
+                } \
                 /* each value added as soon as it is made: see FASTEMB_QUANTIZED_VECTORS */ \
                 _Pragma("GCC unroll 16") \
                 for (int v = 0; v < VECTORS; v++) \

@@ -622,6 +622,28 @@ def test_every_kernel_build_gives_the_same_bits(bits, dim, rng, monkeypatch):
         assert_same_results(got, portable, bits)
 
 
+def test_every_kernel_build_rounds_a_value_once(rng, monkeypatch):
+    """Rows whose scale * q + bias lies on or next to the midpoint of two float32s, where a
+    product and a sum rounded each (or a float64 sum rounded again) give other bits than the
+    fused multiply-add: every build's values (the vector loops, and the scalar ones of dim 7)
+    equal fma_float32's, the portable build's made without FMA instructions."""
+    for dim in (64, 7):
+        codes = rng.integers(1, 256, (300, dim)).astype(np.uint8)
+        scale = rng.standard_normal((300, 1)).astype(np.float32)
+        half_step = np.spacing(scale * codes[:, :1].astype(np.float32)) / 2
+        bias = np.concatenate([half_step[:100] * (1 + 2.0**-30), half_step[100:200] * 2.0**-40,
+                               rng.standard_normal((100, 1))]).astype(np.float32)
+        data = np.concatenate([codes, scale.view(np.uint8), bias.view(np.uint8)], axis=1)
+        table = fastemb.QuantizedTable.from_prepacked(data, bits=8)
+        expected = fma_float32(scale, codes.astype(np.float32), bias)
+        assert (expected != scale * codes + bias).any()
+        for name, build in fastemb._kernels.available_builds().items():
+            monkeypatch.setattr(fastemb.quantized, "_core", build)
+            assert_same_bits(table.dequantize(), expected)
+            assert_same_bits(fastemb.embedding_bag(np.arange(300)[:, None], table, mode="sum"),
+                             expected + np.float32(0))  # (a bag of one: +0 + value)
+
+
 def test_doctests():
     result = doctest.testmod(fastemb.quantized, verbose=False)
     assert result.attempted > 0 and result.failed == 0
