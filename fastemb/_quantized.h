@@ -82,6 +82,17 @@ static inline float fastemb_dequantized(float scale, float q, float bias) {
 }
 #endif
 
+/* The value of a 4-bit code: the scale is a float16 (11 significant bits) and q < 16, so
+   scale * q is exact in float32, and scale * q + bias, rounded after the add alone, is the
+   fused result (the portable build computes it so). */
+static inline float fastemb_dequantized_4bit(float scale, float q, float bias) {
+#if FASTEMB_FMA_IN_DOUBLE
+    return scale * q + bias;
+#else
+    return fmaf(scale, q, bias);
+#endif
+}
+
 /* The scale and bias stored after a row's `code_bytes` bytes of codes: float32 (8 bits) or
    float16 (4 bits), at any alignment. */
 static inline void fastemb_scale_bias_8bit(const uint8_t *row, Py_ssize_t code_bytes,
@@ -107,18 +118,12 @@ static inline void fastemb_scale_bias_4bit(const uint8_t *row, Py_ssize_t code_b
 
 /* fastemb_<name>_8bit / _4bit(acc, codes, scale, bias, weight, dim): for every column j,
    value = fastemb_dequantized(scale, q[j], bias) (fastemb_dequantized_in_row where the row
-   allows), combined into acc[j]. 8 bits:
+   allows; fastemb_dequantized_4bit for 4 bits), combined into acc[j]. 8 bits:
    q[j] = codes[j]. 4 bits: q[j] is the low nibble of codes[j / 2] for an even j and the high
    nibble for an odd j (dim is even). */
 #define FASTEMB_QUANTIZED_ROW_LOOP_8BIT(dequantize, COMBINE) \
     for (Py_ssize_t j = 0; j < dim; j++) \
         COMBINE(acc[j], dequantize(scale, (float)codes[j], bias), weight)
-#define FASTEMB_QUANTIZED_ROW_LOOP_4BIT(dequantize, COMBINE) \
-    for (Py_ssize_t i = 0; i < dim / 2; i++) { \
-        const uint8_t pair = codes[i]; \
-        COMBINE(acc[2 * i], dequantize(scale, (float)(pair & 15), bias), weight); \
-        COMBINE(acc[2 * i + 1], dequantize(scale, (float)(pair >> 4), bias), weight); \
-    }
 #define FASTEMB_QUANTIZED_ROW_LOOPS(name, COMBINE) \
     static inline void fastemb_##name##_8bit(float *restrict acc, \
                                              const uint8_t *restrict codes, float scale, \
@@ -133,10 +138,13 @@ static inline void fastemb_scale_bias_4bit(const uint8_t *row, Py_ssize_t code_b
                                              const uint8_t *restrict codes, float scale, \
                                              float bias, float weight, Py_ssize_t dim) { \
         (void)weight; \
-        if (FASTEMB_ROW_IS_EXACT(scale, bias)) \
-            FASTEMB_QUANTIZED_ROW_LOOP_4BIT(fastemb_dequantized_in_row, COMBINE) \
-        else \
-            FASTEMB_QUANTIZED_ROW_LOOP_4BIT(fastemb_dequantized, COMBINE) \
+        for (Py_ssize_t i = 0; i < dim / 2; i++) { \
+            const uint8_t pair = codes[i]; \
+            COMBINE(acc[2 * i], fastemb_dequantized_4bit(scale, (float)(pair & 15), bias), \
+                    weight); \
+            COMBINE(acc[2 * i + 1], fastemb_dequantized_4bit(scale, (float)(pair >> 4), bias), \
+                    weight); \
+        } \
     }
 FASTEMB_QUANTIZED_ROW_LOOPS(add_row, FASTEMB_COMBINE_ADD)
 FASTEMB_QUANTIZED_ROW_LOOPS(add_weighted_row, FASTEMB_COMBINE_ADD_WEIGHTED)
@@ -398,8 +406,8 @@ static inline fastemb_lanes_int fastemb_vector_codes_4bit(const uint8_t *row, Py
 #endif
 }
 
-/* Vector v of a block's values, each fastemb_dequantized_in_row of its code (with AVX-512,
-   4-bit values are looked up). */
+/* Vector v of a block's values, each fastemb_dequantized_in_row of its code (4 bits:
+   fastemb_dequantized_4bit; with AVX-512 looked up). */
 static inline fastemb_lanes_float fastemb_vector_value_8bit(const uint8_t *row,
                                                             Py_ssize_t column, int v,
                                                             const fastemb_lanes_float setup[2]) {
@@ -410,12 +418,13 @@ static inline fastemb_lanes_float fastemb_vector_value_8bit(const uint8_t *row,
 static inline fastemb_lanes_float fastemb_vector_value_4bit(const uint8_t *row,
                                                             Py_ssize_t column, int v,
                                                             const fastemb_lanes_float setup[2]) {
+    const fastemb_lanes_int codes = fastemb_vector_codes_4bit(row, column, v);
 #if defined(__AVX512F__)
-    return (fastemb_lanes_float)_mm512_permutexvar_ps(
-        (__m512i)fastemb_vector_codes_4bit(row, column, v), (__m512)setup[0]);
+    return (fastemb_lanes_float)_mm512_permutexvar_ps((__m512i)codes, (__m512)setup[0]);
+#elif FASTEMB_FMA_IN_DOUBLE  /* (as fastemb_dequantized_4bit) */
+    return setup[0] * __builtin_convertvector(codes, fastemb_lanes_float) + setup[1];
 #else
-    return fastemb_lanes_dequantized(setup[0], fastemb_vector_codes_4bit(row, column, v),
-                                     setup[1]);
+    return fastemb_lanes_dequantized(setup[0], codes, setup[1]);
 #endif
 }
 
@@ -476,7 +485,7 @@ static inline void fastemb_store_block_4bit(float *out,
                     continue; \
                 source = table + row * row_bytes; \
                 fastemb_row_setup_##bits##bit(source, code_bytes, setup); \
-                if (!FASTEMB_ROW_IS_EXACT(setup[0][0], setup[1][0])) { \
+                if (bits == 8 && !FASTEMB_ROW_IS_EXACT(setup[0][0], setup[1][0])) { \
                     for (int v = 0; v < VECTORS; v++) \
                         COMBINE(acc[v], fastemb_lanes_dequantized_exactly( \
                                     setup[0], fastemb_vector_codes_##bits##bit(source, column, \
