@@ -43,8 +43,8 @@ static int omp_get_max_threads(void) { return 1; }
 #endif
 
 /* What the CPU running this process has, for fastemb/_kernels.py to pick a build: AVX2 (with
-   F16C and FMA), and the AVX-512 subsets the _avx512 build is compiled for (x86-64-v4: F, BW, VL, DQ).
-   GCC and clang also check that the OS saves the wider registers. */
+   F16C and FMA), and the AVX-512 subsets the _avx512 build is compiled for (x86-64-v4: F, BW,
+   VL, DQ). GCC and clang also check that the OS saves the wider registers. */
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 static int fastemb_cpu_has_avx2(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")

@@ -48,8 +48,8 @@ cdef extern from "_quantized.h":
                                                                 Py_ssize_t, int64_t) noexcept nogil
     # (bits, out, table, num_rows, row_bytes, code_bytes, dim, indices, start, end, n, weights,
     # padding_idx, distance): out[:dim] = the sum over the kept entries k of [start, end) of
-    # (weights[k] *) value[j] of row indices[k], left to right from +0 (weights
-    # NULL: unweighted), prefetching the row `distance` positions ahead (0: none)
+    # (weights[k] *) value[j] of row indices[k], left to right from +0 (weights NULL:
+    # unweighted), prefetching the row `distance` positions ahead (0: none)
     void bag_sum_int32 "fastemb_quantized_bag_sum_int32_t"(
         int, float *, const uint8_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
         const int32_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t, const float *, int64_t,

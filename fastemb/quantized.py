@@ -4,9 +4,9 @@ in torch's prepacked byte layout, and the lookups on them that ``fastemb.embeddi
 
 Each row is stored as integer codes with its own scale and bias, and element j of a row is
 ``scale * q[j] + bias``, rounded once to float32 (a fused multiply-add, as FBGEMM computes
-it): 8 bits store ``D`` byte codes then float32 scale and bias (D + 8
-bytes a row, torch's ``embedding_bag_byte_prepack``), 4 bits store two codes a byte (the even
-element in the low nibble) then float16 scale and bias (D / 2 + 4 bytes a row, torch's
+it): 8 bits store ``D`` byte codes then float32 scale and bias (D + 8 bytes a row, torch's
+``embedding_bag_byte_prepack``), 4 bits store two codes a byte (the even element in the low
+nibble) then float16 scale and bias (D / 2 + 4 bytes a row, torch's
 ``embedding_bag_4bit_prepack``). The kernels are in ``fastemb/_quantized.pyx``.
 """
 
